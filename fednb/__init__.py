@@ -1,0 +1,5 @@
+"""fednb: federated learning that lives in Jupyter."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

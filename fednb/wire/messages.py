@@ -1,0 +1,89 @@
+"""The content each message type carries, and the check that a decoded one conforms.
+
+The envelope guarantees a well-formed header; this module guarantees that a message's
+``content`` has the fields its type needs, with the right JSON types and bounded sizes,
+so that code above the wire can index it without further checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from fednb.errors import WireError
+from fednb.wire.envelope import Message
+
+MAX_SOURCE = 1024 * 1024  # bytes of code in one request
+MAX_TEXT = 64 * 1024  # error messages, tracebacks, details
+MAX_NAME = 256
+
+_Spec = dict[str, tuple[type | tuple[type, ...], bool]]  # field -> (JSON types, required)
+
+_CONTENT: dict[str, _Spec] = {
+    "hello": {"coordinator": (str, False), "version": (str, True)},
+    "welcome": {
+        "party": (str, True),
+        "version": (str, True),
+        "policy": (str, True),
+        "datasets": (dict, True),
+    },
+    "heartbeat": {},
+    "train": {"source": (str, True), "train_cell": (str, False), "config": (dict, True)},
+    "evaluate": {"source": (str, True), "config": (dict, True)},
+    "run": {"source": (str, True)},
+    "cancel": {"target": (str, True)},
+    "result": {
+        "examples": (int, False),
+        "metrics": (dict, False),
+        "seconds": (float, False),
+        "value": ((dict, list, str, int, float, bool, type(None)), False),
+    },
+    "error": {"error_type": (str, True), "message": (str, True), "traceback": (str, False)},
+    "status": {"state": (str, True), "detail": (str, False)},
+}
+
+_LIMITS = {"source": MAX_SOURCE, "train_cell": MAX_SOURCE, "message": MAX_TEXT, "traceback": MAX_TEXT, "detail": MAX_TEXT}
+
+
+def check_content(message: Message) -> Message:
+    """Return ``message`` when its content fits its type, else raise WireError."""
+    spec = _CONTENT.get(message.type)
+    if spec is None:
+        raise WireError(f"unknown message type {message.type!r}")
+    content = message.content
+    unknown = set(content) - set(spec)
+    if unknown:
+        raise WireError(f"{message.type}: unexpected field(s) {', '.join(sorted(unknown))}")
+    for name, (types, required) in spec.items():
+        if name not in content or content[name] is None:
+            if required:
+                raise WireError(f"{message.type}: missing field {name!r}")
+            continue
+        value = content[name]
+        if types is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and types in (int, float)):
+            raise WireError(f"{message.type}: field {name!r} has the wrong type {type(value).__name__}")
+        limit = _LIMITS.get(name, MAX_NAME if isinstance(value, str) else None)
+        if isinstance(value, str) and limit is not None and len(value) > limit:
+            raise WireError(f"{message.type}: field {name!r} is longer than {limit} characters")
+    if message.type == "result" and "metrics" in content and content["metrics"] is not None:
+        check_metrics(content["metrics"], where="result")
+    return message
+
+
+def check_metrics(metrics: Any, *, where: str, limit: int = 64) -> dict[str, float]:
+    """Validate a ``{name: number}`` mapping of at most ``limit`` finite scalars."""
+    if not isinstance(metrics, Mapping):
+        raise WireError(f"{where}: metrics must be an object")
+    if len(metrics) > limit:
+        raise WireError(f"{where}: {len(metrics)} metrics, more than {limit}")
+    checked: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME:
+            raise WireError(f"{where}: metric names must be short strings")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise WireError(f"{where}: metric {key!r} must be a finite number")
+        checked[key] = float(value)
+    return checked
