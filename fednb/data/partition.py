@@ -173,13 +173,15 @@ def train_test_split(
         stratify = bool(counts.min() >= 2)
     if stratify:
         # largest-remainder apportionment hits n_test exactly; floor(c · t / N) < c for
-        # t < N, so every class keeps at least one training example
+        # t < N, and the extra samples go first to classes that can spare one, so every
+        # class keeps a training example whenever that is possible at all
         quota = counts * n_test / count
         take = np.floor(quota).astype(np.int64)
         short = n_test - int(take.sum())
         if short:
             remainder = quota - take + rng.random(len(counts)) * 1e-9  # random tie-break
-            take[np.argsort(-remainder)[:short]] += 1
+            spare = take < counts - 1
+            take[np.lexsort((-remainder, ~spare))[:short]] += 1
         picks = [rng.permutation(np.flatnonzero(codes == c))[:t] for c, t in enumerate(take)]
         test_pos = np.concatenate(picks)
     else:

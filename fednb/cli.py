@@ -1,0 +1,183 @@
+"""The ``fednb`` command: ``keys``, ``party``, ``sim`` and ``demo``.
+
+::
+
+    fednb keys new ~/.fednb/party                       # CURVE keypair: party.key + party.key_secret (0600)
+    fednb party --name clinic-a --listen tcp://0.0.0.0:7410 --key ~/.fednb/party \\
+          --authorized-keys ~/.fednb/authorized_keys --data train=clinic_a.npz
+    fednb sim 4 --dataset digits --partition dirichlet --alpha 0.5   # local parties until Ctrl-C
+    fednb demo                                           # federated vs centralized, one line per round
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from fednb import __version__
+from fednb.errors import FednbError
+
+log = logging.getLogger("fednb")
+
+
+def _data_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or name not in ("train", "test") or not path:
+        raise argparse.ArgumentTypeError(f"expected train=FILE or test=FILE, got {text!r}")
+    return name, path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fednb", description="Federated learning that lives in Jupyter.")
+    parser.add_argument("--version", action="version", version=f"fednb {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    keys = commands.add_parser("keys", help="create or show CURVE keypairs")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    new = key_commands.add_parser("new", help="write PATH.key (public) and PATH.key_secret (mode 0600)")
+    new.add_argument("path")
+    new.add_argument("--force", action="store_true", help="overwrite an existing keypair")
+    show = key_commands.add_parser("show", help="print the public key of PATH.key")
+    show.add_argument("path")
+
+    party = commands.add_parser("party", help="serve this silo's data to authorized coordinators")
+    party.add_argument("--name", required=True, help="the party's name, as coordinators will see it")
+    party.add_argument("--listen", required=True, help="endpoint to bind: tcp://HOST:PORT or ipc:///PATH")
+    party.add_argument("--key", help="base path of this party's keypair (fednb keys new); required for tcp")
+    party.add_argument("--authorized-keys", help="file (one Z85 key per line) or directory of .key files")
+    party.add_argument("--data", action="append", type=_data_spec, required=True, metavar="SPLIT=FILE",
+                       help="train=FILE (required) and test=FILE: .npz with arrays x and y, or .csv with --label")
+    party.add_argument("--label", help="label column of .csv data (or label array of .npz data)")
+    party.add_argument("--policy", default="open", choices=["open"], help="what coordinator code may run")
+    party.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
+    party.add_argument("--timeout", type=float, default=10.0, help="seconds of silence before a peer counts as gone")
+    party.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+    sim = commands.add_parser("sim", help="run N local parties on bundled data until Ctrl-C")
+    sim.add_argument("n", type=int)
+    sim.add_argument("--dataset", default="digits")
+    sim.add_argument("--partition", default="dirichlet")
+    sim.add_argument("--alpha", type=float, default=0.5)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--secure", action="store_true", help="CURVE on the ipc sockets too")
+
+    demo = commands.add_parser("demo", help="federated vs centralized training on a local federation")
+    demo.add_argument("--parties", type=int, default=4)
+    demo.add_argument("--rounds", type=int, default=15)
+    demo.add_argument("--dataset", default="digits")
+    demo.add_argument("--alpha", type=float, default=0.5)
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from fednb.transport import key_paths, load_public_key, write_keypair
+
+    if args.keys_command == "new":
+        keypair = write_keypair(args.path, overwrite=args.force)
+        public, secret = key_paths(args.path)
+        print(f"public key  {keypair.public.decode()}\nwritten to  {public} (share it)\n            {secret} (mode 0600, keep it)")
+    else:
+        print(load_public_key(args.path).decode())
+    return 0
+
+
+def _party(args: argparse.Namespace) -> int:
+    from fednb.party import Datasets, PartyServer
+    from fednb.transport import AllowList, load_keypair
+
+    if args.listen.startswith("tcp://") and not (args.key and args.authorized_keys):
+        raise ValueError("a tcp endpoint needs --key and --authorized-keys: every TCP endpoint uses CURVE")
+    if args.authorized_keys and not args.key:
+        raise ValueError("--authorized-keys needs --key (the party's own keypair)")
+    keypair = load_keypair(args.key) if args.key else None
+    allow = AllowList(args.authorized_keys) if args.authorized_keys else None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    datasets = Datasets.from_files(dict(args.data), label=args.label)
+    server = PartyServer(args.name, args.listen, datasets, keypair=keypair, allow=allow, policy=args.policy,
+                         heartbeat=args.heartbeat, timeout=args.timeout)
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        server.stop(timeout=0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def on_ready(endpoint: str) -> None:
+        key = f" public key {keypair.public.decode()}" if keypair else ""
+        print(f"party {args.name} listening on {endpoint}{key}", flush=True)
+
+    server.serve_forever(on_ready)
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from fednb.sim import start_host
+    from fednb.transport import generate, write_keypair
+
+    keypair = generate() if args.secure else None
+    host = start_host(args.n, dataset=args.dataset, partition=args.partition, alpha=args.alpha, seed=args.seed,
+                      authorized=keypair.public if keypair else None)
+    try:
+        lines = []
+        for party in host.parties:
+            lines += ["[[party]]", f'name = "{party["name"]}"', f'endpoint = "{party["endpoint"]}"']
+            if party.get("public_key"):
+                lines.append(f'public_key = "{party["public_key"]}"')
+            lines.append("")
+        toml = host.directory / "parties.toml"
+        toml.write_text("\n".join(lines))
+        connect = f'fednb.connect("{toml}"'
+        if keypair is not None:
+            write_keypair(host.directory / "coordinator", keypair)
+            connect += f', key="{host.directory / "coordinator"}"'
+        print(f"{args.n} parties ready in {host.ready_seconds:.1f} s; from Python on this machine:\n"
+              f"    {connect})\nCtrl-C stops them.", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not stop.wait(0.5) and host.process.poll() is None:
+                pass
+        except KeyboardInterrupt:
+            pass
+    finally:
+        host.stop()
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fednb import demo
+
+    demo.run(parties=args.parties, rounds=args.rounds, dataset=args.dataset, alpha=args.alpha, seed=args.seed,
+             out=sys.stdout)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.command == "demo" and args.log_level == "INFO":
+        logging.getLogger("fednb").setLevel(logging.WARNING)
+    handlers = {"keys": _keys, "party": _party, "sim": _sim, "demo": _demo}
+    try:
+        return handlers[args.command](args)
+    except (FednbError, ValueError) as exc:
+        print(f"fednb {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Where the parties are: a TOML file or a list of ``{name, endpoint, public_key}``.
+
+::
+
+    [[party]]
+    name = "clinic-a"
+    endpoint = "tcp://10.0.0.5:7410"
+    public_key = "keys/clinic-a.key"    # or the key's 40-character Z85 text
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fednb.transport import load_public_key, parse_endpoint
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class PartySpec:
+    """How to reach one party and which public key it must prove it holds."""
+
+    name: str
+    endpoint: str
+    public_key: bytes | None = None
+
+
+def load_parties(parties: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) -> list[PartySpec]:
+    """Party specs from a TOML file (``[[party]]`` tables) or a list of mappings."""
+    base = Path(".")
+    if isinstance(parties, (str, os.PathLike)):
+        path = Path(parties).expanduser()
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"cannot read the parties file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
+        entries = document.get("party", document.get("parties"))
+        if not isinstance(entries, list):
+            raise ValueError(f"{path} must list parties as [[party]] tables")
+        base = path.parent
+    else:
+        entries = list(parties)
+    specs: list[PartySpec] = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"party #{index + 1} must be a table/dict with name, endpoint, public_key")
+        unknown = set(entry) - {"name", "endpoint", "public_key"}
+        if unknown:
+            raise ValueError(f"party #{index + 1}: unknown field(s) {', '.join(sorted(unknown))}")
+        name, endpoint = entry.get("name"), entry.get("endpoint")
+        if not isinstance(name, str) or not name or len(name) > 128:
+            raise ValueError(f"party #{index + 1} needs a name")
+        if not isinstance(endpoint, str):
+            raise ValueError(f"party {name!r} needs an endpoint")
+        scheme, _ = parse_endpoint(endpoint)
+        key_spec = entry.get("public_key")
+        key = None
+        if key_spec:
+            candidate = Path(str(key_spec)).expanduser()
+            if not candidate.is_absolute() and (base / candidate).exists():
+                key_spec = str(base / candidate)
+            key = load_public_key(key_spec)
+        elif scheme == "tcp":
+            raise ValueError(f"party {name!r}: a tcp endpoint needs the party's public_key (CURVE is always on)")
+        specs.append(PartySpec(name, endpoint, key))
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError("party names must be unique")
+    if not specs:
+        raise ValueError("no parties given")
+    return specs

@@ -1,0 +1,106 @@
+"""What a federation tells its displays: events, and the bus that delivers them.
+
+The round loop and the connection thread publish; the dashboard, the CLI progress lines and
+the JupyterLab sidebar subscribe. No display code lives in the round loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartyStatus:
+    """A party's connection changed: ``status`` is connecting, online, offline or refused."""
+
+    party: str
+    status: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class TrainingStarted:
+    rounds: int
+    strategy: str
+    parties: tuple[str, ...]
+    first_round: int = 1
+
+
+@dataclass(frozen=True)
+class RoundStarted:
+    round: int
+    rounds: int
+    parties: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PartyDone:
+    round: int
+    party: str
+    examples: int
+    metrics: dict[str, float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PartyDropped:
+    round: int
+    party: str
+    reason: str
+    late: bool = False
+
+
+@dataclass(frozen=True)
+class RoundAggregated:
+    round: int
+    rounds: int
+    metrics: dict[str, float]
+    evaluation: dict[str, float] | None
+    party_evaluation: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainingFinished:
+    rounds_done: int
+    stopped: bool
+    error: str | None = None
+
+
+Event = Union[PartyStatus, TrainingStarted, RoundStarted, PartyDone, PartyDropped, RoundAggregated, TrainingFinished]
+Subscriber = Callable[[Event], Any]
+
+
+class EventBus:
+    """Delivers each event to every subscriber, on the publishing thread, in order."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Add a subscriber; returns the function that removes it."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if subscriber in self._subscribers:
+                    self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    def publish(self, event: Event) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            try:
+                subscriber(event)
+            except Exception:  # a broken display must not stop training
+                log.exception("event subscriber %r failed on %s", subscriber, type(event).__name__)

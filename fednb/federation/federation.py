@@ -1,0 +1,295 @@
+"""The coordinator's handle on a set of parties: train, evaluate, run, close.
+
+A :class:`Federation` is what ``fednb.connect`` and ``fednb.simulate`` return, and what the
+notebook magics drive. Its socket I/O runs on its own thread, so every method works from a
+plain script, from a Jupyter cell inside a running asyncio loop, or from a background thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fednb.errors import FederationError, PartyError
+from fednb.federation.connection import Connections
+from fednb.federation.events import (EventBus, RoundAggregated, RoundStarted, Subscriber, TrainingFinished,
+                                     TrainingStarted)
+from fednb.federation.history import History, RoundRecord
+from fednb.federation.rounds import broadcast, train_round
+from fednb.federation.source import model_source
+from fednb.strategies import Strategy, get_strategy, weighted_metrics
+from fednb.tensors import load_arrays, state_arrays, template_of
+from fednb.wire import Message
+from fednb.wire.values import unpack_value
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartyInfo:
+    """One row of ``Federation.status()``."""
+
+    name: str
+    endpoint: str
+    status: str
+    examples: int | None
+    last_round: int | None
+    last_error: str
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-party and example-weighted global metrics of one model."""
+
+    parties: dict[str, dict[str, float]]
+    metrics: dict[str, float]
+    dropped: dict[str, str]
+
+    def __getitem__(self, key: str) -> float:
+        return self.metrics[key]
+
+
+class PartyResults(dict):  # type: ignore[type-arg]
+    """``Federation.run`` results: party name → returned value, or the :class:`PartyError` it raised."""
+
+    @property
+    def errors(self) -> dict[str, PartyError]:
+        return {name: value for name, value in self.items() if isinstance(value, PartyError)}
+
+    @property
+    def ok(self) -> dict[str, Any]:
+        return {name: value for name, value in self.items() if not isinstance(value, PartyError)}
+
+
+class Federation:
+    """A connected set of parties. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, connections: Connections, bus: EventBus, *, on_close: Iterable[Callable[[], None]] = ()) -> None:
+        self._connections = connections
+        self.events = bus
+        self.history = History()
+        self._on_close = list(on_close)
+        self._stop = threading.Event()
+        self._busy = threading.Lock()
+        self._last_round: dict[str, int] = {}
+        self._last_error: dict[str, str] = {}
+        self._closed = False
+        self.model: torch.nn.Module | None = None
+        self.source: str | None = None
+
+    # -- what the federation is ---------------------------------------------------------------
+
+    @property
+    def parties(self) -> list[str]:
+        """All party names, online or not, in the order they were given."""
+        return [spec.name for spec in self._connections.specs]
+
+    def status(self) -> list[PartyInfo]:
+        """One row per party: endpoint, connection status, examples, last round, last error."""
+        rows = []
+        for name, link in self._connections.snapshot().items():
+            train = link["info"].get("datasets", {}).get("train", {})
+            rows.append(PartyInfo(name, link["endpoint"], link["status"], train.get("examples"),
+                                  self._last_round.get(name), self._last_error.get(name) or link["detail"]))
+        return rows
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Call ``subscriber(event)`` for every event; returns the function that unsubscribes."""
+        return self.events.subscribe(subscriber)
+
+    def __repr__(self) -> str:
+        online = len(self._connections.online())
+        return f"<Federation of {len(self.parties)} parties, {online} online, {len(self.history)} rounds trained>"
+
+    # -- training ----------------------------------------------------------------------------
+
+    def train(
+        self,
+        model: torch.nn.Module,
+        source: str | None = None,
+        *,
+        rounds: int = 1,
+        strategy: str | Strategy = "fedavg",
+        lr: float = 0.01,
+        epochs: int = 1,
+        batch_size: int = 32,
+        optimizer: str = "sgd",
+        momentum: float = 0.0,
+        loss: str = "cross_entropy",
+        train_cell: str | None = None,
+        min_parties: int | None = None,
+        round_timeout: float | None = 300.0,
+        evaluate_every: int = 1,
+        parties: Iterable[str] | None = None,
+        seed: int = 0,
+        config: Mapping[str, Any] | None = None,
+        **strategy_options: Any,
+    ) -> History:
+        """Train ``model`` for ``rounds`` rounds; afterwards it holds the global weights.
+
+        Each round every online party builds the model from ``source`` (captured from the
+        model's class when omitted), loads the global weights, trains on its own data with the
+        built-in loop (``lr``, ``epochs``, ``batch_size``, ``optimizer``, ``momentum``, ``loss``;
+        ``config`` adds or overrides settings) or with ``train_cell``, and sends back only its weights, example count and metrics. A party
+        that fails or misses ``round_timeout`` is dropped for that round; the round completes
+        if at least ``min_parties`` (default: a majority) replied, else :class:`RoundError`.
+        Ctrl-C or :meth:`stop` end training after the current round with the weights so far.
+        """
+        chosen = self._choose(parties)
+        if not isinstance(rounds, int) or rounds < 1:
+            raise ValueError("rounds must be a positive integer")
+        if min_parties is None:
+            min_parties = len(chosen) // 2 + 1
+        if not 1 <= min_parties <= len(chosen):
+            raise ValueError(f"min_parties must be between 1 and {len(chosen)}")
+        if round_timeout is not None and round_timeout <= 0:
+            raise ValueError("round_timeout must be positive (or None to wait for ever)")
+        if train_cell is not None and not isinstance(train_cell, str):
+            raise ValueError("train_cell must be source code (a string)")
+        chosen_strategy = get_strategy(strategy, **strategy_options)
+        code = model_source(model, source)
+        base = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "momentum": momentum,
+                "loss": loss, "seed": seed, **dict(config or {})}
+        if not self._busy.acquire(blocking=False):
+            raise FederationError("this federation is already training; stop it first")
+        try:
+            self._stop.clear()
+            self.model, self.source = model, code
+            return self._train_rounds(model, code, chosen, rounds, chosen_strategy, base, train_cell,
+                                      min_parties, round_timeout, evaluate_every)
+        finally:
+            self._busy.release()
+
+    def _train_rounds(self, model: torch.nn.Module, code: str, chosen: list[str], rounds: int, strategy: Strategy,
+                      base: dict[str, Any], train_cell: str | None, min_parties: int, round_timeout: float | None,
+                      evaluate_every: int) -> History:
+        weights = {name: np.array(array) for name, array in state_arrays(model).items()}
+        template = template_of(weights)
+        first = self.history.last_round + 1
+        last = first + rounds - 1
+        self.events.publish(TrainingStarted(rounds, getattr(strategy, "name", type(strategy).__name__), tuple(chosen), first))
+        done, error = 0, None
+        try:
+            for round_ in range(first, last + 1):
+                online = [p for p in chosen if p in self._connections.online()]
+                self.events.publish(RoundStarted(round_, last, tuple(online)))
+                started = time.monotonic()
+                content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base)}
+                weights, contributions, dropped, metrics = train_round(
+                    self._connections, self.events, strategy, round=round_, parties=online, weights=weights,
+                    template=template, content=content, min_parties=min_parties, timeout=round_timeout,
+                )
+                offline = {p: "offline" for p in chosen if p not in online}
+                dropped = {**offline, **dropped}
+                load_arrays(model, weights)
+                evaluation, per_party = None, {}
+                if evaluate_every and (round_ % evaluate_every == 0 or round_ == last):
+                    result = self._evaluate_weights(weights, code, base, online, round_timeout)
+                    evaluation, per_party = result.metrics, result.parties
+                for party in contributions:
+                    self._last_round[party] = round_
+                    self._last_error.pop(party, None)
+                self._last_error.update(dropped)
+                record = RoundRecord(round_, contributions, dropped, metrics, evaluation, per_party,
+                                     time.monotonic() - started)
+                self.history.append(record)
+                done += 1
+                self.events.publish(RoundAggregated(round_, last, metrics, evaluation, per_party, record.seconds))
+                if self._stop.is_set():
+                    log.info("training stopped after round %d", round_)
+                    break
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.events.publish(TrainingFinished(done, self._stop.is_set() or (error is not None and done < rounds), error))
+        return self.history
+
+    def stop(self) -> None:
+        """End training after the round in progress (thread-safe)."""
+        self._stop.set()
+
+    # -- evaluation and cells -------------------------------------------------------------------
+
+    def evaluate(self, model: torch.nn.Module, source: str | None = None, *, parties: Iterable[str] | None = None,
+                 loss: str = "cross_entropy", batch_size: int = 256, timeout: float | None = 300.0) -> Evaluation:
+        """Loss (and accuracy) of ``model`` on each party's test split, and their weighted mean."""
+        code = model_source(model, source)
+        weights = {name: np.array(array) for name, array in state_arrays(model).items()}
+        return self._evaluate_weights(weights, code, {"loss": loss, "batch_size": batch_size}, self._choose(parties), timeout)
+
+    def _evaluate_weights(self, weights: Mapping[str, np.ndarray], code: str, base: Mapping[str, Any],
+                          parties: list[str], timeout: float | None) -> Evaluation:
+        config = {k: base[k] for k in ("loss", "batch_size", "seed") if k in base}
+        gathered = broadcast(self._connections, parties,
+                             lambda party: Message("evaluate", {"source": code, "config": config}, arrays=weights),
+                             timeout=timeout)
+        per_party = {p: dict(r.content.get("metrics") or {}) for p, r in gathered.replies.items()}
+        examples = {p: int(r.content.get("examples") or 0) for p, r in gathered.replies.items()}
+        for party, metrics in per_party.items():
+            metrics["examples"] = float(examples[party])
+        global_metrics = weighted_metrics([(examples[p], {k: v for k, v in m.items() if k != "examples"})
+                                           for p, m in per_party.items() if examples[p] > 0])
+        return Evaluation(per_party, global_metrics, gathered.dropped)
+
+    def run(self, source: str, *, parties: Iterable[str] | None = None, timeout: float | None = 300.0) -> PartyResults:
+        """Run ``source`` at each party; its last expression's value comes back per party."""
+        if not isinstance(source, str):
+            raise ValueError("source must be a string of Python code")
+        gathered = broadcast(self._connections, self._choose(parties), lambda party: Message("run", {"source": source}),
+                             timeout=timeout)
+        results = PartyResults()
+        for party in self._choose(parties):
+            reply = gathered.replies.get(party)
+            if reply is not None:
+                try:
+                    results[party] = unpack_value(reply.content.get("value"), reply.arrays)
+                except ValueError as exc:
+                    results[party] = PartyError(f"returned a malformed value: {exc}", party=party, error_type="WireError")
+            else:
+                results[party] = PartyError(gathered.dropped.get(party, "no reply"), party=party, error_type="Dropped")
+        return results
+
+    def _choose(self, parties: Iterable[str] | None) -> list[str]:
+        if self._closed:
+            raise FederationError("the federation is closed")
+        if parties is None:
+            return self.parties
+        chosen = [parties] if isinstance(parties, str) else list(parties)
+        unknown = [p for p in chosen if p not in self.parties]
+        if unknown or not chosen:
+            raise ValueError(f"unknown parties: {', '.join(unknown) or '(none given)'}; known: {', '.join(self.parties)}")
+        return chosen
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every connection and stop what this federation started. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        try:
+            self._connections.close()
+        finally:
+            for callback in self._on_close:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("cleanup after closing the federation failed")
+
+    def __enter__(self) -> Federation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

@@ -1,0 +1,151 @@
+"""One federated round: send the global model, gather updates as they come, aggregate.
+
+::
+
+    configure_train ──train×N──> parties ──updates (as they arrive)──> Aggregation.add
+         │                          (late / failed / misfit → dropped)        │
+         └──────────── ≥ min_parties? ── result() ──> new global weights <────┘
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, TimeoutError as FutureTimeout, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from fednb.errors import FederationError, PartyError, RoundError
+from fednb.federation.connection import Connections
+from fednb.federation.events import EventBus, PartyDone, PartyDropped
+from fednb.federation.history import PartyRound
+from fednb.strategies import Strategy
+from fednb.tensors import Template, mismatch
+from fednb.wire import Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Gathered:
+    """What came back from one broadcast: replies by party, and why the others dropped."""
+
+    replies: dict[str, Message] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    late: set[str] = field(default_factory=set)
+
+
+def party_error(party: str, reply: Message) -> PartyError:
+    content = reply.content
+    return PartyError(content["message"], party=party, round=reply.round, error_type=content["error_type"],
+                      traceback=content.get("traceback"))
+
+
+def broadcast(connections: Connections, parties: list[str], make: Callable[[str], Message], *, timeout: float | None,
+              on_reply: Callable[[str, Message], str | None] | None = None) -> Gathered:
+    """Send ``make(party)`` to each party and wait for replies until all answered or ``timeout``.
+
+    ``on_reply`` runs as each reply arrives and may return a reason to drop it. Error replies
+    and lost parties are dropped with their reason; a party still silent at the deadline is
+    dropped as late and its request is cancelled. Ctrl-C cancels everything and re-raises.
+    """
+    gathered = Gathered()
+    futures: dict[Future[Message], tuple[str, str]] = {}
+    for party in parties:
+        message = make(party)
+        futures[connections.request(party, message)] = (party, message.id)
+    try:
+        for future in as_completed(futures, timeout=timeout):
+            party, _ = futures[future]
+            try:
+                reply = future.result()
+            except FederationError as exc:
+                gathered.dropped[party] = str(exc)
+                continue
+            if reply.type == "error":
+                gathered.dropped[party] = str(party_error(party, reply))
+                continue
+            reason = on_reply(party, reply) if on_reply is not None else None
+            if reason is not None:
+                gathered.dropped[party] = reason
+            else:
+                gathered.replies[party] = reply
+    except FutureTimeout:
+        for future, (party, message_id) in futures.items():
+            if not future.done():
+                connections.cancel(party, message_id)
+                gathered.dropped[party] = f"no reply within {timeout:g} s"
+                gathered.late.add(party)
+    except BaseException:
+        for future, (party, message_id) in futures.items():
+            if not future.done():
+                connections.cancel(party, message_id)
+        raise
+    return gathered
+
+
+def check_update(template: Template, reply: Message) -> str | None:
+    """Why a train reply cannot join the aggregate (misfit, non-finite, no examples), or None."""
+    problem = mismatch(template, reply.arrays)
+    if problem:
+        return f"sent weights that do not fit the model ({problem})"
+    examples = reply.content.get("examples")
+    if not isinstance(examples, int) or examples <= 0:
+        return "reported no training examples"
+    for name, array in reply.arrays.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            return f"sent non-finite values in {name}"
+    return None
+
+
+def train_round(
+    connections: Connections,
+    bus: EventBus,
+    strategy: Strategy,
+    *,
+    round: int,
+    parties: list[str],
+    weights: Mapping[str, np.ndarray],
+    template: Template,
+    content: Mapping[str, Any],
+    min_parties: int,
+    timeout: float | None,
+) -> tuple[dict[str, np.ndarray], dict[str, PartyRound], dict[str, str], dict[str, float]]:
+    """Run one round; return new weights, contributions, drops and aggregated train metrics."""
+    aggregation = strategy.start_round(round, weights)
+    contributions: dict[str, PartyRound] = {}
+
+    def on_reply(party: str, reply: Message) -> str | None:
+        reason = check_update(template, reply)
+        if reason is not None:
+            return reason
+        aggregation.add(reply.arrays, reply.content["examples"])
+        metrics = dict(reply.content.get("metrics") or {})
+        seconds = float(reply.content.get("seconds") or 0.0)
+        contributions[party] = PartyRound(reply.content["examples"], metrics, seconds)
+        bus.publish(PartyDone(round, party, reply.content["examples"], metrics, seconds))
+        return None
+
+    started = time.monotonic()
+    gathered = broadcast(
+        connections, parties,
+        lambda party: Message("train", dict(content), round=round, arrays=weights),
+        timeout=timeout, on_reply=on_reply,
+    )
+    for party, reason in gathered.dropped.items():
+        log.warning("round %d: %s dropped: %s", round, party, reason)
+        bus.publish(PartyDropped(round, party, reason, late=party in gathered.late))
+    if len(contributions) < min_parties:
+        raise RoundError(
+            f"round {round}: only {len(contributions)} of {len(parties)} parties replied "
+            f"(min_parties={min_parties}); dropped: "
+            + "; ".join(f"{p}: {r}" for p, r in gathered.dropped.items()),
+            round=round, dropped=gathered.dropped,
+        )
+    metrics = strategy.aggregate_metrics(round, [(c.examples, c.metrics) for c in contributions.values()])
+    log.debug("round %d gathered in %.3f s", round, time.monotonic() - started)
+    return aggregation.result(), contributions, gathered.dropped, metrics
+

@@ -1,0 +1,202 @@
+"""The simulation host: imports torch once, then forks one party process per silo.
+
+Started by :func:`fednb.simulate` as ``python -m fednb.party.host``. Forking after the
+imports and the data split makes N parties ready in about the time one takes to start.
+The host lives exactly as long as its coordinator: it reads its stdin, and when that pipe
+closes (the coordinator closed the federation, exited, or its kernel was killed) it stops
+every party it forked, by PID, and exits. Each party also dies with the host
+(``PR_SET_PDEATHSIG``), so no process outlives the coordinator.
+
+Protocol: one JSON line on stdout once every party listens,
+``{"host": pid, "parties": [{"name", "endpoint", "public_key", "pid"}, …]}``, or
+``{"error": "…"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import sys
+import time
+from typing import Any
+
+log = logging.getLogger("fednb.sim.host")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this process when its parent dies."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError) as exc:  # not Linux: the host's lifeline still stops us
+        log.debug("PR_SET_PDEATHSIG unavailable: %s", exc)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fednb.party.host")
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--dataset", default="digits")
+    parser.add_argument("--partition", default="dirichlet")
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--authorized", default=None, help="coordinator public key (Z85): turns CURVE on")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--heartbeat", type=float, default=1.0)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    return parser.parse_args(argv)
+
+
+def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) -> None:
+    """A forked party: serve until SIGTERM, report readiness through ``ready_fd``."""
+    _die_with_parent()
+    import torch
+
+    from fednb.party import Datasets, PartyServer, Split
+    from fednb.transport import AllowList, generate
+
+    torch.set_num_threads(max(1, args.threads))
+    keypair = generate() if args.authorized else None
+    allow = AllowList(keys={args.authorized.encode(): "coordinator"}) if args.authorized else None
+    datasets = Datasets({"train": Split(part.x_train, part.y_train), "test": Split(part.x_test, part.y_test)})
+    server = PartyServer(part.name, f"ipc://{args.dir}/{part.name}.sock", datasets, keypair=keypair, allow=allow,
+                         heartbeat=args.heartbeat, timeout=args.timeout)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(timeout=0))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_ready(endpoint: str) -> None:
+        line = {"index": index, "name": part.name, "endpoint": endpoint, "pid": os.getpid(),
+                "public_key": keypair.public.decode() if keypair else None}
+        os.write(ready_fd, (json.dumps(line) + "\n").encode())
+        os.close(ready_fd)
+
+    server.serve_forever(on_ready)
+
+
+def _stop_children(children: dict[int, int], grace: float = 3.0) -> None:
+    for pid in children.values():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + grace
+    remaining = dict(children)
+    while remaining and time.monotonic() < deadline:
+        for index, pid in list(remaining.items()):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                del remaining[index]
+        time.sleep(0.02)
+    for pid in remaining.values():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            continue
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s")
+    _die_with_parent()
+    from fednb.data import federated_split, load_dataset
+    import torch
+    import torch._dynamo  # noqa: F401 - creating any optimizer imports it: 1.5 s, paid once here, not per party
+
+    import fednb.party  # noqa: F401 - the party code, imported once before forking
+
+    parts = federated_split(load_dataset(args.dataset, seed=args.seed), args.n, args.partition, alpha=args.alpha,
+                            shards_per_party=args.shards, seed=args.seed, test_fraction=args.test_fraction)
+    ready_r, ready_w = os.pipe()
+    children: dict[int, int] = {}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for index, part in enumerate(parts):
+        pid = os.fork()
+        if pid == 0:  # the party
+            code = 0
+            try:
+                os.close(ready_r)
+                _party_main(index, part, args, ready_w)
+            except BaseException:  # noqa: BLE001 - reported on stderr, then the child exits
+                log.exception("party %s failed", part.name)
+                code = 1
+            finally:
+                os._exit(code)
+        children[index] = pid
+    os.close(ready_w)
+
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        ready = _collect_ready(ready_r, len(parts), children)
+        print(json.dumps({"host": os.getpid(), "parties": ready}), flush=True)
+        _wait_for_lifeline(children, lambda: stopping)
+        return 0
+    except RuntimeError as exc:
+        print(json.dumps({"error": str(exc)}), flush=True)
+        return 1
+    finally:
+        _stop_children(children)
+
+
+def _collect_ready(fd: int, count: int, children: dict[int, int], timeout: float = 120.0) -> list[dict[str, Any]]:
+    lines: dict[int, dict[str, Any]] = {}
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while len(lines) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(lines)} of {count} parties started within {timeout:.0f} s")
+        readable, _, _ = select.select([fd], [], [], 0.5)
+        if readable:
+            chunk = os.read(fd, 65536)
+            if not chunk and len(lines) < count:
+                raise RuntimeError(f"{count - len(lines)} parties exited before listening; see the log above")
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                entry = json.loads(raw)
+                lines[entry.pop("index")] = entry
+    return [lines[i] for i in sorted(lines)]
+
+
+def _wait_for_lifeline(children: dict[int, int], stopping: Any) -> None:
+    """Serve until stdin closes or a signal arrives; reap parties that exit on their own."""
+    while not stopping():
+        try:
+            readable, _, _ = select.select([sys.stdin], [], [], 0.5)
+        except InterruptedError:
+            continue
+        if readable and not os.read(sys.stdin.fileno(), 4096):
+            log.info("the coordinator is gone; stopping the parties")
+            return
+        for index, pid in list(children.items()):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                log.warning("party #%d (pid %d) exited with status %d", index, pid, status)
+                del children[index]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

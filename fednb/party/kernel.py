@@ -1,0 +1,198 @@
+"""The party kernel: builds models from source, trains, evaluates and runs cells.
+
+One namespace per coordinator identity, kept across requests, as a Jupyter kernel keeps its
+user namespace. The kernel never touches sockets: it turns a request message into a reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fednb.party import training
+from fednb.party.datasets import Datasets, Split
+from fednb.party.execution import code_hash, describe_error, run_cell
+from fednb.tensors import load_arrays, mismatch, state_arrays, template_of
+from fednb.wire import Message, check_metrics
+from fednb.wire.values import pack_value
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS = 16
+
+
+class Report:
+    """``report(**metrics)`` inside a training cell: keeps the last value of each scalar."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def __call__(self, **metrics: Any) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"report({key}=…) needs a scalar, got a tensor of shape {tuple(value.shape)}")
+                value = value.item()
+            if isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"report({key}=…) needs a number, got {type(value).__name__}")
+            self.metrics[key] = float(value)
+        if len(self.metrics) > MAX_METRICS:
+            raise ValueError(f"report() keeps at most {MAX_METRICS} metrics")
+
+
+def label_counts(data: Any) -> dict[int, int]:
+    """How many examples of each label a split (DataLoader, dataset or labels) holds."""
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, TensorDataset):
+        data = data.tensors[-1]
+    labels = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    values, counts = np.unique(labels, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+class _Session:
+    """What the party keeps for one coordinator: its namespace and built models."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.namespace: dict[str, Any] = {
+            "__name__": "__fednb__",
+            "torch": torch,
+            "nn": torch.nn,
+            "F": torch.nn.functional,
+            "np": np,
+            "label_counts": label_counts,
+        }
+        self.models: dict[str, torch.nn.Module] = {}
+        self.kernel = kernel
+
+
+class Kernel:
+    """Turns ``train``, ``evaluate`` and ``run`` requests into replies, one at a time."""
+
+    def __init__(self, name: str, datasets: Datasets) -> None:
+        self.name = name
+        self.datasets = datasets
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+        self._tensors = {split: TensorDataset(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (s.x, s.y)))
+                         for split, s in datasets.splits.items()}
+
+    def session(self, coordinator: str) -> _Session:
+        with self._lock:
+            if coordinator not in self._sessions:
+                self._sessions[coordinator] = _Session(self)
+            return self._sessions[coordinator]
+
+    def handle(self, coordinator: str, request: Message) -> Message:
+        """The reply to ``request``: a ``result``, or an ``error`` naming what went wrong."""
+        started = time.perf_counter()
+        try:
+            session = self.session(coordinator)
+            if request.type == "train":
+                content, arrays = self._train(session, request)
+            elif request.type == "evaluate":
+                content, arrays = self._evaluate(session, request)
+            elif request.type == "run":
+                content, arrays = self._run(session, request)
+            else:
+                raise ValueError(f"the kernel does not handle {request.type!r} requests")
+        except Exception as exc:  # noqa: BLE001 - any failure of coordinator code becomes an error reply
+            error_type, message, trace = describe_error(exc)
+            log.warning("%s request %s failed: %s: %s", request.type, request.id[:8], error_type, message)
+            return request.reply("error", {"error_type": error_type, "message": message, "traceback": trace})
+        content["seconds"] = time.perf_counter() - started
+        return request.reply("result", content, arrays)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _model(self, session: _Session, source: str) -> torch.nn.Module:
+        key = code_hash(source)
+        model = session.models.get(key)
+        if model is None:
+            namespace = session.namespace
+            namespace.pop("model", None)
+            run_cell(source, namespace, kind="model")
+            model = namespace.get("model")
+            if not isinstance(model, torch.nn.Module):
+                raise ValueError("the model source must define a torch.nn.Module named `model`")
+            session.models[key] = model
+        return model
+
+    def _receive_weights(self, session: _Session, request: Message) -> torch.nn.Module:
+        model = self._model(session, request.content["source"])
+        problem = mismatch(template_of(state_arrays(model)), request.arrays)
+        if problem:
+            raise ValueError(f"the weights sent do not fit the model built here ({problem}); "
+                             "does the model source build the same architecture?")
+        load_arrays(model, request.arrays)
+        return model
+
+    def _loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(self._tensors[split], batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+    def _train(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        config = training.check_config(request.content["config"])
+        model = self._receive_weights(session, request)
+        template = template_of(state_arrays(model))
+        seed = config["seed"] + (request.round or 0)
+        torch.manual_seed(seed)
+        loader = self._loader("train", config["batch_size"], shuffle=True, seed=seed)
+        cell = request.content.get("train_cell")
+        if cell is None:
+            metrics = training.fit(model, loader, config)
+        else:
+            report = Report()
+            session.namespace.update(model=model, train=loader, config=dict(config), report=report,
+                                     test=self._loader("test", config["batch_size"], shuffle=False, seed=seed))
+            model.train()
+            run_cell(cell, session.namespace, kind="train")
+            metrics = report.metrics
+        arrays = state_arrays(model)
+        problem = mismatch(template, arrays)
+        if problem:
+            raise ValueError(f"after training the model no longer matches its architecture ({problem})")
+        for name, array in arrays.items():
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise FloatingPointError(f"training produced non-finite values in {name}; try a smaller lr")
+        metrics = check_metrics(metrics, where="report()", limit=MAX_METRICS)
+        return {"examples": len(self._tensors["train"]), "metrics": metrics}, arrays
+
+    def _evaluate(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        config = training.check_config(request.content["config"])
+        model = self._receive_weights(session, request)
+        loader = self._loader("test", max(config["batch_size"], 256), shuffle=False, seed=0)
+        metrics, examples = training.evaluate(model, loader, config["loss"])
+        return {"examples": examples, "metrics": metrics}, {}
+
+    def _run(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        namespace = session.namespace
+        namespace.update(
+            train=self._loader("train", 256, shuffle=False, seed=0),
+            test=self._loader("test", 256, shuffle=False, seed=0),
+            datasets=dict(self._tensors),
+        )
+        value = run_cell(request.content["source"], namespace, kind="run")
+        packed, arrays = pack_value(_plain(value))
+        return {"value": packed}, arrays
+
+
+def _plain(value: Any) -> Any:
+    """Tensors (also nested in lists and dicts) as numpy arrays, ready for the wire."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy().copy()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

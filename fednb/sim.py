@@ -1,0 +1,192 @@
+"""Local simulation: N real party processes on private ipc sockets, one call away.
+
+``fednb.simulate(4)`` starts a host process that imports torch once and forks four parties
+(see :mod:`fednb.party.host`), each serving its own partition of a bundled dataset on an
+``ipc://`` socket in a fresh 0700 directory, and connects to them. The parties are the same
+code a deployment runs; only the data and the endpoints are local. ``secure=True`` adds
+CURVE with generated keys. ``close()``, interpreter exit, and a killed kernel all stop the
+parties: the host holds the read end of a pipe from this process and stops when it closes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from fednb.data import DATASETS, PARTITIONS
+from fednb.errors import FederationError
+from fednb.federation import Federation, connect
+from fednb.transport import generate
+
+log = logging.getLogger(__name__)
+
+_LIVE: weakref.WeakSet[SimHost] = weakref.WeakSet()
+
+
+@dataclass(eq=False)
+class SimHost:
+    """The host process of a simulation and the parties it forked, stopped by PID."""
+
+    process: subprocess.Popen[bytes]
+    directory: Path
+    log_file: IO[bytes]
+    parties: list[dict[str, Any]] = field(default_factory=list)
+    ready_seconds: float = 0.0
+    _stopped: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.process.pid] + [int(p["pid"]) for p in self.parties]
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Close the lifeline, wait for the host to stop its parties, then make sure by PID."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("the simulation host did not stop within %.0f s; killing it", grace)
+                self.process.kill()
+                self.process.wait()
+            for party in self.parties:
+                _kill_if_alive(int(party["pid"]))
+        finally:
+            self.log_file.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            _LIVE.discard(self)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the host and its parties logged."""
+        try:
+            text = (self.directory / "parties.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _kill_if_alive(pid: int) -> None:
+    """SIGKILL a party that outlived its host (its PID is not ours to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return
+    if state != "Z":
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+
+
+def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
+               shards_per_party: int = 2, test_fraction: float = 0.2, authorized: bytes | None = None,
+               heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, threads: int | None = None,
+               timeout: float = 120.0) -> SimHost:
+    """Start the host and wait until all ``n`` parties listen; raise with their log otherwise."""
+    directory = Path(tempfile.mkdtemp(prefix="fednb-sim-"))  # mode 0700: the ipc sockets' privacy
+    log_file = open(directory / "parties.log", "wb")  # noqa: SIM115 - closed by SimHost.stop
+    threads = threads or max(1, (os.cpu_count() or 1) // n)
+    command = [sys.executable, "-m", "fednb.party.host", "--dir", str(directory), "--n", str(n), "--dataset", dataset,
+               "--partition", partition, "--alpha", repr(alpha), "--seed", str(seed), "--shards", str(shards_per_party),
+               "--test-fraction", repr(test_fraction), "--threads", str(threads), "--heartbeat", repr(heartbeat),
+               "--timeout", repr(heartbeat_timeout)]
+    if authorized is not None:
+        command += ["--authorized", authorized.decode()]
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                               start_new_session=True)
+    host = SimHost(process, directory, log_file)
+    _LIVE.add(host)
+    try:
+        ready = _read_ready(process, timeout)
+    except BaseException:
+        tail = host.log_tail()
+        host.stop()
+        if isinstance(tail, str) and tail:
+            log.error("simulation host log:\n%s", tail)
+        raise
+    if "error" in ready:
+        tail = host.log_tail()
+        host.stop()
+        raise FederationError(f"the simulation did not start: {ready['error']}\n{tail}")
+    host.parties = ready["parties"]
+    host.ready_seconds = time.monotonic() - started
+    return host
+
+
+def _read_ready(process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FederationError(f"the simulation's parties did not start within {timeout:.0f} s")
+        readable, _, _ = select.select([process.stdout], [], [], min(remaining, 0.5))
+        if readable:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                raise FederationError(f"the simulation host exited with status {process.wait()}")
+            line += chunk
+    try:
+        ready = json.loads(line)
+    except ValueError:
+        raise FederationError(f"the simulation host said something unexpected: {line[:200]!r}") from None
+    if not isinstance(ready, dict):
+        raise FederationError("the simulation host said something unexpected")
+    return ready
+
+
+def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
+             secure: bool = False, *, shards_per_party: int = 2, test_fraction: float = 0.2, heartbeat: float = 1.0,
+             heartbeat_timeout: float = 10.0, timeout: float = 120.0) -> Federation:
+    """Start ``n`` local party processes on a partition of ``dataset`` and connect to them.
+
+    ``partition`` is ``iid``, ``dirichlet`` (label skew with concentration ``alpha``; smaller
+    is more skewed) or ``shards``; each party also gets a test split. The result is an
+    ordinary :class:`Federation`; closing it stops the parties.
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512:
+        raise ValueError("n must be an integer between 1 and 512")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; bundled: {', '.join(DATASETS)}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
+    if not alpha > 0:
+        raise ValueError("alpha must be positive")
+    keypair = generate() if secure else None
+    host = start_host(n, dataset=dataset, partition=partition, alpha=alpha, seed=seed, shards_per_party=shards_per_party,
+                      test_fraction=test_fraction, authorized=keypair.public if keypair else None,
+                      heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, timeout=timeout)
+    specs = [{"name": p["name"], "endpoint": p["endpoint"], **({"public_key": p["public_key"]} if secure else {})}
+             for p in host.parties]
+    federation = connect(specs, keypair, timeout=timeout, heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout,
+                         on_close=[host.stop], name="simulation")
+    federation.simulation = host  # type: ignore[attr-defined]
+    return federation
+
+
+@atexit.register
+def _stop_all() -> None:
+    for host in list(_LIVE):
+        host.stop(grace=2.0)

@@ -1,0 +1,61 @@
+"""Messages over sockets: encode and send without copying tensors, receive and validate.
+
+A received message keeps its frames alive through the read-only arrays that view them; the
+one copy of received tensor data happens where it is consumed (loaded into a model at the
+party, accumulated into the aggregate at the coordinator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import zmq
+
+from fednb.errors import WireError
+from fednb.wire import DEFAULT_LIMITS, Limits, Message, check_content, decode, encode
+
+
+@dataclass(frozen=True)
+class Received:
+    """One received message with who sent it (ROUTER routing id, ZAP User-Id).
+
+    Exactly one of ``message`` (validated) and ``error`` (why it was refused) is set.
+    """
+
+    message: Message | None
+    error: WireError | None
+    routing: bytes | None
+    user: str
+    nbytes: int
+
+
+def send(sock: zmq.Socket, message: Message, *, routing: bytes | None = None, limits: Limits = DEFAULT_LIMITS,
+         flags: int = 0) -> int:
+    """Send ``message`` (through a ROUTER when ``routing`` is given); returns bytes sent."""
+    frames = encode(message, limits)
+    if routing is not None:
+        frames.insert(0, routing)
+    sock.send_multipart(frames, flags=flags, copy=False)
+    return sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
+
+
+def receive(sock: zmq.Socket, *, router: bool, limits: Limits = DEFAULT_LIMITS) -> Received:
+    """Receive one message without blocking and validate it.
+
+    A malformed message comes back with ``error`` set, so that the caller can answer or
+    drop it and go on serving; only socket errors raise.
+    """
+    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    routing = frames.pop(0).bytes if router and frames else None
+    user = ""
+    if frames:
+        try:
+            user = frames[0].get("User-Id") or ""
+        except zmq.ZMQError:
+            user = ""
+    nbytes = sum(len(frame) for frame in frames)
+    try:
+        message = check_content(decode(frames, limits))
+    except WireError as exc:
+        return Received(message=None, error=exc, routing=routing, user=user, nbytes=nbytes)
+    return Received(message=message, error=None, routing=routing, user=user, nbytes=nbytes)

@@ -1,0 +1,285 @@
+"""Strategies and aggregation arithmetic, checked against closed-form values."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fednb.strategies import (
+    STRATEGIES,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    RunningMean,
+    Strategy,
+    get_strategy,
+    weighted_mean,
+    weighted_metrics,
+)
+
+
+def _readonly(**arrays: np.ndarray) -> dict[str, np.ndarray]:
+    out = {}
+    for name, a in arrays.items():
+        a = np.array(a)
+        a.flags.writeable = False
+        out[name] = a
+    return out
+
+
+# ------------------------------------------------------------------------- weighted mean
+
+
+def test_fedavg_closed_form() -> None:
+    agg = FedAvg().start_round(1, {"w": np.zeros(2)})
+    agg.add({"w": np.array([1.0, 2.0])}, 1)
+    agg.add({"w": np.array([3.0, 4.0])}, 3)
+    np.testing.assert_allclose(agg.result()["w"], [2.5, 3.5])
+    np.testing.assert_allclose(weighted_mean([{"w": np.array([1.0, 2.0])}, {"w": np.array([3.0, 4.0])}], [1, 3])["w"], [2.5, 3.5])
+
+
+_shapes = st.lists(st.integers(1, 3), min_size=0, max_size=3).map(tuple)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    data=st.data(),
+    shapes=st.lists(_shapes | st.sampled_from([(5000,), (70, 80)]), min_size=1, max_size=4),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+    parties=st.integers(1, 6),
+)
+def test_fedavg_equals_weighted_mean(data, shapes, dtype, parties) -> None:
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    examples = data.draw(st.lists(st.integers(1, 10_000), min_size=parties, max_size=parties))
+    updates = []
+    for _ in range(parties):
+        u = {f"t{i}": np.asarray(rng.standard_normal(shape), dtype=dtype) for i, shape in enumerate(shapes)}
+        for a in u.values():
+            a.flags.writeable = False
+        updates.append(u)
+    copies = [{k: v.copy() for k, v in u.items()} for u in updates]
+    agg = FedAvg().start_round(0, updates[0])
+    for u, n in zip(updates, examples):
+        agg.add(u, n)
+    got, ref = agg.result(), weighted_mean(updates, examples)
+    assert list(got) == list(ref) == [f"t{i}" for i in range(len(shapes))]
+    tol = 2e-2 if dtype == np.float16 else 1e-5
+    for key in ref:
+        assert got[key].dtype == ref[key].dtype == dtype and got[key].shape == ref[key].shape
+        np.testing.assert_allclose(got[key], ref[key], rtol=tol, atol=tol)
+        assert got[key].flags.writeable
+    for u, c in zip(updates, copies):  # inputs untouched
+        for k in u:
+            np.testing.assert_array_equal(u[k], c[k])
+
+
+def test_non_contiguous_and_zero_dim_arrays() -> None:
+    big = np.arange(20000, dtype=np.float32).reshape(100, 200)
+    a, b = big.T, (big * 3).T  # non-contiguous views
+    mean = RunningMean()
+    mean.add({"w": a, "s": np.float32(2.0)}, 1)
+    mean.add({"w": b, "s": np.float32(4.0)}, 1)
+    out = mean.result()
+    np.testing.assert_allclose(out["w"], 2 * big.T)
+    assert out["s"].shape == () and float(out["s"]) == 3.0
+
+
+def test_integer_tensors_round_to_nearest() -> None:
+    mean = RunningMean()
+    mean.add({"num_batches_tracked": np.array(10, dtype=np.int64)}, 1)
+    mean.add({"num_batches_tracked": np.array(13, dtype=np.int64)}, 2)
+    out = mean.result()["num_batches_tracked"]
+    assert out.dtype == np.int64 and int(out) == 12  # (10 + 26) / 3 = 12
+    ref = weighted_mean([{"n": np.array([1, 2], np.int32)}, {"n": np.array([2, 4], np.int32)}], [1, 3])["n"]
+    assert ref.dtype == np.int32 and ref.tolist() == [2, 4]  # 1.75 -> 2, 3.5 -> 4 (half to even)
+
+
+def test_result_is_repeatable_and_running() -> None:
+    mean = RunningMean()
+    mean.add({"w": np.ones(3, np.float32)}, 1)
+    first = mean.result()
+    first["w"][:] = 100  # the caller owns the result
+    np.testing.assert_array_equal(mean.result()["w"], np.ones(3))
+    mean.add({"w": np.full(3, 4, np.float32)}, 2)
+    np.testing.assert_array_equal(mean.result()["w"], np.full(3, 3))
+    assert mean.count == 2 and mean.total_weight == 3
+
+
+@pytest.mark.parametrize(
+    ("update", "match"),
+    [
+        ({"w": np.zeros(2, np.float32)}, "missing tensor 'b'"),
+        ({"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32), "x": np.zeros(1)}, "unexpected tensor 'x'"),
+        ({"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)}, r"'w' has shape \(3,\), expected \(2,\)"),
+        ({"w": np.zeros(2, np.float64), "b": np.zeros(1, np.float32)}, "'w' has dtype float64, expected float32"),
+        ([np.zeros(2)], "mapping"),
+    ],
+)
+def test_mismatched_updates_are_rejected(update, match: str) -> None:
+    template = {"w": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
+    for make in (lambda: RunningMean(template), lambda: FedAvg().start_round(0, template)):
+        agg = make()
+        agg.add({"w": np.ones(2, np.float32), "b": np.ones(1, np.float32)}, 1)
+        with pytest.raises(ValueError, match=match):
+            agg.add(update, 1)
+        # the bad update left nothing behind
+        np.testing.assert_array_equal(agg.result()["w"], [1, 1])
+    with pytest.raises(ValueError, match=match):
+        weighted_mean([template, update], [1, 1])
+
+
+def test_first_update_sets_the_shape_without_template() -> None:
+    mean = RunningMean()
+    mean.add({"w": np.zeros(2)}, 1)
+    with pytest.raises(ValueError, match="shape"):
+        mean.add({"w": np.zeros(3)}, 1)
+
+
+@pytest.mark.parametrize("weight", [0, -1, float("nan"), float("inf"), "x"])
+def test_bad_weights_are_rejected(weight) -> None:
+    with pytest.raises(ValueError, match="weight"):
+        RunningMean().add({"w": np.zeros(1)}, weight)
+    with pytest.raises(ValueError, match="weight"):
+        weighted_mean([{"w": np.zeros(1)}], [weight])
+
+
+@pytest.mark.parametrize("examples", [0, -3, 1.5, True, None])
+def test_bad_example_counts_are_rejected(examples) -> None:
+    agg = FedAvg().start_round(0, {"w": np.zeros(1)})
+    with pytest.raises(ValueError, match="examples"):
+        agg.add({"w": np.zeros(1)}, examples)
+
+
+def test_empty_aggregations_raise() -> None:
+    with pytest.raises(ValueError, match="no updates"):
+        RunningMean().result()
+    with pytest.raises(ValueError):
+        FedAvg().start_round(0, {"w": np.zeros(1)}).result()
+    with pytest.raises(ValueError):
+        weighted_mean([], [])
+    with pytest.raises(ValueError, match="2 weights"):
+        weighted_mean([{"w": np.zeros(1)}], [1, 2])
+    with pytest.raises(ValueError, match="complex"):
+        RunningMean({"w": np.zeros(1, np.complex64)})
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_weighted_metrics_closed_form() -> None:
+    results = [
+        (10, {"loss": 1.0, "acc": 0.5}),
+        (30, {"loss": 3.0}),
+        (20, {"loss": float("nan"), "acc": 0.8}),
+        (0, {"loss": 100.0, "f1": 1.0}),
+    ]
+    assert weighted_metrics(results) == pytest.approx({"loss": 2.5, "acc": (5 + 16) / 30})
+    assert weighted_metrics([]) == {}
+    with pytest.raises(ValueError, match="example count"):
+        weighted_metrics([(-1, {"loss": 1.0})])
+    with pytest.raises(ValueError, match="metric 'loss'"):
+        weighted_metrics([(1, {"loss": "high"})])
+    assert FedAvg().aggregate_metrics(1, results) == weighted_metrics(results)
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+def test_fedprox_adds_mu_without_mutating() -> None:
+    config = {"lr": 0.1, "epochs": 1}
+    out = FedProx(mu=0.5).configure_train(3, config)
+    assert out == {"lr": 0.1, "epochs": 1, "mu": 0.5}
+    assert config == {"lr": 0.1, "epochs": 1} and out is not config
+    base = FedAvg().configure_train(1, config)
+    assert base == config and base is not config
+    agg = FedProx().start_round(1, {"w": np.zeros(2)})
+    agg.add({"w": np.array([1.0, 2.0])}, 1)
+    agg.add({"w": np.array([3.0, 4.0])}, 3)
+    np.testing.assert_allclose(agg.result()["w"], [2.5, 3.5])
+
+
+def test_fedavgm_closed_form_over_two_rounds() -> None:
+    strategy = FedAvgM(server_lr=0.5, momentum=0.9)
+    w0 = _readonly(w=np.array([1.0, 1.0], np.float32), n=np.array(4, np.int64))
+    agg = strategy.start_round(1, w0)
+    agg.add(_readonly(w=np.array([0.0, 2.0], np.float32), n=np.array(5, np.int64)), 1)
+    agg.add(_readonly(w=np.array([0.0, 0.0], np.float32), n=np.array(7, np.int64)), 1)
+    # mean [0, 1]; d1 = [1, 0]; v1 = d1; w1 = w0 - 0.5 v1 = [0.5, 1]
+    w1 = agg.result()
+    np.testing.assert_allclose(w1["w"], [0.5, 1.0])
+    assert w1["w"].dtype == np.float32 and int(w1["n"]) == 6  # integers: plain mean
+    np.testing.assert_array_equal(agg.result()["w"], w1["w"])  # result twice: one momentum step
+    agg = strategy.start_round(2, w1)
+    agg.add({"w": np.array([0.25, 2.0], np.float32), "n": np.array(6, np.int64)}, 2)
+    # d2 = [0.25, -1]; v2 = 0.9 [1, 0] + d2 = [1.15, -1]; w2 = w1 - 0.5 v2 = [-0.075, 1.5]
+    np.testing.assert_allclose(agg.result()["w"], [-0.075, 1.5], rtol=1e-6)
+    np.testing.assert_array_equal(w0["w"], [1.0, 1.0])
+
+
+def test_fedavgm_without_momentum_is_fedavg_and_resets_on_new_model() -> None:
+    strategy = FedAvgM(server_lr=1.0, momentum=0.0)
+    agg = strategy.start_round(1, {"w": np.zeros(2)})
+    agg.add({"w": np.array([1.0, 2.0])}, 1)
+    agg.add({"w": np.array([3.0, 4.0])}, 3)
+    np.testing.assert_allclose(agg.result()["w"], [2.5, 3.5])
+    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
+    for shape in ((2,), (3,)):  # a new model shape starts again from zero velocity
+        agg = strategy.start_round(1, {"w": np.zeros(shape)})
+        agg.add({"w": np.ones(shape)}, 1)
+        np.testing.assert_allclose(agg.result()["w"], np.ones(shape))
+
+
+def test_fedavgm_current_is_copied() -> None:
+    current = {"w": np.zeros(2)}
+    agg = FedAvgM(momentum=0.0).start_round(1, current)
+    current["w"][:] = 5  # the caller reuses its buffer
+    agg.add({"w": np.ones(2)}, 1)
+    np.testing.assert_allclose(agg.result()["w"], [1, 1])
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: FedProx(mu=-1), "mu"),
+        (lambda: FedProx(mu=float("nan")), "mu"),
+        (lambda: FedAvgM(server_lr=0), "server_lr"),
+        (lambda: FedAvgM(momentum=1.0), "momentum"),
+        (lambda: FedAvgM(momentum=-0.1), "momentum"),
+        (lambda: FedAvgM(momentum="0.9"), "momentum"),
+    ],
+)
+def test_constructor_arguments_are_validated(factory, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_get_strategy() -> None:
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedavgm"}
+    assert all(issubclass(c, Strategy) and c.name == n for n, c in STRATEGIES.items())
+    assert isinstance(get_strategy("fedavg"), FedAvg)
+    assert get_strategy("FedProx", mu=0.3).mu == 0.3
+    assert isinstance(get_strategy("fedavg", mu=None, momentum=None), FedAvg)
+    m = get_strategy("fedavgm", server_lr=0.5, momentum=None)
+    assert (m.server_lr, m.momentum) == (0.5, 0.9)
+    instance = FedProx()
+    assert get_strategy(instance) is instance
+    assert get_strategy(instance, mu=None) is instance
+    with pytest.raises(ValueError, match="known strategies: fedavg, fedprox, fedavgm"):
+        get_strategy("scaffold")
+    with pytest.raises(ValueError, match="does not take mu"):
+        get_strategy("fedavg", mu=0.1)
+    with pytest.raises(ValueError, match="existing"):
+        get_strategy(instance, mu=0.1)
+    with pytest.raises(ValueError, match="name or a Strategy"):
+        get_strategy(3)  # type: ignore[arg-type]
+
+
+def test_strategies_do_not_import_torch() -> None:
+    code = "import sys, fednb.strategies; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
