@@ -101,7 +101,7 @@ def _kill_if_alive(pid: int) -> None:
 def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
                shards_per_party: int = 2, test_fraction: float = 0.2, authorized: bytes | None = None,
                heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, threads: int | None = None,
-               timeout: float = 120.0) -> SimHost:
+               tcp: bool = False, timeout: float = 120.0) -> SimHost:
     """Start the host and wait until all ``n`` parties listen; raise with their log otherwise."""
     directory = Path(tempfile.mkdtemp(prefix="fednb-sim-"))  # mode 0700: the ipc sockets' privacy
     log_file = open(directory / "parties.log", "wb")  # noqa: SIM115 - closed by SimHost.stop
@@ -112,6 +112,10 @@ def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet",
                "--timeout", repr(heartbeat_timeout)]
     if authorized is not None:
         command += ["--authorized", authorized.decode()]
+    if tcp:
+        if authorized is None:
+            raise ValueError("TCP endpoints always use CURVE: a simulation over tcp needs secure=True")
+        command.append("--tcp")
     started = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                start_new_session=True)
@@ -158,13 +162,14 @@ def _read_ready(process: subprocess.Popen[bytes], timeout: float) -> dict[str, A
 
 
 def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
-             secure: bool = False, *, shards_per_party: int = 2, test_fraction: float = 0.2, heartbeat: float = 1.0,
-             heartbeat_timeout: float = 10.0, timeout: float = 120.0) -> Federation:
+             secure: bool = False, *, transport: str = "ipc", shards_per_party: int = 2, test_fraction: float = 0.2,
+             heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, timeout: float = 120.0) -> Federation:
     """Start ``n`` local party processes on a partition of ``dataset`` and connect to them.
 
     ``partition`` is ``iid``, ``dirichlet`` (label skew with concentration ``alpha``; smaller
     is more skewed) or ``shards``; each party also gets a test split. The result is an
-    ordinary :class:`Federation`; closing it stops the parties.
+    ordinary :class:`Federation`; closing it stops the parties. ``transport="tcp"`` binds
+    loopback TCP ports instead of ipc sockets, and then CURVE is on whatever ``secure`` says.
     """
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512:
         raise ValueError("n must be an integer between 1 and 512")
@@ -174,10 +179,14 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
         raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
     if not alpha > 0:
         raise ValueError("alpha must be positive")
+    if transport not in ("ipc", "tcp"):
+        raise ValueError("transport must be 'ipc' or 'tcp'")
+    secure = secure or transport == "tcp"
     keypair = generate() if secure else None
     host = start_host(n, dataset=dataset, partition=partition, alpha=alpha, seed=seed, shards_per_party=shards_per_party,
                       test_fraction=test_fraction, authorized=keypair.public if keypair else None,
-                      heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, timeout=timeout)
+                      heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, tcp=transport == "tcp",
+                      timeout=timeout)
     specs = [{"name": p["name"], "endpoint": p["endpoint"], **({"public_key": p["public_key"]} if secure else {})}
              for p in host.parties]
     federation = connect(specs, keypair, timeout=timeout, heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednb.errors import FederationError, PartyError
+from fednb.errors import FederationError, PartyError, WireError
 from fednb.federation.connection import Connections
 from fednb.federation.events import (EventBus, RoundAggregated, RoundStarted, Subscriber, TrainingFinished,
                                      TrainingStarted)
@@ -253,8 +253,10 @@ class Federation:
             if reply is not None:
                 try:
                     results[party] = unpack_value(reply.content.get("value"), reply.arrays)
-                except ValueError as exc:
+                except WireError as exc:
                     results[party] = PartyError(f"returned a malformed value: {exc}", party=party, error_type="WireError")
+            elif party in gathered.errors:
+                results[party] = gathered.errors[party]
             else:
                 results[party] = PartyError(gathered.dropped.get(party, "no reply"), party=party, error_type="Dropped")
         return results

@@ -31,10 +31,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Gathered:
-    """What came back from one broadcast: replies by party, and why the others dropped."""
+    """What came back from one broadcast: replies by party, and why the others dropped.
+
+    ``errors`` holds the error a party itself reported (its type and message), for the
+    parties among ``dropped`` that answered with one.
+    """
 
     replies: dict[str, Message] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, PartyError] = field(default_factory=dict)
     late: set[str] = field(default_factory=set)
 
 
@@ -66,7 +71,8 @@ def broadcast(connections: Connections, parties: list[str], make: Callable[[str]
                 gathered.dropped[party] = str(exc)
                 continue
             if reply.type == "error":
-                gathered.dropped[party] = str(party_error(party, reply))
+                error = gathered.errors[party] = party_error(party, reply)
+                gathered.dropped[party] = str(error)
                 continue
             reason = on_reply(party, reply) if on_reply is not None else None
             if reason is not None:

@@ -50,6 +50,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--authorized", default=None, help="coordinator public key (Z85): turns CURVE on")
+    parser.add_argument("--tcp", action="store_true", help="bind tcp://127.0.0.1 ports instead of ipc sockets")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -68,7 +69,8 @@ def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) 
     keypair = generate() if args.authorized else None
     allow = AllowList(keys={args.authorized.encode(): "coordinator"}) if args.authorized else None
     datasets = Datasets({"train": Split(part.x_train, part.y_train), "test": Split(part.x_test, part.y_test)})
-    server = PartyServer(part.name, f"ipc://{args.dir}/{part.name}.sock", datasets, keypair=keypair, allow=allow,
+    endpoint = "tcp://127.0.0.1:*" if args.tcp else f"ipc://{args.dir}/{part.name}.sock"
+    server = PartyServer(part.name, endpoint, datasets, keypair=keypair, allow=allow,
                          heartbeat=args.heartbeat, timeout=args.timeout)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(timeout=0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -160,7 +160,8 @@ class Kernel:
             metrics = report.metrics
         arrays = state_arrays(model)
         problem = mismatch(template, arrays)
-        if problem:
+        if problem:  # the cell changed the cached model itself: build it afresh next time
+            session.models.pop(code_hash(request.content["source"]), None)
             raise ValueError(f"after training the model no longer matches its architecture ({problem})")
         for name, array in arrays.items():
             if array.dtype.kind == "f" and not np.isfinite(array).all():

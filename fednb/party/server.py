@@ -103,6 +103,8 @@ class PartyServer:
         self._results: queue.Queue[tuple[bytes, Message]] = queue.Queue()
         self._cancelled: set[str] = set()
         self._sessions: dict[bytes, _Session] = {}
+        #: Counters for monitoring and tests: messages received, malformed ones refused, requests run.
+        self.stats = {"received": 0, "malformed": 0, "requests": 0, "bytes_in": 0, "bytes_out": 0}
         self._wake_address = f"inproc://fednb-party-{uuid.uuid4().hex}"
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -173,7 +175,10 @@ class PartyServer:
                 authenticator.stop()
             if worker.is_alive():
                 worker.join(timeout=0.5)
-            context.term() if not worker.is_alive() else context.destroy(linger=0)
+            if worker.is_alive():  # a cell still running: its socket stays open, so don't wait for it
+                context.destroy(linger=0)
+            else:
+                context.term()
 
     def _loop(self, router: zmq.Socket, wake: zmq.Socket, authenticator: Authenticator | None) -> None:
         poller = zmq.Poller()
@@ -206,8 +211,11 @@ class PartyServer:
             session = self._sessions[routing] = _Session(routing, identity)
             log.info("coordinator %s connected", identity[:12])
         session.last_seen = time.monotonic()
+        self.stats["received"] += 1
+        self.stats["bytes_in"] += received.nbytes
         message = received.message
         if message is None:
+            self.stats["malformed"] += 1
             log.warning("refused a malformed message from %s: %s", identity[:12], received.error)
             self._reply(router, routing, Message("error", {"error_type": "WireError", "message": str(received.error)}))
             return
@@ -219,6 +227,7 @@ class PartyServer:
                 "datasets": self.datasets.describe(),
             }))
         elif message.type in WORK:
+            self.stats["requests"] += 1
             self._jobs.put(_Job(routing, identity, message))
         elif message.type == "cancel":
             self._cancelled.add(message.content["target"])
@@ -228,7 +237,7 @@ class PartyServer:
 
     def _reply(self, router: zmq.Socket, routing: bytes, message: Message) -> None:
         try:
-            send(router, message, routing=routing, limits=self.limits, flags=zmq.NOBLOCK)
+            self.stats["bytes_out"] += send(router, message, routing=routing, limits=self.limits, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the coordinator is gone; EAGAIN: it stopped reading. Its loss, not ours.
             log.warning("could not send %s to %s: %s", message.type, routing.hex()[:8], exc.strerror)

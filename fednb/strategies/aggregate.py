@@ -126,6 +126,8 @@ class RunningMean:
         self._scratch: dict[str, np.ndarray] = {}
         self.count = 0
         self.total_weight = 0.0
+        self._unit = 1.0
+        self._relative_total = 0.0
 
     def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold ``update`` in with ``weight`` (> 0); the update itself is only read."""
@@ -139,10 +141,15 @@ class RunningMean:
             arrays = _conform(update, self._spec)
         if not self._acc:
             self._acc = {k: np.zeros(shape, _accumulator_dtype(dtype)) for k, (shape, dtype) in self._spec.items()}
+            self._unit = w
+        # weights are taken relative to the first one, so a lone update (or one party that
+        # trained nothing) comes out bit for bit as it went in: 0 + 1·x, divided by 1
+        relative = w / self._unit
         for key, x in arrays.items():
-            self._accumulate(key, x, w)
+            self._accumulate(key, x, relative)
         self.count += 1
         self.total_weight += w
+        self._relative_total += relative
 
     def _accumulate(self, key: str, x: np.ndarray, w: float) -> None:
         acc = self._acc[key]
@@ -166,7 +173,7 @@ class RunningMean:
         """The weighted mean so far, as new arrays in the updates' dtypes and key order."""
         if self.count == 0 or self._spec is None:
             raise ValueError("no updates to average: add() was never called")
-        return {k: _finish(self._acc[k], self.total_weight, dtype) for k, (_, dtype) in self._spec.items()}
+        return {k: _finish(self._acc[k], self._relative_total, dtype) for k, (_, dtype) in self._spec.items()}
 
 
 def weighted_mean(

@@ -1,8 +1,8 @@
 """Who may connect: the authorized-keys allow-list and the ZAP authenticator that enforces it.
 
 The allow-list fails closed: a missing or unreadable list stops the party from starting,
-an empty one lets nobody in. It is a file with one Z85 public key per line (``#`` starts
-a comment; text after the key is a label, as in ssh's authorized_keys) or a directory of
+an empty one lets nobody in. It is a file with one Z85 public key per line (a line
+starting with ``#`` is a comment; text after the key is a label, as in ssh's authorized_keys) or a directory of
 ``*.key`` certificate files. The file is read again when it changes, so a key added or
 removed takes effect at the next handshake; sessions already open with a removed key are
 reported through :meth:`Authenticator.revoked` so that the party can drop them.
@@ -42,8 +42,8 @@ def read_authorized_keys(path: str | os.PathLike[str]) -> dict[bytes, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"cannot read authorized keys {source}: {exc}") from None
     for number, line in enumerate(lines, 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
+        text = line.strip()
+        if not text or text.startswith("#"):  # '#' is a Z85 digit: only whole lines are comments
             continue
         key, _, label = text.partition(" ")
         try:

@@ -1,0 +1,707 @@
+"""Per-round overhead of fednb against a raw pyzmq anchor, measured in the same run.
+
+What is measured
+----------------
+For each party count N and model size P (float32 parameters), the *median wall time of one
+round* of two systems that move the same bytes between the same number of processes:
+
+raw pyzmq (the anchor)
+    N echo worker processes, each binding a ROUTER; the coordinator holds one DEALER per
+    worker. One round = send the model's tensors (one frame per 1000×1000 tensor, as fednb
+    sends them, zero-copy) to every worker, then wait (poller) until all N echoes are back.
+    Nothing is decoded, checked, copied into a model or averaged: the sockets alone.
+
+fednb
+    ``fednb.simulate(N, dataset="synthetic", partition="iid")`` and ``Federation.train``
+    with ``train_cell="pass"``: each party loads the global weights into its model, trains
+    nothing and sends them back; the coordinator checks every reply, averages them (FedAvg)
+    and loads the result into the model. The time is ``RoundRecord.seconds``, cross-checked
+    against ``time.perf_counter`` around ``train(rounds=1)`` from the outside.
+
+Both run over ``ipc://`` sockets in a private 0700 directory without CURVE, and over
+loopback ``tcp://`` with CURVE (a ZAP handler that admits only the coordinator's key).
+
+How the comparison is kept fair
+-------------------------------
+- One coordinator process per (N, transport) holds both systems at once: the N raw echo
+  workers and fednb's N party processes. Rounds strictly alternate within one
+  ``train(rounds=…)`` call: an event subscriber runs one raw round after each fednb round
+  (after fednb took the round's time, before the next one starts). Drift of the machine
+  (other load, page cache, CPU clocks) thus hits both columns alike, and fednb is measured
+  as a notebook uses it: one call, many rounds. The idle side's processes sleep in poll.
+- Active process counts match: N party processes plus the coordinator. fednb also has its
+  simulation host process, which forked the parties and then only waits on its lifeline
+  pipe (no CPU during rounds).
+- The first rounds of every cell are discarded as warm-up (connections, CURVE handshakes,
+  building the model at the parties, first-touch page faults); that takes 3–4 rounds for
+  both systems on a 2-core machine, hence the default of 3.
+- Coordinator peak RSS is taken per system and size by resetting the kernel's high-water
+  mark (``/proc/self/clear_refs``) before each block; it includes the process baseline
+  (python, torch, both systems' sockets), printed alongside.
+
+How to read it
+--------------
+``ratio = fednb / raw``; 1.0 would mean fednb adds nothing to the transfer. The issue's
+target is ratio ≤ 1.5 at 10 parties × 1M over ipc. On a 2-core machine the parties and the
+coordinator share the cores, so any per-byte work (a copy, a finiteness check, an extra
+thread spinning) shows up in the round time, wherever it runs. The second table splits
+fednb's round: the parties' own time per request (``PartyRound.seconds``: load the weights,
+run the cell, check and return them) against the whole round.
+
+Usage::
+
+    .venv/bin/python bench/round_overhead.py              # 1, 10, 50 parties × 1M, 10M; ipc and tcp+CURVE
+    .venv/bin/python bench/round_overhead.py --quick      # 1, 10 parties × 1M, few rounds (smoke run)
+    .venv/bin/python bench/round_overhead.py --parties 10 --sizes 1M --no-tcp --rounds 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    import zmq
+
+    from fednb import Federation
+
+SCRIPT = Path(__file__).resolve()
+LAYER_WIDTH = 1000
+PARAMS_PER_LAYER = LAYER_WIDTH * LAYER_WIDTH  # one nn.Linear(1000, 1000, bias=False): 4 MB of float32
+MiB = 1024 * 1024
+
+# Cells that move more than this per round (each way, all parties together) get fewer
+# rounds, so that the default run stays within minutes: 50 × 10M is 2 GB each way.
+HEAVY_BYTES = 256 * MiB
+HUGE_BYTES = 1024 * MiB
+
+CELL_TIMEOUT_S = 1500.0  # one coordinator process: one transport × N, all sizes
+READY_TIMEOUT_S = 120.0
+ROUND_TIMEOUT_S = 300.0
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Rounds of one cell: warm-up (discarded), measured, and timed from the outside."""
+
+    warmup: int
+    measured: int
+    outside: int  # extra fednb train(rounds=1) calls timed from the outside
+
+
+def parse_size(text: str) -> int:
+    """``"1M"`` → 1_000_000; sizes are whole multiples of one 1000×1000 layer."""
+    raw = text.strip().upper()
+    try:
+        params = int(float(raw[:-1]) * 1_000_000) if raw.endswith("M") else int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a number like 1M or 10M") from None
+    if params <= 0 or params % PARAMS_PER_LAYER:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be a positive multiple of 1M parameters")
+    return params
+
+
+def size_label(params: int) -> str:
+    return f"{params // 1_000_000}M"
+
+
+def transport_label(tcp: bool) -> str:
+    return "tcp+CURVE" if tcp else "ipc"
+
+
+def plan_for(parties: int, params: int, rounds: int, quick: bool) -> Plan:
+    """Fewer rounds where one round moves gigabytes; a median of 3+ is still a median."""
+    if quick:
+        return Plan(warmup=2, measured=rounds, outside=1)
+    moved = parties * params * 4
+    if moved > HUGE_BYTES:
+        return Plan(warmup=1, measured=max(3, rounds // 3), outside=1)
+    if moved > HEAVY_BYTES:
+        return Plan(warmup=2, measured=max(4, rounds // 2), outside=1)
+    return Plan(warmup=3, measured=rounds, outside=3)
+
+
+def model_source(params: int) -> str:
+    """Code that builds a bias-free MLP of ``params`` float32 parameters, one 4 MB tensor per 1M."""
+    layers = params // PARAMS_PER_LAYER
+    return ("import torch.nn as nn\n"
+            f"model = nn.Sequential(*[nn.Linear({LAYER_WIDTH}, {LAYER_WIDTH}, bias=False) for _ in range({layers})])\n")
+
+
+def median_ms(values: Sequence[float]) -> float | None:
+    return statistics.median(values) * 1000.0 if values else None
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- coordinator memory -------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak RSS of this process over a stretch of code.
+
+    Linux (≥ 4.0) resets the high-water mark on ``echo 5 > /proc/self/clear_refs``, so each
+    system's blocks get their own peak; elsewhere it falls back to the process's lifetime
+    peak (``ru_maxrss``), which only grows.
+    """
+
+    def __init__(self) -> None:
+        self.resettable = self.reset()
+
+    def reset(self) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+                handle.write("5")
+            return True
+        except OSError:
+            return False
+
+    def peak_mib(self) -> float:
+        if self.resettable:
+            with open("/proc/self/status", encoding="ascii") as handle:
+                for line in handle:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024  # kB
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / MiB if sys.platform == "darwin" else peak / 1024
+
+    @staticmethod
+    def current_mib() -> float | None:
+        try:
+            with open("/proc/self/statm", encoding="ascii") as handle:
+                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+        except (OSError, ValueError):
+            return None
+
+
+# -- raw pyzmq: the echo worker (its own process) -----------------------------------------
+
+
+class _AllowOne:
+    """ZAP credentials provider admitting exactly one client key, as fednb's allow-list does."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.key
+
+
+def worker_main(endpoint: str, client_key: str | None) -> int:
+    """Bind a ROUTER, say where on stdout, echo every message until stdin (the lifeline) closes."""
+    import zmq
+
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.linger = 0
+    authenticator = None
+    public = b""
+    try:
+        if client_key:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            # the same shape as a fednb party: ZAP handler first, CURVE server, enforced domain
+            authenticator = ThreadAuthenticator(context)
+            authenticator.start()
+            authenticator.configure_curve_callback("bench", credentials_provider=_AllowOne(client_key.encode()))
+            public, secret = zmq.curve_keypair()
+            router.curve_secretkey = secret
+            router.curve_publickey = public
+            router.curve_server = True
+            router.zap_domain = b"bench"
+            router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        router.bind(endpoint)
+        ready = {"endpoint": router.getsockopt_string(zmq.LAST_ENDPOINT), "public_key": public.decode()}
+        sys.stdout.write(json.dumps(ready) + "\n")
+        sys.stdout.flush()
+        _echo(router, sys.stdin.fileno())
+    finally:
+        router.close(linger=0)
+        if authenticator is not None:
+            authenticator.stop()
+        context.term()
+    return 0
+
+
+def _echo(router: zmq.Socket, lifeline: int) -> None:
+    import zmq
+
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(lifeline, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if lifeline in events and not os.read(lifeline, 4096):
+            return  # the coordinator closed our stdin, or died: stop
+        if router in events:
+            while True:
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                # routing id first, then the payload frames, all resent without copying
+                router.send_multipart(frames, copy=False)
+
+
+# -- raw pyzmq: the coordinator side --------------------------------------------------------
+
+
+def _read_line(stream: IO[bytes], deadline: float) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"a raw worker did not listen within {READY_TIMEOUT_S:.0f} s")
+        readable, _, _ = select.select([stream], [], [], remaining)
+        if readable:
+            chunk = os.read(stream.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError("a raw worker exited before it listened")
+            line += chunk
+    return line
+
+
+@dataclass
+class RawAnchor:
+    """N echo worker processes and one DEALER per worker in this process."""
+
+    parties: int
+    tcp: bool
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    dealers: list[zmq.Socket] = field(default_factory=list)
+    ready_s: float = 0.0
+    _directory: str = ""
+    _context: zmq.Context | None = None
+    _poller: zmq.Poller | None = None
+
+    def start(self) -> None:
+        import zmq
+
+        self._directory = tempfile.mkdtemp(prefix="fednb-bench-")  # mode 0700, like fednb's simulation dir
+        public, secret = zmq.curve_keypair() if self.tcp else (b"", b"")
+        started = time.perf_counter()
+        for index in range(self.parties):
+            endpoint = "tcp://127.0.0.1:*" if self.tcp else f"ipc://{self._directory}/w{index}.sock"
+            command = [sys.executable, str(SCRIPT), "--_worker", endpoint]
+            if self.tcp:
+                command += ["--_client-key", public.decode()]
+            self.workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        listening = []
+        for worker in self.workers:
+            assert worker.stdout is not None
+            listening.append(json.loads(_read_line(worker.stdout, deadline)))
+        self.ready_s = time.perf_counter() - started
+        self._context = zmq.Context()
+        self._poller = zmq.Poller()
+        for ready in listening:
+            dealer = self._context.socket(zmq.DEALER)
+            dealer.linger = 0
+            if self.tcp:
+                dealer.curve_secretkey = secret
+                dealer.curve_publickey = public
+                dealer.curve_serverkey = ready["public_key"].encode()
+            dealer.connect(ready["endpoint"])
+            self._poller.register(dealer, zmq.POLLIN)
+            self.dealers.append(dealer)
+
+    def rounds(self, frames: list[np.ndarray], count: int) -> list[float]:
+        return [self._round(frames) for _ in range(count)]
+
+    def _round(self, frames: list[np.ndarray]) -> float:
+        import zmq
+
+        assert self._poller is not None
+        expected = sum(frame.nbytes for frame in frames)
+        started = time.perf_counter()
+        for dealer in self.dealers:
+            dealer.send_multipart(frames, copy=False)
+        pending = len(self.dealers)
+        while pending:
+            for sock, _ in self._poller.poll():
+                while True:
+                    try:
+                        echo = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    # a cheap check that the whole model came back; no byte is touched
+                    if sum(len(frame) for frame in echo) != expected:
+                        raise RuntimeError("a raw worker echoed the wrong number of bytes")
+                    pending -= 1
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        """Close the sockets, then each worker's lifeline, then make sure by PID."""
+        for dealer in self.dealers:
+            dealer.close(linger=0)
+        if self._context is not None:
+            self._context.term()
+        for worker in self.workers:
+            if worker.stdin is not None:
+                try:
+                    worker.stdin.close()
+                except OSError:
+                    pass
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            if worker.stdout is not None:
+                worker.stdout.close()
+        if self._directory:
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def raw_frames(params: int) -> list[np.ndarray]:
+    """The bytes fednb moves for a model of ``params``: one float32 array per 1000×1000 layer."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(PARAMS_PER_LAYER, dtype=np.float32) for _ in range(params // PARAMS_PER_LAYER)]
+
+
+# -- fednb ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FednbSide:
+    """A simulated federation of N parties and the model it trains."""
+
+    parties: int
+    tcp: bool
+    federation: Federation | None = None
+    simulate_s: float = 0.0
+    ready_s: float = 0.0
+
+    def start(self) -> None:
+        import fednb
+
+        started = time.perf_counter()
+        # 50 parties × iid over synthetic's 3000 examples: 60 each (48 train), above min_size 10
+        self.federation = fednb.simulate(self.parties, dataset="synthetic", partition="iid", seed=0,
+                                         transport="tcp" if self.tcp else "ipc")
+        self.simulate_s = time.perf_counter() - started
+        self.ready_s = float(self.federation.simulation.ready_seconds)  # type: ignore[attr-defined]
+
+    def rounds(self, model: torch.nn.Module, source: str, count: int) -> list[Any]:
+        """Train ``count`` no-op rounds; their RoundRecords (a drop is an error here)."""
+        assert self.federation is not None
+        history = self.federation.history
+        before = len(history)
+        self.federation.train(model, source, rounds=count, train_cell="pass", evaluate_every=0,
+                              min_parties=self.parties, round_timeout=ROUND_TIMEOUT_S)
+        records = history.rounds[before:]
+        dropped = {party: reason for record in records for party, reason in record.dropped.items()}
+        if dropped or len(records) != count:
+            raise RuntimeError(f"a no-op round lost parties: {dropped}")
+        return records
+
+    def outside(self, model: torch.nn.Module, source: str, count: int) -> tuple[list[float], list[float]]:
+        """``train(rounds=1)`` timed around the call, and what its RoundRecord says."""
+        outside, recorded = [], []
+        for _ in range(count):
+            started = time.perf_counter()
+            (record,) = self.rounds(model, source, 1)
+            outside.append(time.perf_counter() - started)
+            recorded.append(record.seconds)
+        return outside, recorded
+
+    def close(self) -> None:
+        if self.federation is not None:
+            self.federation.close()  # stops the host, which stops its parties by PID
+
+
+def build_model(params: int) -> tuple[torch.nn.Module, str]:
+    source = model_source(params)
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # noqa: S102 - our own model code
+    return namespace["model"], source
+
+
+# -- one cell: one transport × N, all sizes, both systems in this process ---------------------
+
+
+@dataclass
+class SystemSamples:
+    rounds_s: list[float] = field(default_factory=list)
+    warmup_s: list[float] = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+    # fednb only
+    outside_s: list[float] = field(default_factory=list)
+    record_of_outside_s: list[float] = field(default_factory=list)
+    party_mean_s: list[float] = field(default_factory=list)
+    party_max_s: list[float] = field(default_factory=list)
+
+
+class RawBetweenRounds:
+    """An event subscriber that runs one raw round after each fednb round.
+
+    fednb publishes ``RoundAggregated`` on the training thread after it has taken the round's
+    time and before the next round starts, so the raw round runs while fednb is idle and is
+    not counted in fednb's ``RoundRecord.seconds``. The two systems thus strictly alternate
+    within one ``train()`` call, which is how a notebook trains (one call, many rounds).
+    """
+
+    def __init__(self, raw: RawAnchor, frames: list[np.ndarray], memory: PeakMemory) -> None:
+        self.raw, self.frames, self.memory = raw, frames, memory
+        self.times: list[float] = []
+        self.raw_peaks: list[float] = []
+        self.fednb_peaks: list[float] = []
+        self.error: BaseException | None = None
+        self.stop: Any = None  # Federation.stop, set by the caller
+
+    def __call__(self, event: object) -> None:
+        from fednb.federation.events import RoundAggregated
+
+        if not isinstance(event, RoundAggregated) or self.error is not None:
+            return
+        self.fednb_peaks.append(self.memory.peak_mib())  # since the reset after the last raw round
+        try:
+            self.memory.reset()
+            self.times.extend(self.raw.rounds(self.frames, 1))
+            self.raw_peaks.append(self.memory.peak_mib())
+        except BaseException as exc:  # the bus would only log it: keep it, end training, re-raise
+            self.error = exc
+            self.stop()
+        finally:
+            self.memory.reset()
+
+
+def measure_size(raw: RawAnchor, fed: FednbSide, params: int, plan: Plan, memory: PeakMemory) -> dict[str, Any]:
+    assert fed.federation is not None
+    frames = raw_frames(params)
+    model, source = build_model(params)
+    between = RawBetweenRounds(raw, frames, memory)
+    between.stop = fed.federation.stop
+    unsubscribe = fed.federation.subscribe(between)
+    memory.reset()
+    try:
+        records = fed.rounds(model, source, plan.warmup + plan.measured)
+    except Exception:
+        if between.error is not None:
+            raise between.error from None
+        raise
+    finally:
+        unsubscribe()
+    samples = {"raw": SystemSamples(), "fednb": SystemSamples()}
+    samples["raw"].warmup_s, samples["raw"].rounds_s = between.times[:plan.warmup], between.times[plan.warmup:]
+    samples["raw"].peak_rss_mib = max(between.raw_peaks[plan.warmup:], default=0.0)
+    fednb = samples["fednb"]
+    fednb.warmup_s = [record.seconds for record in records[:plan.warmup]]
+    fednb.peak_rss_mib = max(between.fednb_peaks[plan.warmup:], default=0.0)
+    for record in records[plan.warmup:]:
+        fednb.rounds_s.append(record.seconds)
+        seconds = [party.seconds for party in record.parties.values()]
+        fednb.party_mean_s.append(statistics.mean(seconds))
+        fednb.party_max_s.append(max(seconds))
+    fednb.outside_s, fednb.record_of_outside_s = fed.outside(model, source, plan.outside)
+    return {"plan": asdict(plan), **{system: asdict(s) for system, s in samples.items()}}
+
+
+def cell_main(spec: dict[str, Any]) -> int:
+    """One coordinator process: both systems for one transport × N, sizes ascending."""
+    import torch  # noqa: F401 - imported before anything is timed, as a notebook has it
+
+    parties, tcp = int(spec["parties"]), bool(spec["tcp"])
+    label = f"{parties} parties {transport_label(tcp)}"
+    memory = PeakMemory()
+    raw, fed = RawAnchor(parties, tcp), FednbSide(parties, tcp)
+    result: dict[str, Any] = {"parties": parties, "transport": transport_label(tcp), "sizes": {}}
+    try:
+        raw.start()
+        fed.start()
+        result.update(raw_ready_s=raw.ready_s, fednb_ready_s=fed.ready_s, fednb_simulate_s=fed.simulate_s,
+                      baseline_rss_mib=PeakMemory.current_mib(), peak_rss_resettable=memory.resettable)
+        for params in sorted(int(p) for p in spec["sizes"]):
+            plan = Plan(**spec["plans"][str(params)])
+            progress(f"           {label} × {size_label(params)}: {plan.warmup} warm-up + {plan.measured} rounds each")
+            result["sizes"][str(params)] = measure_size(raw, fed, params, plan, memory)
+    finally:
+        fed.close()
+        raw.close()
+    sys.stdout.write(json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# -- the orchestrating process (no zmq context, no torch: it only starts cells) --------------
+
+
+def run_cell(parties: int, tcp: bool, sizes: list[int], plans: dict[int, Plan]) -> dict[str, Any]:
+    spec = {"parties": parties, "tcp": tcp, "sizes": sizes, "plans": {str(p): asdict(plans[p]) for p in sizes}}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--_cell", json.dumps(spec)], stdout=subprocess.PIPE)
+    try:
+        out, _ = process.communicate(timeout=CELL_TIMEOUT_S)
+    finally:
+        if process.poll() is None:  # timed out or interrupted: its workers and parties follow their lifelines
+            process.kill()
+            process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"the {transport_label(tcp)} cell with {parties} parties failed "
+                           f"(exit status {process.returncode}); see its output above")
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+def build_rows(cells: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
+    """One row per (N, size) with every transport's medians, ratios and cross-checks."""
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    for cell in cells:
+        name = "tcp_curve" if cell["transport"] != "ipc" else "ipc"
+        for params in sizes:
+            size = cell["sizes"].get(str(params))
+            if size is None:
+                continue
+            row = rows.setdefault((cell["parties"], params), {"parties": cell["parties"], "params": params})
+            raw, fed = size["raw"], size["fednb"]
+            raw_ms, fed_ms = median_ms(raw["rounds_s"]), median_ms(fed["rounds_s"])
+            row[f"{name}_rounds"] = len(fed["rounds_s"])
+            row[f"raw_{name}_ms"], row[f"fednb_{name}_ms"] = raw_ms, fed_ms
+            row[f"ratio_{name}"] = fed_ms / raw_ms if raw_ms and fed_ms else None
+            for key in ("outside_s", "record_of_outside_s", "party_mean_s", "party_max_s"):
+                row[f"fednb_{name}_{key[:-2]}_ms"] = median_ms(fed[key])
+            row[f"raw_{name}_peak_rss_mib"], row[f"fednb_{name}_peak_rss_mib"] = raw["peak_rss_mib"], fed["peak_rss_mib"]
+            row[f"{name}_baseline_rss_mib"] = cell["baseline_rss_mib"]
+    return [rows[key] for key in sorted(rows)]
+
+
+def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    print(f"\n{title}")
+    print(" | ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    print("-+-".join("-" * w for w in widths))
+    for row in rows:
+        print(" | ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def print_report(rows: list[dict[str, Any]], cells: list[dict[str, Any]], transports: list[bool]) -> None:
+    names = [("tcp_curve" if tcp else "ipc", transport_label(tcp)) for tcp in transports]
+
+    headers = ["parties", "params", "rounds"]
+    for _, label in names:
+        headers += [f"raw {label} ms", f"fednb {label} ms", "ratio"]
+    table = []
+    for row in rows:
+        line = [str(row["parties"]), size_label(row["params"]), str(row.get(f"{names[0][0]}_rounds", "—"))]
+        for name, _ in names:
+            line += [_fmt(row.get(f"raw_{name}_ms")), _fmt(row.get(f"fednb_{name}_ms")),
+                     _fmt(row.get(f"ratio_{name}"), 2, "×")]
+        table.append(line)
+    _print_table("Median round time (ms); ratio = fednb / raw", headers, table)
+
+    headers = ["parties", "params"]
+    for _, label in names:
+        headers += [f"{label}: party mean ms", "party max ms", "outside ms", "its record ms"]
+    table = [[str(row["parties"]), size_label(row["params"])]
+             + [_fmt(row.get(f"fednb_{name}_{key}_ms"))
+                for name, _ in names for key in ("party_mean", "party_max", "outside", "record_of_outside")]
+             for row in rows]
+    _print_table("fednb detail: party kernel time per request (PartyRound.seconds, median over rounds); "
+                 "train(rounds=1) timed outside vs its RoundRecord.seconds", headers, table)
+
+    headers = ["parties", "params"]
+    for _, label in names:
+        headers += [f"{label}: baseline MiB", "raw peak MiB", "fednb peak MiB"]
+    table = [[str(row["parties"]), size_label(row["params"])]
+             + [_fmt(row.get(f"{key}"), 0) for name, _ in names
+                for key in (f"{name}_baseline_rss_mib", f"raw_{name}_peak_rss_mib", f"fednb_{name}_peak_rss_mib")]
+             for row in rows]
+    resettable = all(cell.get("peak_rss_resettable") for cell in cells)
+    _print_table("Coordinator RSS: baseline after start-up, and peak while each system's rounds ran"
+                 + ("" if resettable else " (ru_maxrss: lifetime peak, not per system)"), headers, table)
+
+    headers = ["parties", "transport", "raw workers listening s", "fednb ready_seconds", "fednb simulate() s"]
+    table = [[str(c["parties"]), c["transport"], _fmt(c["raw_ready_s"], 2), _fmt(c["fednb_ready_s"], 2),
+              _fmt(c["fednb_simulate_s"], 2)] for c in cells]
+    _print_table("Time to ready: simulate()'s ready_seconds is host start → all parties listening; "
+                 "simulate() s is the whole call, connect included", headers, table)
+    sys.stdout.flush()
+
+
+def run(parties: list[int], sizes: list[int], rounds: int, transports: list[bool], quick: bool,
+        json_path: str | None) -> int:
+    started = time.perf_counter()
+    cells = []
+    for n in parties:
+        plans = {params: plan_for(n, params, rounds, quick) for params in sizes}
+        for tcp in transports:
+            progress(f"[{time.perf_counter() - started:6.1f} s] {n} parties over {transport_label(tcp)}: "
+                     "raw anchor and fednb in one coordinator process")
+            cells.append(run_cell(n, tcp, sizes, plans))
+    total = time.perf_counter() - started
+    rows = build_rows(cells, sizes)
+    print(f"fednb round overhead vs raw pyzmq ({platform.node()}, {os.cpu_count()} CPUs, "
+          f"python {platform.python_version()})")
+    print_report(rows, cells, transports)
+    target = next((r for r in rows if r["parties"] == 10 and r["params"] == 1_000_000), None)
+    if target is not None and target.get("ratio_ipc") is not None:
+        verdict = "met" if target["ratio_ipc"] <= 1.5 else "NOT met"
+        print(f"\ntarget fednb ≤ 1.5× raw at 10 parties × 1M over ipc: {target['ratio_ipc']:.2f}× ({verdict})")
+    print(f"total runtime {total:.1f} s")
+    if json_path:
+        document = {"machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+                    "config": {"parties": parties, "sizes": sizes, "rounds": rounds, "quick": quick,
+                               "transports": [transport_label(t) for t in transports]},
+                    "rows": rows, "cells": cells, "total_seconds": total}
+        Path(json_path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
+                                     epilog="See the module docstring for what is measured and how to read it.")
+    parser.add_argument("--quick", action="store_true", help="1 and 10 parties × 1M, few rounds (smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="measured rounds per cell (default 10; quick 4)")
+    parser.add_argument("--parties", default=None, help="comma-separated party counts (default 1,10,50)")
+    parser.add_argument("--sizes", default=None, help="comma-separated model sizes (default 1M,10M)")
+    parser.add_argument("--no-tcp", action="store_true", help="skip the tcp + CURVE columns")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_client-key", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_cell", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._worker is not None:
+        return worker_main(args._worker, args._client_key)
+    if args._cell is not None:
+        return cell_main(json.loads(args._cell))
+
+    try:
+        parties = [int(p) for p in (args.parties or ("1,10" if args.quick else "1,10,50")).split(",")]
+        sizes = sorted({parse_size(s) for s in (args.sizes or ("1M" if args.quick else "1M,10M")).split(",")})
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
+    rounds = args.rounds if args.rounds is not None else (4 if args.quick else 10)
+    if rounds < 1 or any(not 1 <= n <= 512 for n in parties):
+        parser.error("--rounds must be positive and --parties between 1 and 512")
+    transports = [False] if args.no_tcp else [False, True]
+    return run(parties, sizes, rounds, transports, args.quick, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

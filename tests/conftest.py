@@ -1,0 +1,103 @@
+"""Shared fixtures: in-process parties on real sockets, simulated federations, leak checks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fednb.data import federated_split, load_dataset
+from fednb.party import Datasets, PartyServer, Split
+
+MLP = "import torch.nn as nn\nmodel = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n"
+
+
+def build(source: str = MLP, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    namespace: dict[str, object] = {}
+    exec(source, namespace)
+    return namespace["model"]
+
+
+def fednb_processes() -> list[int]:
+    """PIDs of simulation hosts and party processes still running on this machine."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ")
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                state = handle.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and (b"fednb.party.host" in command or b"fednb party" in command or b"bin/fednb party" in command):
+            found.append(int(entry))
+    return found
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_processes_left_behind() -> Iterator[None]:
+    before = set(fednb_processes())
+    yield
+    leftover = [pid for pid in fednb_processes() if pid not in before]
+    wait_until(lambda: not [p for p in fednb_processes() if p not in before], timeout=10)
+    leftover = [pid for pid in fednb_processes() if pid not in before]
+    for pid in leftover:
+        os.kill(pid, signal.SIGKILL)
+    assert not leftover, f"fednb processes left behind: {leftover}"
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A 0700 directory for ipc sockets (short path: ipc paths are limited to ~100 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="fednb-t-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="session")
+def digits_parts():
+    return federated_split(load_dataset("digits"), 3, "iid", seed=0)
+
+
+def party_datasets(part) -> Datasets:
+    return Datasets({"train": Split(part.x_train, part.y_train), "test": Split(part.x_test, part.y_test)})
+
+
+@pytest.fixture
+def start_party(digits_parts):
+    """Start in-process parties on real sockets; all are stopped at the end of the test."""
+    servers: list[PartyServer] = []
+
+    def start(endpoint: str, index: int = 0, **options) -> PartyServer:
+        server = PartyServer(f"party-{index}", endpoint, party_datasets(digits_parts[index]), **options)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def tiny_arrays(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
