@@ -90,13 +90,14 @@ def _keys(args: argparse.Namespace) -> int:
 
 def _party(args: argparse.Namespace) -> int:
     from fednb.party import Datasets, PartyServer
-    from fednb.transport import AllowList, load_keypair
+    from fednb.transport import AllowList, check_security, load_keypair
 
     if args.listen.startswith("tcp://") and not (args.key and args.authorized_keys):
         raise ValueError("a tcp endpoint needs --key and --authorized-keys: every TCP endpoint uses CURVE")
     if args.authorized_keys and not args.key:
         raise ValueError("--authorized-keys needs --key (the party's own keypair)")
     keypair = load_keypair(args.key) if args.key else None
+    check_security(args.listen, keypair is not None)  # before the data is read: fail fast
     allow = AllowList(args.authorized_keys) if args.authorized_keys else None
     if args.threads:
         import torch

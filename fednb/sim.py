@@ -71,6 +71,8 @@ class SimHost:
             for party in self.parties:
                 _kill_if_alive(int(party["pid"]))
         finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
             self.log_file.close()
             shutil.rmtree(self.directory, ignore_errors=True)
             _LIVE.discard(self)
@@ -111,7 +113,7 @@ def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet",
                "--test-fraction", repr(test_fraction), "--threads", str(threads), "--heartbeat", repr(heartbeat),
                "--timeout", repr(heartbeat_timeout)]
     if authorized is not None:
-        command += ["--authorized", authorized.decode()]
+        command.append(f"--authorized={authorized.decode()}")  # a Z85 key may start with '-'
     if tcp:
         if authorized is None:
             raise ValueError("TCP endpoints always use CURVE: a simulation over tcp needs secure=True")

@@ -90,7 +90,8 @@ class Connections:
         try:
             for spec in specs:
                 sock = client_socket(self._context, spec.endpoint, keypair if spec.public_key else None,
-                                     spec.public_key, limits=limits, heartbeat_ms=int(heartbeat * 1000))
+                                     spec.public_key, limits=limits, heartbeat_ms=int(heartbeat * 1000),
+                                     timeout_ms=int(timeout * 1000))
                 monitor = sock.get_monitor_socket(_MONITORED)
                 self._links[spec.name] = Link(spec, sock, monitor)
         except BaseException:

@@ -184,12 +184,14 @@ class Federation:
                 self.events.publish(RoundStarted(round_, last, tuple(online)))
                 started = time.monotonic()
                 content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base)}
+                links = self._connections.snapshot()
+                offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
+                           for p in chosen if p not in online}
                 weights, contributions, dropped, metrics = train_round(
                     self._connections, self.events, strategy, round=round_, parties=online, weights=weights,
                     template=template, content=content, min_parties=min_parties, timeout=round_timeout,
+                    unavailable=offline,
                 )
-                offline = {p: "offline" for p in chosen if p not in online}
-                dropped = {**offline, **dropped}
                 load_arrays(model, weights)
                 evaluation, per_party = None, {}
                 if evaluate_every and (round_ % evaluate_every == 0 or round_ == last):

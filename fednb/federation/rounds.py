@@ -119,8 +119,13 @@ def train_round(
     content: Mapping[str, Any],
     min_parties: int,
     timeout: float | None,
+    unavailable: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, PartyRound], dict[str, str], dict[str, float]]:
-    """Run one round; return new weights, contributions, drops and aggregated train metrics."""
+    """Run one round; return new weights, contributions, drops and aggregated train metrics.
+
+    ``unavailable`` names chosen parties that were not asked (offline), with the reason;
+    they count as dropped.
+    """
     aggregation = strategy.start_round(round, weights)
     contributions: dict[str, PartyRound] = {}
 
@@ -141,17 +146,17 @@ def train_round(
         lambda party: Message("train", dict(content), round=round, arrays=weights),
         timeout=timeout, on_reply=on_reply,
     )
-    for party, reason in gathered.dropped.items():
+    dropped = {**dict(unavailable or {}), **gathered.dropped}
+    for party, reason in dropped.items():
         log.warning("round %d: %s dropped: %s", round, party, reason)
         bus.publish(PartyDropped(round, party, reason, late=party in gathered.late))
     if len(contributions) < min_parties:
         raise RoundError(
-            f"round {round}: only {len(contributions)} of {len(parties)} parties replied "
-            f"(min_parties={min_parties}); dropped: "
-            + "; ".join(f"{p}: {r}" for p, r in gathered.dropped.items()),
-            round=round, dropped=gathered.dropped,
+            f"round {round}: only {len(contributions)} of {len(parties) + len(unavailable or {})} parties replied "
+            f"(min_parties={min_parties}); dropped: " + "; ".join(f"{p}: {r}" for p, r in dropped.items()),
+            round=round, dropped=dropped,
         )
     metrics = strategy.aggregate_metrics(round, [(c.examples, c.metrics) for c in contributions.values()])
     log.debug("round %d gathered in %.3f s", round, time.monotonic() - started)
-    return aggregation.result(), contributions, gathered.dropped, metrics
+    return aggregation.result(), contributions, dropped, metrics
 

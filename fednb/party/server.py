@@ -155,7 +155,7 @@ class PartyServer:
                 authenticator = Authenticator(context, self.allow)
                 authenticator.start()
             router = server_socket(context, self.endpoint, self.keypair, limits=self.limits,
-                                   heartbeat_ms=int(self.heartbeat * 1000))
+                                   heartbeat_ms=int(self.heartbeat * 1000), timeout_ms=int(self.timeout * 1000))
             sockets.append(router)
             wake = context.socket(zmq.PAIR)
             sockets.append(wake)

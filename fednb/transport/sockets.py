@@ -53,12 +53,15 @@ def check_security(endpoint: str, secure: bool) -> None:
         )
 
 
-def _common_options(sock: zmq.Socket, limits: Limits, heartbeat_ms: int) -> None:
+def _common_options(sock: zmq.Socket, limits: Limits, heartbeat_ms: int, timeout_ms: int) -> None:
     sock.linger = 0
     sock.setsockopt(zmq.MAXMSGSIZE, limits.max_buffer_bytes)
+    # ZMTP pings find a dead link that the OS never reports (a cut cable, a frozen host).
+    # Their deadline is the peer timeout, not a few intervals: one libzmq I/O thread that is
+    # encrypting hundreds of MB for other parties may not get to a pong for seconds.
     sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms * 3)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_ms * 3)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(timeout_ms, heartbeat_ms * 3))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, max(timeout_ms, heartbeat_ms * 3))
 
 
 def server_socket(
@@ -68,13 +71,14 @@ def server_socket(
     *,
     limits: Limits = DEFAULT_LIMITS,
     heartbeat_ms: int = 1000,
+    timeout_ms: int = 10_000,
 ) -> zmq.Socket:
     """A bound ROUTER. With a keypair it is a CURVE server in fednb's ZAP domain: start the
     :class:`~fednb.transport.auth.Authenticator` first, or libzmq accepts any client."""
     check_security(endpoint, keypair is not None)
     sock = context.socket(zmq.ROUTER)
     try:
-        _common_options(sock, limits, heartbeat_ms)
+        _common_options(sock, limits, heartbeat_ms, timeout_ms)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if keypair is not None:
             if keypair.secret is None:
@@ -99,6 +103,7 @@ def client_socket(
     *,
     limits: Limits = DEFAULT_LIMITS,
     heartbeat_ms: int = 1000,
+    timeout_ms: int = 10_000,
 ) -> zmq.Socket:
     """A DEALER connected to a party, pinning the party's public key when secure."""
     secure = keypair is not None or server_key is not None
@@ -107,7 +112,7 @@ def client_socket(
         raise ValueError(f"{endpoint}: CURVE needs our keypair and the party's public key")
     sock = context.socket(zmq.DEALER)
     try:
-        _common_options(sock, limits, heartbeat_ms)
+        _common_options(sock, limits, heartbeat_ms, timeout_ms)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)

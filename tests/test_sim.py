@@ -1,0 +1,99 @@
+"""Local simulation: real processes that start fast and never outlive their coordinator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fednb
+from tests.conftest import MLP, build, wait_until
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_close_stops_every_process_and_removes_the_private_dir():
+    fed = fednb.simulate(3, dataset="synthetic", partition="iid")
+    host = fed.simulation
+    pids = host.pids
+    assert len(pids) == 4 and all(alive(pid) for pid in pids)
+    assert stat.S_IMODE(host.directory.stat().st_mode) == 0o700
+    assert all(p["endpoint"].startswith(f"ipc://{host.directory}/") for p in host.parties)
+    assert host.ready_seconds > 0
+    fed.close()
+    assert wait_until(lambda: not any(alive(pid) for pid in pids), timeout=5)
+    assert not host.directory.exists()
+    fed.close()  # twice is fine
+    with pytest.raises(fednb.FederationError, match="closed"):
+        fed.run("1")
+
+
+SCRIPT = """
+import json, sys, time
+import fednb
+fed = fednb.simulate(2, dataset="synthetic", partition="iid")
+print(json.dumps(fed.simulation.pids), flush=True)
+if sys.argv[1] == "exit":
+    sys.exit(0)          # no close(): interpreter exit must stop the parties
+time.sleep(60)           # killed from outside, like a kernel restart
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "kill"])
+def test_parties_die_with_their_coordinator(how):
+    coordinator = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SCRIPT), how], stdout=subprocess.PIPE,
+                                   cwd=os.getcwd())
+    try:
+        assert coordinator.stdout is not None
+        pids = json.loads(coordinator.stdout.readline())
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+        if how == "kill":
+            coordinator.send_signal(signal.SIGKILL)
+        coordinator.wait(30)
+        assert wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10), [p for p in pids if alive(p)]
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+            coordinator.wait()
+        if coordinator.stdout is not None:
+            coordinator.stdout.close()
+
+
+@pytest.mark.parametrize("options", [{"secure": True}, {"transport": "tcp"}], ids=["ipc+curve", "tcp+curve"])
+def test_secure_simulations_train(options):
+    with fednb.simulate(2, dataset="digits", partition="iid", **options) as fed:
+        endpoints = [p["endpoint"] for p in fed.simulation.parties]
+        assert all(e.startswith("tcp://127.0.0.1:" if "transport" in options else "ipc://") for e in endpoints)
+        assert all(p["public_key"] for p in fed.simulation.parties)
+        history = fed.train(build(), MLP, rounds=2, lr=0.05, momentum=0.9, epochs=2, batch_size=16)
+        assert len(history[-1].parties) == 2 and history[-1].evaluation["accuracy"] > 0.8
+
+
+def test_simulate_rejects_bad_arguments_before_starting_anything():
+    for kwargs, match in [({"n": 0}, "n must be"), ({"dataset": "imagenet"}, "unknown dataset"),
+                          ({"partition": "alphabetical"}, "unknown partition"), ({"alpha": 0}, "alpha"),
+                          ({"transport": "udp"}, "transport")]:
+        with pytest.raises(ValueError, match=match):
+            fednb.simulate(**{"n": 2, **kwargs})
+
+
+def test_every_bundled_dataset_and_partition_starts():
+    from fednb.data import load_dataset
+
+    for dataset, partition in [("breast_cancer", "iid"), ("synthetic", "shards"), ("digits", "dirichlet")]:
+        features = load_dataset(dataset).x.shape[1]
+        with fednb.simulate(2, dataset=dataset, partition=partition, alpha=1.0) as fed:
+            assert all(row.status == "online" and row.examples > 0 for row in fed.status())
+            assert fed.run("next(iter(train))[0].shape[1]") == {"party-0": features, "party-1": features}
