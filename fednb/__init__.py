@@ -27,3 +27,17 @@ __all__ = [
     "connect",
     "simulate",
 ]
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext fednb``: add the ``%fed_*`` magics (IPython is imported only now)."""
+    from fednb.notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext fednb``: close the session's federation."""
+    from fednb.notebook import unload_ipython_extension as unload
+
+    unload(ipython)

@@ -52,7 +52,7 @@ def run(*, parties: int = 4, rounds: int = 15, dataset: str = "digits", alpha: f
         out: TextIO) -> dict[str, float]:
     """Run the demo, writing progress to ``out``; returns the headline numbers."""
     import fednb
-    from fednb.federation.events import PartyDropped, RoundAggregated
+    from fednb.federation.progress import RoundLines
 
     began = time.monotonic()
     print(f"fednb demo: {parties} parties, {dataset}, Dirichlet alpha={alpha}, {rounds} rounds of FedAvg", file=out)
@@ -60,17 +60,7 @@ def run(*, parties: int = 4, rounds: int = 15, dataset: str = "digits", alpha: f
         ready = time.monotonic() - began
         sizes = ", ".join(f"{row.name}: {row.examples}" for row in fed.status())
         print(f"{parties} party processes ready in {ready:.1f} s ({sizes} training examples)", file=out)
-        print(f"{'round':>5}  {'train loss':>10}  {'test accuracy':>13}  {'time':>7}", file=out)
-
-        def show(event: object) -> None:
-            if isinstance(event, RoundAggregated):
-                accuracy = (event.evaluation or {}).get("accuracy", float("nan"))
-                print(f"{event.round:>5}  {event.metrics.get('loss', float('nan')):>10.4f}  {accuracy:>13.4f}  "
-                      f"{event.seconds:>6.2f}s", file=out, flush=True)
-            elif isinstance(event, PartyDropped):
-                print(f"       {event.party} dropped: {event.reason}", file=out, flush=True)
-
-        fed.subscribe(show)
+        fed.subscribe(RoundLines(out))
         model = _build(seed)
         history = fed.train(model, MODEL_SOURCE, rounds=rounds, strategy="fedavg", seed=seed, **SETTINGS)
         federated = history.metric("accuracy")[-1]

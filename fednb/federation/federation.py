@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fednb.errors import FederationError, PartyError, WireError
+from fednb.federation.background import TrainingRun
 from fednb.federation.connection import Connections
 from fednb.federation.events import (EventBus, RoundAggregated, RoundStarted, Subscriber, TrainingFinished,
                                      TrainingStarted)
@@ -144,8 +145,57 @@ class Federation:
         if at least ``min_parties`` (default: a majority) replied, else :class:`RoundError`.
         Ctrl-C or :meth:`stop` end training after the current round with the weights so far.
         """
+        plan = self._plan(model, source, rounds=rounds, strategy=strategy, lr=lr, epochs=epochs, batch_size=batch_size,
+                          optimizer=optimizer, momentum=momentum, loss=loss, train_cell=train_cell,
+                          min_parties=min_parties, round_timeout=round_timeout, evaluate_every=evaluate_every,
+                          parties=parties, seed=seed, config=config, **strategy_options)
+        self._claim()
+        try:
+            return plan()
+        finally:
+            self._busy.release()
+
+    def train_in_background(self, model: torch.nn.Module, source: str | None = None, **options: Any) -> TrainingRun:
+        """Start :meth:`train` on a worker thread and return its :class:`TrainingRun` at once.
+
+        Takes :meth:`train`'s arguments and checks them here, so mistakes raise at the call.
+        ``model`` receives each round's global weights once that round is aggregated;
+        ``run.stop()`` (or :meth:`stop`) ends training after the round in progress.
+        """
+        plan = self._plan(model, source, **options)
+        self._claim()
+
+        def train() -> History:
+            try:
+                return plan()
+            finally:
+                self._busy.release()
+
+        try:
+            return TrainingRun(train, self.stop).start()
+        except BaseException:
+            self._busy.release()
+            raise
+
+    @property
+    def training(self) -> bool:
+        """Whether training is running, in the foreground or in the background."""
+        return self._busy.locked()
+
+    def _claim(self) -> None:
+        if not self._busy.acquire(blocking=False):
+            raise FederationError("this federation is already training; stop it first (fed.stop())")
+        self._stop.clear()
+
+    def _plan(self, model: torch.nn.Module, source: str | None = None, *, rounds: int = 1,
+              strategy: str | Strategy = "fedavg", lr: float = 0.01, epochs: int = 1, batch_size: int = 32,
+              optimizer: str = "sgd", momentum: float = 0.0, loss: str = "cross_entropy", train_cell: str | None = None,
+              min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
+              parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
+              **strategy_options: Any) -> Callable[[], History]:
+        """Check :meth:`train`'s arguments; return the call that runs the rounds."""
         chosen = self._choose(parties)
-        if not isinstance(rounds, int) or rounds < 1:
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
             raise ValueError("rounds must be a positive integer")
         if min_parties is None:
             min_parties = len(chosen) // 2 + 1
@@ -155,19 +205,19 @@ class Federation:
             raise ValueError("round_timeout must be positive (or None to wait for ever)")
         if train_cell is not None and not isinstance(train_cell, str):
             raise ValueError("train_cell must be source code (a string)")
+        if not isinstance(evaluate_every, int) or evaluate_every < 0:
+            raise ValueError("evaluate_every must be a non-negative integer (0: never)")
         chosen_strategy = get_strategy(strategy, **strategy_options)
         code = model_source(model, source)
         base = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "momentum": momentum,
                 "loss": loss, "seed": seed, **dict(config or {})}
-        if not self._busy.acquire(blocking=False):
-            raise FederationError("this federation is already training; stop it first")
-        try:
-            self._stop.clear()
+
+        def run() -> History:
             self.model, self.source = model, code
-            return self._train_rounds(model, code, chosen, rounds, chosen_strategy, base, train_cell,
-                                      min_parties, round_timeout, evaluate_every)
-        finally:
-            self._busy.release()
+            return self._train_rounds(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties,
+                                      round_timeout, evaluate_every)
+
+        return run
 
     def _train_rounds(self, model: torch.nn.Module, code: str, chosen: list[str], rounds: int, strategy: Strategy,
                       base: dict[str, Any], train_cell: str | None, min_parties: int, round_timeout: float | None,

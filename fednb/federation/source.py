@@ -9,10 +9,14 @@ same names, shapes and dtypes.
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
 import linecache
+import math
 import textwrap
-from typing import TYPE_CHECKING
+import types
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from fednb.tensors import mismatch, state_arrays, template_of
 
@@ -99,3 +103,79 @@ def _check_rebuilds(model: torch.nn.Module, code: str) -> None:
         problem = "it defines no torch module named `model`"
     if problem:
         raise ValueError(f"the captured source builds a different model ({problem}); {_ASK}")
+
+
+def cell_source(cell: str, namespace: Mapping[str, Any], name: str = "model") -> str:
+    """A notebook cell that builds a model, made self-contained for a party.
+
+    Names the cell uses but does not define are taken from ``namespace`` (the notebook's):
+    modules become ``import`` lines, plain constants become assignments, classes and
+    functions defined in the notebook bring their source. When the model is bound to a
+    name other than ``model``, ``model = <name>`` is appended. ValueError names anything
+    that cannot travel as source.
+    """
+    try:
+        tree = ast.parse(cell)
+    except SyntaxError as exc:
+        raise ValueError(f"the model cell is not valid Python: {exc.msg} (line {exc.lineno})") from None
+    preamble: list[str] = []
+    for free in _free_names(tree):
+        if free not in namespace or free in vars(builtins):
+            continue
+        preamble.extend(_definition(free, namespace[free]))
+    code = "\n".join([*dict.fromkeys(preamble), cell.rstrip(), *([f"model = {name}"] if name != "model" else []), ""])
+    return code
+
+
+def _free_names(tree: ast.AST) -> list[str]:
+    """Names read by the code before (or without) being bound in it, in first-use order."""
+    bound: set[str] = set()
+    free: dict[str, None] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in bound:
+            free.setdefault(node.id)
+    return list(free)
+
+
+def _definition(name: str, value: Any) -> list[str]:
+    """Source lines that give ``name`` its notebook value at a party."""
+    if isinstance(value, types.ModuleType):
+        module = value.__name__
+        if name == module:
+            return [f"import {module}"]
+        if "." in module and name == module.rsplit(".", 1)[1]:
+            return [f"from {module.rsplit('.', 1)[0]} import {name}"]
+        return [f"import {module} as {name}"]
+    if value is None or isinstance(value, (bool, int, float, str)) or (
+        isinstance(value, tuple) and all(isinstance(v, (bool, int, float, str)) for v in value)
+    ):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"the model cell uses {name} = {value!r}, which cannot travel as source")
+        return [f"{name} = {value!r}"]
+    if isinstance(value, (type, types.FunctionType)) and getattr(value, "__module__", "") not in ("__main__", None):
+        module = value.__module__
+        if module.split(".")[0] != "fednb" and value.__qualname__ == value.__name__:
+            return [f"from {module} import {value.__name__}" + (f" as {name}" if name != value.__name__ else "")]
+    if isinstance(value, type):
+        captured = _class_source(value)
+        if captured is not None:
+            imports, body = captured
+            return [*imports, body.rstrip()] + ([f"{name} = {value.__name__}"] if name != value.__name__ else [])
+    if isinstance(value, types.FunctionType):
+        try:
+            body = textwrap.dedent(inspect.getsource(value))
+        except (OSError, TypeError):
+            body = None
+        if body is not None:
+            return [body.rstrip()] + ([f"{name} = {value.__name__}"] if name != value.__name__ else [])
+    raise ValueError(f"the model cell uses {name!r} (a {type(value).__name__}) from the notebook, which fednb cannot "
+                     f"send as source; define or import it inside the cell")
