@@ -6,6 +6,7 @@ import os
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,20 +28,31 @@ def build(source: str = MLP, seed: int = 0):
     return namespace["model"]
 
 
+# Every process this test run starts inherits this mark, so that the leak check below sees
+# only our own processes, not those of another run on the same machine.
+RUN_MARK = f"FEDNB_TEST_RUN={uuid.uuid4().hex}".encode()
+os.environ["FEDNB_TEST_RUN"] = RUN_MARK.split(b"=", 1)[1].decode()
+
+
 def fednb_processes() -> list[int]:
-    """PIDs of simulation hosts and party processes still running on this machine."""
+    """PIDs of this test run's simulation hosts and party processes still running."""
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as handle:
                 command = handle.read().replace(b"\0", b" ")
             with open(f"/proc/{entry}/stat", "rb") as handle:
                 state = handle.read().rsplit(b")", 1)[1].split()[0]
+            if not (b"fednb.party.host" in command or b"fednb party" in command or b"fednb.cli party" in command
+                    or b"bin/fednb party" in command):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                ours = RUN_MARK in handle.read().split(b"\0")
         except OSError:
             continue
-        if state != b"Z" and (b"fednb.party.host" in command or b"fednb party" in command or b"bin/fednb party" in command):
+        if state != b"Z" and ours:
             found.append(int(entry))
     return found
 
@@ -58,7 +70,6 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
 def no_processes_left_behind() -> Iterator[None]:
     before = set(fednb_processes())
     yield
-    leftover = [pid for pid in fednb_processes() if pid not in before]
     wait_until(lambda: not [p for p in fednb_processes() if p not in before], timeout=10)
     leftover = [pid for pid in fednb_processes() if pid not in before]
     for pid in leftover:

@@ -161,3 +161,29 @@ def test_a_late_party_is_dropped_at_the_deadline():
         assert list(record.parties) == ["party-0"] and "within 1 s" in record.dropped["party-1"]
         # the late party is still online and serves the next request once its cell is done
         assert fed.run("'still here'", parties=["party-1"])["party-1"] == "still here"
+
+
+def test_a_frozen_party_is_marked_offline_within_the_heartbeat_timeout():
+    """SIGSTOP: the process lives, its sockets stay open, it just says nothing."""
+    with fednb.simulate(2, dataset="synthetic", partition="iid", heartbeat=0.2, heartbeat_timeout=1.5) as fed:
+        pid = int(fed.simulation.parties[1]["pid"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert wait_until(lambda: fed.status()[1].status == "offline", timeout=5)
+            assert time.monotonic() - started <= 1.5 + 1.0
+            # frozen while a reply is due: the transport's pings drop it, not the round deadline
+            started = time.monotonic()
+            fed.run("1", parties=["party-0"])
+            assert wait_until(lambda: fed.status()[1].status == "online", timeout=0.1) is False
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert wait_until(lambda: fed.status()[1].status == "online", timeout=5)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            results = fed.run("'hello'", timeout=30)
+            assert results["party-0"] == "hello" and isinstance(results["party-1"], fednb.PartyError)
+            assert time.monotonic() - started < 1.5 + 2.0
+        finally:
+            os.kill(pid, signal.SIGCONT)

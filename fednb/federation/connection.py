@@ -346,7 +346,11 @@ class Connections:
         for link in self._links.values():
             if link.status != "online":
                 continue
-            if now - link.last_seen > self.timeout:
+            # While a reply is due, a party may be silent for longer: its heartbeats queue
+            # behind its update, and libzmq's one I/O thread may spend seconds decrypting the
+            # updates of every party. Then the ZMTP pings (any traffic counts) and the
+            # request's own deadline decide, not the application heartbeat.
+            if now - link.last_seen > self.timeout and not link.pending:
                 self._set_status(link, "offline", f"silent for {now - link.last_seen:.1f} s")
             else:
                 self._send(link, Message("heartbeat"))
