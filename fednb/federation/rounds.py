@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, TimeoutError as FutureTimeout, as_completed
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,7 +38,7 @@ class Gathered:
     parties among ``dropped`` that answered with one.
     """
 
-    replies: dict[str, Message] = field(default_factory=dict)
+    replies: dict[str, Message | None] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     errors: dict[str, PartyError] = field(default_factory=dict)
     late: set[str] = field(default_factory=set)
@@ -50,47 +51,65 @@ def party_error(party: str, reply: Message) -> PartyError:
 
 
 def broadcast(connections: Connections, parties: list[str], make: Callable[[str], Message], *, timeout: float | None,
-              on_reply: Callable[[str, Message], str | None] | None = None) -> Gathered:
+              on_reply: Callable[[str, Message], str | None] | None = None, keep: bool = True) -> Gathered:
     """Send ``make(party)`` to each party and wait for replies until all answered or ``timeout``.
 
     ``on_reply`` runs as each reply arrives and may return a reason to drop it. Error replies
     and lost parties are dropped with their reason; a party still silent at the deadline is
     dropped as late and its request is cancelled. Ctrl-C cancels everything and re-raises.
+    With ``keep=False`` a reply is let go once ``on_reply`` has consumed it (``replies`` maps
+    the party to None), so a round holds one update's frames at a time, not every party's.
     """
     gathered = Gathered()
-    futures: dict[Future[Message], tuple[str, str]] = {}
-    for party in parties:
-        message = make(party)
-        futures[connections.request(party, message)] = (party, message.id)
+    outstanding: dict[Future[Message], tuple[str, str]] = {}
+    arrived: queue.SimpleQueue[Future[Message]] = queue.SimpleQueue()
     try:
-        for future in as_completed(futures, timeout=timeout):
-            party, _ = futures[future]
+        for party in parties:
+            message = make(party)
+            future = connections.request(party, message)
+            outstanding[future] = (party, message.id)
+            future.add_done_callback(arrived.put)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while outstanding:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                reply = future.result()
-            except FederationError as exc:
-                gathered.dropped[party] = str(exc)
-                continue
-            if reply.type == "error":
-                error = gathered.errors[party] = party_error(party, reply)
-                gathered.dropped[party] = str(error)
-                continue
-            reason = on_reply(party, reply) if on_reply is not None else None
-            if reason is not None:
-                gathered.dropped[party] = reason
-            else:
-                gathered.replies[party] = reply
-    except FutureTimeout:
-        for future, (party, message_id) in futures.items():
-            if not future.done():
-                connections.cancel(party, message_id)
-                gathered.dropped[party] = f"no reply within {timeout:g} s"
-                gathered.late.add(party)
+                future = arrived.get(timeout=remaining)
+            except queue.Empty:
+                break
+            # once consumed, nothing here holds the future (and so the reply's frames)
+            party, _ = outstanding.pop(future)
+            _gather(gathered, party, future, on_reply, keep)
     except BaseException:
-        for future, (party, message_id) in futures.items():
-            if not future.done():
-                connections.cancel(party, message_id)
+        for future, (party, message_id) in outstanding.items():
+            connections.cancel(party, message_id)
         raise
+    for future, (party, message_id) in outstanding.items():
+        connections.cancel(party, message_id)
+        gathered.dropped[party] = f"no reply within {timeout:g} s"
+        gathered.late.add(party)
     return gathered
+
+
+def _gather(gathered: Gathered, party: str, future: Future[Message],
+            on_reply: Callable[[str, Message], str | None] | None, keep: bool) -> None:
+    """File one party's answer under replies, errors or dropped."""
+    try:
+        reply = future.result()
+    except CancelledError:
+        gathered.dropped[party] = "cancelled"
+        return
+    except FederationError as exc:
+        gathered.dropped[party] = str(exc)
+        return
+    if reply.type == "error":
+        error = gathered.errors[party] = party_error(party, reply)
+        gathered.dropped[party] = str(error)
+        return
+    reason = on_reply(party, reply) if on_reply is not None else None
+    if reason is not None:
+        gathered.dropped[party] = reason
+    else:
+        gathered.replies[party] = reply if keep else None
 
 
 def check_update(template: Template, reply: Message) -> str | None:
@@ -144,7 +163,7 @@ def train_round(
     gathered = broadcast(
         connections, parties,
         lambda party: Message("train", dict(content), round=round, arrays=weights),
-        timeout=timeout, on_reply=on_reply,
+        timeout=timeout, on_reply=on_reply, keep=False,
     )
     dropped = {**dict(unavailable or {}), **gathered.dropped}
     for party, reason in dropped.items():
