@@ -54,6 +54,8 @@ class FedMagics(Magics):
         self.federation: Federation | None = None
         self.sources: dict[str, str] = {}
         self.training: TrainingRun | None = None
+        self.background = False  # whether self.training runs with --background (the sidebar's Stop needs to know)
+        self.listeners: list[Callable[[], None]] = []  # told when the federation or training run changes
 
     # -- the federation ---------------------------------------------------------------------
 
@@ -90,6 +92,38 @@ class FedMagics(Magics):
             federation = fednb.connect(args.parties.strip("'\""), key=args.key, timeout=args.timeout)
         self._adopt(federation)
         return parties_table(federation.status())
+
+    @magic_arguments()
+    @argument("--name", required=True, help="this party's name, as coordinators will see it")
+    @argument("--listen", required=True, help="endpoint to bind: tcp://HOST:PORT or ipc:///PATH")
+    @argument("--data", action="append", required=True, metavar="SPLIT=FILE",
+              help="train=FILE (required) and test=FILE: .npz with x and y, or .csv with --label")
+    @argument("--label", default=None, help="label column of .csv data (or label array of .npz data)")
+    @argument("--key", default=None, help="base path of this party's keypair (fednb keys new); required for tcp")
+    @argument("--authorized-keys", default=None, help="file or directory of the coordinator keys allowed to connect")
+    @argument("--policy", default="review", choices=["review", "allowlist", "open"],
+              help="what coordinator code may run: review (you approve each new code), allowlist, open")
+    @argument("--dir", default=None, help="approvals, pending requests and audit log (default ~/.fednb/NAME)")
+    @line_magic
+    def fed_serve(self, line: str) -> Any:
+        """Serve this notebook's data as a party in the background; shows requests awaiting your approval."""
+        args = parse_argstring(self.fed_serve, line)
+        from fednb.notebook.serve import serve_in_notebook
+
+        data = {}
+        for spec in args.data:
+            split, sep, path = spec.strip("'\"").partition("=")
+            if not sep or split not in ("train", "test") or not path:
+                raise UsageError(f"--data expects train=FILE or test=FILE, got {spec!r}")
+            data[split] = path
+        with _usage_errors():
+            server, widget = serve_in_notebook(args.name, args.listen, data, key=args.key,
+                                               authorized_keys=args.authorized_keys, policy=args.policy,
+                                               label=args.label, directory=args.dir)
+        from fednb.notebook.sidebar import show_approvals
+
+        show_approvals(widget, server=server, shell=self.shell)  # the JupyterLab panel too, where there is one
+        return widget
 
     @line_magic
     def fed_close(self, line: str) -> None:
@@ -167,6 +201,30 @@ class FedMagics(Magics):
     @line_cell_magic
     def fed_train(self, line: str, cell: str | None = None) -> None:
         """Train the model across the parties; as a cell magic, the cell is each party's local training step."""
+        run = self._start_training(line, cell)
+        if run is not None:
+            self._wait(run)
+
+    async def train_async(self, line: str, cell: str | None = None) -> None:
+        """A foreground ``%fed_train`` in a kernel, awaited so that the kernel keeps handling
+        widget messages (the dashboard's Stop button) while the rounds run."""
+        run = self._start_training(self.shell.var_expand(line), cell)
+        if run is None:
+            return
+        import asyncio
+
+        try:
+            while not run.done:
+                await asyncio.sleep(0.1)
+        except BaseException:  # an interrupt or a cancelled cell: stop after this round, then re-raise
+            run.stop()
+            print("stopping after the round in progress", file=sys.stderr, flush=True)
+            raise
+        with _usage_errors():
+            run.result()
+
+    def _start_training(self, line: str, cell: str | None) -> TrainingRun | None:
+        """Check the arguments, show the dashboard, start the run; None when it goes on in the background."""
         args = parse_argstring(self.fed_train, line)
         federation = self._require()
         if self.training is not None and not self.training.done:
@@ -183,6 +241,7 @@ class FedMagics(Magics):
                    "loss": args.loss, "min_parties": args.min_parties, "round_timeout": args.round_timeout,
                    "parties": _parties(args.parties), "train_cell": cell, "mu": args.mu}
         follow = self._follow(federation)
+        self.background = args.background
         try:
             with _usage_errors():
                 run = federation.train_in_background(model, self.sources.get(args.model), **options)
@@ -194,8 +253,8 @@ class FedMagics(Magics):
         if args.background:
             print(f"training {args.rounds} rounds in the background; `{args.model}` gets the global weights after "
                   "each round; %fed_stop ends it after the round in progress")
-            return
-        self._wait(run, federation)
+            return None
+        return run
 
     @magic_arguments()
     @argument("--no-wait", action="store_true", help="return at once instead of waiting for the round to end")
@@ -262,11 +321,13 @@ class FedMagics(Magics):
         self.close_federation()
         self.federation = federation
         self.shell.user_ns["fed"] = federation
+        self._changed()
 
     def close_federation(self) -> None:
         """Stop training and close the session's federation (a new one replaces it, or unload)."""
         run, federation = self.training, self.federation
         self.training, self.federation = None, None
+        self._changed()
         if run is not None and not run.done:
             run.stop()
         if federation is not None:
@@ -275,6 +336,10 @@ class FedMagics(Magics):
                 del self.shell.user_ns["fed"]
         if run is not None:
             run.wait(10)
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
 
     def _follow(self, federation: Federation) -> Callable[[bool], None]:
         """Subscribe a display to the next training run; call the result with whether it started.
@@ -315,7 +380,7 @@ class FedMagics(Magics):
 
         return started
 
-    def _wait(self, run: TrainingRun, federation: Federation) -> None:
+    def _wait(self, run: TrainingRun) -> None:
         """Block until training ends; Ctrl-C (interrupt) stops it after the round in progress."""
         interrupted = False
         while True:
