@@ -1,10 +1,13 @@
-"""The ``fednb`` command: ``keys``, ``party``, ``sim`` and ``demo``.
+"""The ``fednb`` command: ``keys``, ``party``, ``approve``, ``audit``, ``sim`` and ``demo``.
 
 ::
 
     fednb keys new ~/.fednb/party                       # CURVE keypair: party.key + party.key_secret (0600)
     fednb party --name clinic-a --listen tcp://0.0.0.0:7410 --key ~/.fednb/party \\
-          --authorized-keys ~/.fednb/authorized_keys --data train=clinic_a.npz
+          --authorized-keys ~/.fednb/authorized_keys --data train=clinic_a.npz   # --policy review
+    fednb approve ~/.fednb/clinic-a                      # pending requests: code, who asked, what returns
+    fednb approve ~/.fednb/clinic-a --approve 3f2a9c1e --rounds 20
+    fednb audit ~/.fednb/clinic-a                        # every request; is the hash chain intact?
     fednb sim 4 --dataset digits --partition dirichlet --alpha 0.5   # local parties until Ctrl-C
     fednb demo                                           # federated vs centralized, one line per round
 """
@@ -32,6 +35,21 @@ def _data_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _size(text: str) -> int:
+    """``4G``, ``512M``, ``0`` (no limit): a byte count."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("B").rstrip("I"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 4G or 512M, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a size cannot be negative")
+    return int(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fednb", description="Federated learning that lives in Jupyter.")
     parser.add_argument("--version", action="version", version=f"fednb {__version__}")
@@ -54,7 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     party.add_argument("--data", action="append", type=_data_spec, required=True, metavar="SPLIT=FILE",
                        help="train=FILE (required) and test=FILE: .npz with arrays x and y, or .csv with --label")
     party.add_argument("--label", help="label column of .csv data (or label array of .npz data)")
-    party.add_argument("--policy", default="open", choices=["open"], help="what coordinator code may run")
+    party.add_argument("--policy", default="review", choices=["review", "allowlist", "open"],
+                       help="what coordinator code may run: review (the owner approves each new code hash), "
+                            "allowlist (only approved hashes), open (everything; trusted set-ups only)")
+    party.add_argument("--dir", help="the party's directory: approvals, pending requests, audit log (~/.fednb/NAME)")
+    party.add_argument("--time-limit", type=float, default=3600.0, help="seconds one request may run")
+    party.add_argument("--memory-limit", type=_size, default="4G",
+                       help="memory one request may allocate, e.g. 4G or 512M (0: no limit)")
+    party.add_argument("--max-values", type=int, default=1000, help="most numbers a %%%%fed_run result may hold")
+    party.add_argument("--min-group", type=int, default=5, help="counts below this leave as None (review, allowlist)")
     party.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     party.add_argument("--timeout", type=float, default=10.0, help="seconds of silence before a peer counts as gone")
     party.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -66,6 +92,17 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--alpha", type=float, default=0.5)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--secure", action="store_true", help="CURVE on the ipc sockets too")
+
+    approve = commands.add_parser("approve", help="list requests awaiting the owner, or approve / deny one")
+    approve.add_argument("dir", help="the party's directory (fednb party --dir)")
+    decision = approve.add_mutually_exclusive_group()
+    decision.add_argument("--approve", metavar="HASH", help="approve this code hash (or a unique prefix of 8+)")
+    decision.add_argument("--deny", metavar="HASH", help="deny this code hash: its requests are refused")
+    approve.add_argument("--rounds", type=int, help="the approval covers N training rounds (or N runs)")
+    approve.add_argument("--until", metavar="DATE", help="the approval ends after DATE (YYYY-MM-DD or ISO time)")
+
+    audit = commands.add_parser("audit", help="print a party's audit log and check its hash chain")
+    audit.add_argument("dir", help="the party's directory (fednb party --dir)")
 
     demo = commands.add_parser("demo", help="federated vs centralized training on a local federation")
     demo.add_argument("--parties", type=int, default=4)
@@ -89,7 +126,8 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _party(args: argparse.Namespace) -> int:
-    from fednb.party import Datasets, PartyServer
+    from fednb.party import Datasets, EgressRules, PartyServer
+    from fednb.party.directory import default_directory, open_directory
     from fednb.transport import AllowList, check_security, load_keypair
 
     if args.listen.startswith("tcp://") and not (args.key and args.authorized_keys):
@@ -99,13 +137,17 @@ def _party(args: argparse.Namespace) -> int:
     keypair = load_keypair(args.key) if args.key else None
     check_security(args.listen, keypair is not None)  # before the data is read: fail fast
     allow = AllowList(args.authorized_keys) if args.authorized_keys else None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    egress = EgressRules(max_values=args.max_values, min_group=args.min_group)
     datasets = Datasets.from_files(dict(args.data), label=args.label)
+    directory = open_directory(args.dir or default_directory(args.name), create=True)
+    log_file = logging.FileHandler(directory / "party.log")  # full tracebacks stay here, never on the wire
+    log_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(log_file)
     server = PartyServer(args.name, args.listen, datasets, keypair=keypair, allow=allow, policy=args.policy,
+                         directory=directory, egress=egress, time_limit=args.time_limit,
+                         memory_limit=args.memory_limit, threads=args.threads,
                          heartbeat=args.heartbeat, timeout=args.timeout)
+    del datasets  # the server keeps its data in shared read-only memory once it starts: hold no second copy
 
     def on_signal(signum: int, frame: object) -> None:
         log.info("stopping on %s", signal.Signals(signum).name)
@@ -117,6 +159,12 @@ def _party(args: argparse.Namespace) -> int:
     def on_ready(endpoint: str) -> None:
         key = f" public key {keypair.public.decode()}" if keypair else ""
         print(f"party {args.name} listening on {endpoint}{key}", flush=True)
+        if args.policy == "review":
+            print(f"policy review: new code waits for you; see and decide with: fednb approve {directory}", flush=True)
+        elif args.policy == "allowlist":
+            print(f"policy allowlist: only code approved with `fednb approve {directory}` runs", flush=True)
+        else:
+            print("policy OPEN: every authorized coordinator's code runs here unreviewed", file=sys.stderr, flush=True)
 
     server.serve_forever(on_ready)
     return 0
@@ -156,6 +204,19 @@ def _sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _approve(args: argparse.Namespace) -> int:
+    from fednb.party.owner import approve_command
+
+    return approve_command(args.dir, approve=args.approve, deny=args.deny, rounds=args.rounds, until=args.until,
+                           out=sys.stdout)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from fednb.party.owner import audit_command
+
+    return audit_command(args.dir, out=sys.stdout)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fednb import demo
 
@@ -170,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "demo" and args.log_level == "INFO":
         logging.getLogger("fednb").setLevel(logging.WARNING)
-    handlers = {"keys": _keys, "party": _party, "sim": _sim, "demo": _demo}
+    handlers = {"keys": _keys, "party": _party, "approve": _approve, "audit": _audit, "sim": _sim, "demo": _demo}
     try:
         return handlers[args.command](args)
     except (FednbError, ValueError) as exc:

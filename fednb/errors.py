@@ -6,6 +6,7 @@ Every error fednb raises on purpose derives from :class:`FednbError`::
     ├── WireError            a frame or header that breaks the protocol or its limits
     ├── KeyFileError         a CURVE key file that is missing, malformed or too open
     ├── DataError            a dataset file that cannot be used as training data
+    ├── GateError            a party's gate cannot decide: approvals, pending or audit files unusable
     ├── PartyError           a party answered a request with an error (carries .party, .round)
     ├── RoundError           a round ended with fewer replies than min_parties (.round, .dropped)
     └── FederationError      the federation cannot serve the call (closed, unknown party, no reply)
@@ -31,6 +32,10 @@ class KeyFileError(FednbError):
 
 class DataError(FednbError):
     """A dataset file that cannot be used: wrong format, missing arrays, non-numeric values."""
+
+
+class GateError(FednbError):
+    """A party's gate cannot work: its directory, approvals, pending requests or audit log are unusable."""
 
 
 class PartyError(FednbError):

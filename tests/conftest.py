@@ -46,6 +46,7 @@ def fednb_processes() -> list[int]:
             with open(f"/proc/{entry}/stat", "rb") as handle:
                 state = handle.read().rsplit(b")", 1)[1].split()[0]
             if not (b"fednb.party.host" in command or b"fednb party" in command or b"fednb.cli party" in command
+                    or b"fednb.party.zygote" in command
                     or b"bin/fednb party" in command):
                 continue
             with open(f"/proc/{entry}/environ", "rb") as handle:

@@ -112,7 +112,7 @@ def test_party_cli_and_connect_over_tcp_with_curve(tmp_path, parties, data_files
                           "coordinator@lab\n")
     party = parties("--name", "clinic-a", "--listen", "tcp://127.0.0.1:*", "--key", str(tmp_path / "party"),
                     "--authorized-keys", str(authorized), "--data", f"train={npz}", "--data", f"test={csv}",
-                    "--label", "digit", "--threads", "1")
+                    "--label", "digit", "--threads", "1", "--policy", "open", "--dir", str(tmp_path / "clinic-a"))
     endpoint = party.wait_listening()
     assert endpoint.startswith("tcp://127.0.0.1:")
     toml = tmp_path / "parties.toml"

@@ -6,7 +6,10 @@ running asyncio loop, a background training thread) hand in requests and get
 
 A party is ``connecting`` until it answers ``hello``, then ``online``; it goes ``offline``
 when its connection drops or it stays silent past the heartbeat timeout (its pending
-requests fail at once), and ``refused`` when its ZAP handler rejects our key.
+requests fail at once), and ``refused`` when its ZAP handler rejects our key. A party whose
+owner must approve a request's code first answers it with a ``status`` message; that is
+published as ``PartyStatus(party, "awaiting approval", detail)``, and ``online`` follows once
+nothing waits any more.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Link:
     last_seen: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
     pending: dict[str, Future[Message]] = field(default_factory=dict)
+    #: Requests the party holds for its owner's approval: message id -> the party's words.
+    awaiting: dict[str, str] = field(default_factory=dict)
     next_hello: float = 0.0
 
 
@@ -131,12 +136,33 @@ class Connections:
         if not self._closed:
             self._command("cancel", (party, message_id))
 
+    def awaiting(self, party: str, message_id: str | None = None) -> str | None:
+        """What ``party`` said about a request it holds for its owner's approval (any, or ``message_id``)."""
+        with self._lock:
+            link = self._links.get(party)
+            if link is None or not link.awaiting:
+                return None
+            if message_id is None:
+                return next(iter(link.awaiting.values()))
+            return link.awaiting.get(message_id)
+
+    def cancel_all(self) -> None:
+        """Cancel every request in flight at every party (Ctrl-C, a stop button): their work is killed there."""
+        if self._closed:
+            return
+        with self._lock:
+            targets = [(name, message_id) for name, link in self._links.items() for message_id in link.pending]
+        for party, message_id in targets:
+            self.cancel(party, message_id)
+
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Each party's status, detail, seconds since last heard, and what it said in welcome."""
+        """Each party's status, detail, seconds since last heard, what it said in welcome, and what
+        it holds for its owner's approval (``awaiting``: the party's words, or None)."""
         now = time.monotonic()
         with self._lock:
             return {
                 name: {"endpoint": link.spec.endpoint, "status": link.status, "detail": link.detail,
+                       "awaiting": next(iter(link.awaiting.values()), None),
                        "silent_for": (now - link.last_seen) if link.last_seen else None, "info": dict(link.info)}
                 for name, link in self._links.items()
             }
@@ -248,6 +274,7 @@ class Connections:
                 party, message_id = payload
                 link = self._links[party]
                 future = link.pending.pop(message_id, None)
+                self._settled(link, message_id)
                 if future is not None:
                     future.cancel()
                     self._send(link, Message("cancel", {"target": message_id}))
@@ -293,13 +320,35 @@ class Connections:
                     link.next_hello = 0.0
             elif message.reply_to is not None and message.reply_to in link.pending:
                 if message.type == "status":
-                    log.info("%s: %s", link.spec.name, message.content.get("detail") or message.content["state"])
+                    self._request_status(link, message)
                     continue
+                self._settled(link, message.reply_to)
                 _resolve(link.pending.pop(message.reply_to), message)
             elif message.type == "error":
                 log.warning("%s reported: %s: %s", link.spec.name, message.content["error_type"], message.content["message"])
             else:
                 log.debug("%s: ignored a late or unsolicited %s", link.spec.name, message.type)
+
+    def _request_status(self, link: Link, message: Message) -> None:
+        """A party's word on a request it holds: it awaits its owner's approval, or now runs."""
+        state = message.content["state"]
+        detail = message.content.get("detail") or state
+        if state == "awaiting approval":
+            with self._lock:
+                link.awaiting[message.reply_to or ""] = detail
+            log.warning("%s: %s", link.spec.name, detail)
+            self.bus.publish(PartyStatus(link.spec.name, "awaiting approval", detail))
+        else:
+            log.info("%s: %s", link.spec.name, detail)
+            self._settled(link, message.reply_to or "")
+
+    def _settled(self, link: Link, message_id: str) -> None:
+        """A request no longer waits for the party's owner; when none does, the party is plain online again."""
+        with self._lock:
+            was = link.awaiting.pop(message_id, None)
+            idle = not link.awaiting
+        if was is not None and idle and link.status == "online":
+            self.bus.publish(PartyStatus(link.spec.name, "online", ""))
 
     def _welcomed(self, link: Link, message: Message) -> None:
         info = dict(message.content)
@@ -318,6 +367,8 @@ class Connections:
             for future in link.pending.values():
                 _resolve(future, error=FederationError(f"{link.spec.name} went {status}: {detail}", party=link.spec.name))
             link.pending.clear()
+            with self._lock:
+                link.awaiting.clear()
         if changed:
             log.info("%s is %s%s", link.spec.name, status, f" ({detail})" if detail else "")
             self.bus.publish(PartyStatus(link.spec.name, status, detail))

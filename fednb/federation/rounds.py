@@ -84,8 +84,12 @@ def broadcast(connections: Connections, parties: list[str], make: Callable[[str]
             connections.cancel(party, message_id)
         raise
     for future, (party, message_id) in outstanding.items():
+        # A party that holds the request for its owner stays dropped (the round cannot wait for a
+        # person), but says so; its owner's approval, when it comes, covers the next round's request.
+        awaiting = connections.awaiting(party, message_id)
         connections.cancel(party, message_id)
-        gathered.dropped[party] = f"no reply within {timeout:g} s"
+        gathered.dropped[party] = (f"{awaiting}: not approved within {timeout:g} s" if awaiting
+                                   else f"no reply within {timeout:g} s")
         gathered.late.add(party)
     return gathered
 

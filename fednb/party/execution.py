@@ -9,11 +9,19 @@ from __future__ import annotations
 import ast
 import hashlib
 import linecache
+import os
 import traceback
 from collections.abc import MutableMapping
 from typing import Any
 
 MAX_MESSAGE = 2000
+
+#: The built-in local loop's identity: part of the code hash of requests that use it, so that a
+#: new version of the loop needs a new approval, as changed code would.
+LOOP_NAME = "fednb.supervised"
+LOOP_VERSION = 1
+
+_FEDNB_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def code_hash(*parts: str) -> str:
@@ -55,3 +63,18 @@ def describe_error(exc: BaseException) -> tuple[str, str, str]:
     lines = traceback.format_list(user_frames or frames[-3:])
     lines += traceback.format_exception_only(type(exc), exc)
     return type(exc).__name__, message, "".join(lines)
+
+
+def error_origin(exc: BaseException) -> tuple[str, int | None]:
+    """Where an error was raised: ``("party", line)`` when fednb's own code raised it (its message
+    is the party's), else ``("cell", line)``; ``line`` is the last line of coordinator code on the way."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    line = None
+    for frame in frames:
+        if frame.filename.startswith("<fednb "):
+            line = frame.lineno
+    if isinstance(exc, SyntaxError) and isinstance(exc.filename, str) and exc.filename.startswith("<fednb "):
+        return "cell", exc.lineno
+    raiser = frames[-1].filename if frames else ""
+    own = os.path.abspath(raiser).startswith(_FEDNB_DIR + os.sep) if raiser and not raiser.startswith("<") else False
+    return ("party" if own else "cell"), line

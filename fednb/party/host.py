@@ -70,8 +70,9 @@ def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) 
     allow = AllowList(keys={args.authorized.encode(): "coordinator"}) if args.authorized else None
     datasets = Datasets({"train": Split(part.x_train, part.y_train), "test": Split(part.x_test, part.y_test)})
     endpoint = "tcp://127.0.0.1:*" if args.tcp else f"ipc://{args.dir}/{part.name}.sock"
-    server = PartyServer(part.name, endpoint, datasets, keypair=keypair, allow=allow,
-                         heartbeat=args.heartbeat, timeout=args.timeout)
+    # The coordinator and every party are the local user: code is auto-approved ("simulation").
+    server = PartyServer(part.name, endpoint, datasets, keypair=keypair, allow=allow, policy="simulation",
+                         threads=max(1, args.threads), heartbeat=args.heartbeat, timeout=args.timeout)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(timeout=0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fednb.party import training
 from fednb.party.datasets import Datasets, Split
-from fednb.party.execution import code_hash, describe_error, run_cell
+from fednb.party.execution import code_hash, describe_error, error_origin, run_cell
 from fednb.tensors import load_arrays, mismatch, state_arrays, template_of
 from fednb.wire import Message, check_metrics
 from fednb.wire.values import pack_value
@@ -84,8 +85,12 @@ class Kernel:
         self.datasets = datasets
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
-        self._tensors = {split: TensorDataset(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (s.x, s.y)))
-                         for split, s in datasets.splits.items()}
+        with warnings.catch_warnings():
+            # The party hands its data in read-only (see fednb.party.shared): torch warns that it
+            # cannot mark a tensor so; a write to one faults the worker instead.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self._tensors = {split: TensorDataset(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (s.x, s.y)))
+                             for split, s in datasets.splits.items()}
 
     def session(self, coordinator: str) -> _Session:
         with self._lock:
@@ -108,8 +113,11 @@ class Kernel:
                 raise ValueError(f"the kernel does not handle {request.type!r} requests")
         except Exception as exc:  # noqa: BLE001 - any failure of coordinator code becomes an error reply
             error_type, message, trace = describe_error(exc)
+            origin, line = error_origin(exc)
             log.warning("%s request %s failed: %s: %s", request.type, request.id[:8], error_type, message)
-            return request.reply("error", {"error_type": error_type, "message": message, "traceback": trace})
+            # origin and line are for the party's egress guard, which removes them before the reply leaves
+            return request.reply("error", {"error_type": error_type, "message": message, "traceback": trace,
+                                           "origin": origin, "line": line})
         content["seconds"] = time.perf_counter() - started
         return request.reply("result", content, arrays)
 

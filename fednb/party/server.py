@@ -1,18 +1,23 @@
-"""The party server: a ROUTER socket loop that authenticates, validates and answers.
+"""The party server: a ROUTER socket loop that authenticates, validates, gates and answers.
 
 ::
 
-    coordinator DEALER ──CURVE/ZAP──> ROUTER (socket thread) ──jobs──> kernel (worker thread)
-                       <──replies, heartbeats──┘        <──results + wake-up (inproc)──┘
+    coordinator DEALER ──CURVE/ZAP──> ROUTER (socket thread) ──gate.admit──> jobs ──> job thread
+                       <──replies, heartbeats, status──┘                               │
+                                          <──gate.release (egress guard)── sandbox worker process
 
 The socket thread never runs coordinator code, so heartbeats keep flowing while a long cell
 runs, and a malformed message is answered with an error while the party goes on serving.
+Coordinator code runs in a worker process per coordinator (:mod:`fednb.party.sandbox`); a
+request whose code the owner has not approved waits (policy review) or is refused
+(allowlist), and every request ends in one line of the audit log (:mod:`fednb.party.gate`).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,15 +30,20 @@ import zmq
 
 from fednb import __version__
 from fednb.party.datasets import Datasets
-from fednb.party.kernel import Kernel
+from fednb.party.egress import EgressRules
+from fednb.party.gate import Gate, Ticket
+from fednb.party.policy import POLICIES, Decision, Verdict, check_policy
+from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT, Sandbox
 from fednb.transport import AllowList, Authenticator, Keypair, bound_endpoint, server_socket
 from fednb.transport.channel import Received, receive, send
-from fednb.wire import DEFAULT_LIMITS, Limits, Message
+from fednb.wire import DEFAULT_LIMITS, Limits, Message, encode
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("open",)
+__all__ = ["POLICIES", "PartyServer", "serve"]
+
 WORK = frozenset({"train", "evaluate", "run"})
+MAX_WAITING = 64  # requests held for the owner at once (each may hold a model's weights)
 
 
 class State(enum.Enum):
@@ -54,15 +64,18 @@ class _Session:
 @dataclass(frozen=True)
 class _Job:
     routing: bytes
-    identity: str
-    message: Message
+    ticket: Ticket
 
 
 class PartyServer:
     """Serves one party's kernel on one endpoint until :meth:`stop`.
 
     ``keypair`` makes the socket a CURVE server, and then ``allow`` (the authorized
-    coordinator keys) is required: the ZAP handler admits only those keys.
+    coordinator keys) is required: the ZAP handler admits only those keys. ``policy`` is
+    ``review`` or ``allowlist`` (both need ``directory``, where approvals, pending requests and
+    the audit log live), ``open`` (warns loudly), or ``simulation``. Each request runs in a
+    worker process limited to ``time_limit`` seconds and to allocating ``memory_limit`` more
+    bytes; ``egress`` sets the guard's limits.
     """
 
     def __init__(
@@ -74,34 +87,47 @@ class PartyServer:
         keypair: Keypair | None = None,
         allow: AllowList | None = None,
         policy: str = "open",
+        directory: str | os.PathLike[str] | None = None,
+        egress: EgressRules | None = None,
+        time_limit: float = DEFAULT_TIME_LIMIT,
+        memory_limit: int = DEFAULT_MEMORY_LIMIT,
+        threads: int = 0,
         heartbeat: float = 1.0,
         timeout: float = 10.0,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}")
+        check_policy(policy)
         if keypair is not None and allow is None:
             raise ValueError("a CURVE party needs its authorized keys (the allow-list)")
         if not 0 < heartbeat < timeout:
             raise ValueError("need 0 < heartbeat < timeout")
+        if policy not in ("open", "simulation") and directory is None:
+            raise ValueError(f"policy {policy} needs a party directory (directory=...) for approvals and the audit log")
         self.name = name
         self.endpoint = endpoint
-        self.kernel = Kernel(name, datasets)
         self.datasets = datasets
         self.keypair = keypair
         self.allow = allow
         self.policy = policy
+        self.directory = directory
+        self.egress = egress or EgressRules()
         self.heartbeat = heartbeat
         self.timeout = timeout
         self.limits = limits
+        self.sandbox = Sandbox(name, datasets, time_limit=time_limit, memory_limit=memory_limit, threads=threads,
+                               limits=limits)
+        self.gate: Gate | None = None
         self.state = State.NEW
         self._stop = threading.Event()
+        #: Set once the server has stopped serving (for watchers such as the approvals widget).
+        self.stopped = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._results: queue.Queue[tuple[bytes, Message]] = queue.Queue()
+        self._results: queue.Queue[tuple[bytes, Ticket, Message, str]] = queue.Queue()
         self._cancelled: set[str] = set()
+        self._waiting: dict[str, tuple[bytes, Ticket]] = {}
         self._sessions: dict[bytes, _Session] = {}
         #: Counters for monitoring and tests: messages received, malformed ones refused, requests run.
         self.stats = {"received": 0, "malformed": 0, "requests": 0, "bytes_in": 0, "bytes_out": 0}
@@ -113,14 +139,28 @@ class PartyServer:
         """Bind and serve in this thread until :meth:`stop` (e.g. from a signal handler)."""
         if self.state is not State.NEW:
             raise RuntimeError("a PartyServer serves once; make a new one")
+        self._prepare()
         self.state = State.RUNNING
         try:
             self._serve(on_ready)
         finally:
             self.state = State.STOPPED
+            self.stopped.set()
+
+    def _prepare(self) -> None:
+        """Start the worker zygote (forked now, before any thread, when that is safe) and the gate."""
+        if self.gate is not None:
+            return
+        try:
+            self.datasets = self.sandbox.start()
+            self.gate = Gate(self.name, self.policy, self.datasets, directory=self.directory, rules=self.egress)
+        except BaseException:
+            self.sandbox.stop()
+            raise
 
     def start(self, timeout: float = 30.0) -> str:
         """Serve on a background thread; return the bound endpoint once it listens."""
+        self._prepare()
         self._thread = threading.Thread(target=self._serve_in_thread, name=f"fednb-party-{self.name}", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -169,6 +209,7 @@ class PartyServer:
             self._loop(router, wake, authenticator)
         finally:
             self._jobs.put(None)
+            self.sandbox.stop()  # ends a running request, so the job thread can see the end of the queue
             for sock in sockets:
                 sock.close(linger=0)
             if authenticator is not None:
@@ -179,6 +220,10 @@ class PartyServer:
                 context.destroy(linger=0)
             else:
                 context.term()
+            if self.gate is not None:
+                for _, ticket in self._waiting.values():
+                    self.gate.record(ticket, "abandoned: the party stopped")
+                self.gate.close()
 
     def _loop(self, router: zmq.Socket, wake: zmq.Socket, authenticator: Authenticator | None) -> None:
         poller = zmq.Poller()
@@ -198,6 +243,9 @@ class PartyServer:
                     except zmq.Again:
                         break
                     self._dispatch(router, received)
+            assert self.gate is not None
+            if self._waiting and self.gate.changed():
+                self._recheck(router)
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self.heartbeat
@@ -228,29 +276,103 @@ class PartyServer:
             }))
         elif message.type in WORK:
             self.stats["requests"] += 1
-            self._jobs.put(_Job(routing, identity, message))
+            label = (self.allow.label(identity.encode()) or "") if self.allow is not None else ""
+            self._admit(router, routing, Ticket(identity, message, received.nbytes, label))
         elif message.type == "cancel":
-            self._cancelled.add(message.content["target"])
+            self._cancel(message.content["target"])
         else:
             self._reply(router, routing, message.reply("error", {
                 "error_type": "ProtocolError", "message": f"a party does not accept {message.type!r} messages"}))
 
-    def _reply(self, router: zmq.Socket, routing: bytes, message: Message) -> None:
+    # -- the gate ------------------------------------------------------------------------------
+
+    def _admit(self, router: zmq.Socket, routing: bytes, ticket: Ticket) -> None:
+        assert self.gate is not None
+        decision = self.gate.admit(ticket)
+        message = ticket.message
+        if decision.verdict is Verdict.WAIT and len(self._waiting) >= MAX_WAITING:
+            ticket.decision = decision = Decision(Verdict.REFUSE, f"{MAX_WAITING} requests already wait for the owner "
+                                                                  f"of {self.name}; try again later")
+        if decision.verdict is Verdict.RUN:
+            self._jobs.put(_Job(routing, ticket))
+        elif decision.verdict is Verdict.REFUSE:
+            log.warning("refused %s request %s from %s: %s", message.type, message.id[:8], ticket.identity[:12],
+                        decision.reason)
+            self._answer(router, routing, ticket, self.gate.refusal(ticket), "refused")
+        else:
+            log.warning("%s request %s from %s is %s; decide with `fednb approve %s`", message.type, message.id[:8],
+                        ticket.identity[:12], decision.reason, self.directory)
+            self._waiting[message.id] = (routing, ticket)
+            status = {"state": "awaiting approval", "detail": decision.reason}
+            self._reply(router, routing, message.reply("status", status))
+
+    def _recheck(self, router: zmq.Socket) -> None:
+        """The owner decided something: run or refuse what waited for it."""
+        assert self.gate is not None
+        for message_id, (routing, ticket) in list(self._waiting.items()):
+            decision = self.gate.admit(ticket, again=True)
+            if decision.verdict is Verdict.WAIT:
+                continue
+            del self._waiting[message_id]
+            ticket.notes.append("waited for the owner")
+            if decision.verdict is Verdict.RUN:
+                log.info("%s request %s approved; running it", ticket.message.type, message_id[:8])
+                self._reply(router, routing, ticket.message.reply("status", {"state": "running",
+                                                                             "detail": f"approved at {self.name}"}))
+                self._jobs.put(_Job(routing, ticket))
+            else:
+                self._answer(router, routing, ticket, self.gate.refusal(ticket), "refused")
+
+    def _cancel(self, target: str) -> None:
+        waiting = self._waiting.pop(target, None)
+        if waiting is not None:
+            assert self.gate is not None
+            self.gate.record(waiting[1], "cancelled while awaiting approval")
+        elif not self.sandbox.cancel(target):  # not running now: maybe queued
+            self._cancelled.add(target)
+
+    def _answer(self, router: zmq.Socket, routing: bytes, ticket: Ticket, reply: Message, outcome: str) -> None:
+        """Record a request's end in the audit log, then send its reply: the log is never behind."""
+        assert self.gate is not None
         try:
-            self.stats["bytes_out"] += send(router, message, routing=routing, limits=self.limits, flags=zmq.NOBLOCK)
+            size = sum(memoryview(frame).nbytes for frame in encode(reply, self.limits))
+        except ValueError as exc:
+            log.warning("the reply to %s cannot be encoded: %s", reply.reply_to, exc)
+            reply, outcome = (ticket.message.reply("error", {"error_type": "WireError",
+                                                             "message": f"the reply cannot be sent: {exc}"}),
+                              f"error: the reply cannot be sent ({exc})")
+            size = 0
+        self.gate.record(ticket, outcome, size)
+        if not self._reply(router, routing, reply):
+            self.gate.record(ticket, "the reply above was not delivered")
+
+    def _reply(self, router: zmq.Socket, routing: bytes, message: Message) -> int:
+        try:
+            sent = send(router, message, routing=routing, limits=self.limits, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the coordinator is gone; EAGAIN: it stopped reading. Its loss, not ours.
             log.warning("could not send %s to %s: %s", message.type, routing.hex()[:8], exc.strerror)
             if exc.errno == zmq.EHOSTUNREACH:
-                self._sessions.pop(routing, None)
+                self._drop_session(routing, "the coordinator is gone")
+            return 0
+        self.stats["bytes_out"] += sent
+        return sent
+
+    def _drop_session(self, routing: bytes, why: str) -> None:
+        self._sessions.pop(routing, None)
+        for message_id, (waiting_routing, ticket) in list(self._waiting.items()):
+            if waiting_routing == routing:
+                del self._waiting[message_id]
+                assert self.gate is not None
+                self.gate.record(ticket, f"abandoned: {why}")
 
     def _send_results(self, router: zmq.Socket) -> None:
         while True:
             try:
-                routing, reply = self._results.get_nowait()
+                routing, ticket, reply, outcome = self._results.get_nowait()
             except queue.Empty:
                 return
-            self._reply(router, routing, reply)
+            self._answer(router, routing, ticket, reply, outcome)
 
     def _beat(self, router: zmq.Socket, now: float, authenticator: Authenticator | None) -> None:
         revoked = authenticator.revoked() if authenticator is not None else set()
@@ -258,14 +380,23 @@ class PartyServer:
             if session.identity.encode() in revoked:
                 log.warning("dropping the session of %s: its key was removed", session.identity[:12])
                 self._reply(router, routing, Message("error", {"error_type": "AuthError", "message": "access revoked"}))
-                del self._sessions[routing]
+                self._drop_session(routing, "access revoked")
             elif now - session.last_seen > self.timeout:
                 log.info("coordinator %s went silent; dropping its session", session.identity[:12])
-                del self._sessions[routing]
+                self._drop_session(routing, "the coordinator went silent")
             else:
                 self._reply(router, routing, Message("heartbeat"))
 
     # -- the worker thread ----------------------------------------------------------------------
+
+    def _run(self, ticket: Ticket) -> tuple[Message, str]:
+        """Run one admitted request in its worker and pass the reply through the gate."""
+        assert self.gate is not None
+        try:
+            return self.gate.release(ticket, self.sandbox.run(ticket.identity, ticket.message))
+        except Exception:  # a bug of ours must cost one request, not the party: logged, answered
+            log.exception("%s request %s failed inside the party", ticket.message.type, ticket.message.id[:8])
+            return _internal_error(ticket.message), "error: internal (see the party's log)"
 
     def _work(self, context: zmq.Context) -> None:
         wake = context.socket(zmq.PAIR)
@@ -275,15 +406,22 @@ class PartyServer:
                 job = self._jobs.get()
                 if job is None:
                     return
-                if job.message.id in self._cancelled:
-                    self._cancelled.discard(job.message.id)
-                    reply = job.message.reply("error", {"error_type": "Cancelled", "message": "cancelled before it ran"})
+                ticket, request = job.ticket, job.ticket.message
+                if request.id in self._cancelled:
+                    self._cancelled.discard(request.id)
+                    reply = request.reply("error", {"error_type": "Cancelled", "message": "cancelled before it ran"})
+                    outcome = "cancelled before it ran"
                 else:
-                    reply = self.kernel.handle(job.identity, job.message)
-                self._results.put((job.routing, reply))
+                    reply, outcome = self._run(ticket)
+                self._results.put((job.routing, ticket, reply, outcome))
                 wake.send(b"")
         finally:
             wake.close(linger=0)
+
+
+def _internal_error(request: Message) -> Message:
+    return request.reply("error", {"error_type": "InternalError", "message": "the party failed on this request; "
+                                                                             "its owner will find why in its log"})
 
 
 def serve(name: str, endpoint: str, datasets: Datasets, **options: Any) -> PartyServer:

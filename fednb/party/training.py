@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-LOOP_NAME = "fednb.supervised"
-LOOP_VERSION = 1
+from fednb.party.execution import LOOP_NAME, LOOP_VERSION  # noqa: F401 - the loop's identity lives beside code_hash
 
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("cross_entropy", "mse")

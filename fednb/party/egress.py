@@ -1,0 +1,286 @@
+"""The egress guard: what may leave a party under the ``review`` and ``allowlist`` policies.
+
+It runs in the party process on every reply its worker produced, and rebuilds the reply from
+the allowed parts only, so nothing the worker added rides along:
+
+train     tensors whose names, shapes and dtypes match the approved model's state_dict (the
+          template of the weights the coordinator sent, which the worker checked against the
+          model built from the approved source), all finite; the example count (at most the
+          train split's size); at most 16 scalar metrics with plain names.
+evaluate  the example count (at most the test split's size) and the scalar metrics.
+run       numbers, and lists/dicts/arrays of numbers, at most ``max_values`` of them; integers
+          from 1 to ``min_group - 1`` are treated as small counts and suppressed (sent as None,
+          or NaN inside an integer array), as statistical disclosure control does; no strings
+          (dict keys and metric names must look like identifiers); no raw row of a dataset.
+errors    their type (a built-in or fednb exception name) and, when the party's own code raised
+          it, its message; an error raised by coordinator code leaves as its type and line only.
+          The traceback stays in the party's log.
+
+The guard bounds the shape and volume of what leaves; approved code can still encode data in
+the numbers it is allowed to return (16 metrics a round are 1024 bits), which is why code is
+reviewed before it runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fednb.errors import GateError, WireError
+from fednb.party.datasets import Datasets
+from fednb.tensors import mismatch, template_of
+from fednb.wire import Message
+from fednb.wire.values import pack_value, unpack_value
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]{0,63}")
+_BUILTIN_ERRORS = frozenset(name for name, value in vars(builtins).items()
+                            if isinstance(value, type) and issubclass(value, BaseException))
+_PARTY_ERRORS = frozenset({"WireError", "GateError", "EgressBlocked", "Cancelled", "TimeLimit", "WorkerCrashed",
+                           "PolicyRefused", "ProtocolError", "FednbError"})
+
+
+class EgressBlocked(GateError):
+    """A reply the guard did not let out; ``reason`` says which rule it broke."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class EgressRules:
+    """The guard's limits, set by the party's owner."""
+
+    max_metrics: int = 16
+    max_values: int = 1000
+    min_group: int = 5
+    max_message: int = 300
+
+    def __post_init__(self) -> None:
+        for name in ("max_metrics", "max_values", "min_group", "max_message"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name != "min_group" else 0):
+                raise ValueError(f"egress {name} must be a positive integer, got {value!r}")
+
+
+def _plain_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise EgressBlocked(f"{what} {str(name)[:40]!r} is not a plain name (letters, digits, _ . - /, at most 64)")
+    return name
+
+
+def _metrics(raw: Any, limit: int) -> dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise EgressBlocked("metrics must be a mapping of names to numbers")
+    if len(raw) > limit:
+        raise EgressBlocked(f"{len(raw)} metrics, more than the {limit} allowed")
+    metrics = {}
+    for key, value in raw.items():
+        _plain_name(key, "metric name")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EgressBlocked(f"metric {key!r} is a {type(value).__name__}, not a number")
+        if not math.isfinite(value):
+            raise EgressBlocked(f"metric {key!r} is not finite")
+        metrics[key] = float(value)
+    return metrics
+
+
+def _examples(raw: Any, most: int) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= most:
+        raise EgressBlocked(f"the example count must be an integer from 0 to {most}")
+    return raw
+
+
+def _seconds(raw: Any) -> float:
+    return float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw) else 0.0
+
+
+class RowIndex:
+    """Hashes of every row of a party's feature arrays, to recognise a raw row on its way out."""
+
+    def __init__(self, datasets: Datasets) -> None:
+        self._tables: list[tuple[np.dtype[Any], int, set[bytes]]] = []
+        for split in datasets.splits.values():
+            x = split.x
+            width = int(np.prod(x.shape[1:])) if x.ndim > 1 else 0
+            if width < 2 or x.dtype.kind not in "biuf":
+                continue
+            rows = np.ascontiguousarray(x.reshape(len(x), width))
+            self._tables.append((rows.dtype, width, {_row_key(row) for row in rows}))
+
+    def find(self, values: np.ndarray) -> str | None:
+        """Why ``values`` hold a raw row of the data (as a message), or None."""
+        flat = values.reshape(-1)
+        for dtype, width, keys in self._tables:
+            if flat.size < width or flat.size % width:
+                continue
+            rows = flat.reshape(-1, width)
+            with np.errstate(all="ignore"):
+                cast = rows.astype(dtype)
+                exact = (cast.astype(np.float64) == rows.astype(np.float64)).all(axis=1)
+            for row, same in zip(cast, exact):
+                if same and row.min() != row.max() and _row_key(row) in keys:
+                    return f"it contains a raw row of the party's data ({width} values equal to a record)"
+        return None
+
+
+def _row_key(row: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=12).digest()
+
+
+class _RunCheck:
+    """One walk over a run result: counts values, suppresses small counts, refuses the rest."""
+
+    def __init__(self, rules: EgressRules, rows: RowIndex) -> None:
+        self.rules, self.rows = rules, rows
+        self.count = 0
+        self.suppressed = 0
+
+    def _spend(self, n: int) -> None:
+        self.count += n
+        if self.count > self.rules.max_values:
+            raise EgressBlocked(f"the result has more than {self.rules.max_values} values")
+
+    def _small(self, value: int) -> bool:
+        return 1 <= value < self.rules.min_group
+
+    def walk(self, item: Any) -> Any:
+        if item is None or isinstance(item, bool):
+            self._spend(1)
+            return item
+        if isinstance(item, int):
+            self._spend(1)
+            if self._small(item):
+                self.suppressed += 1
+                return None
+            return item
+        if isinstance(item, float):
+            self._spend(1)
+            return item
+        if isinstance(item, str):
+            raise EgressBlocked("the result contains a string; only numbers may leave this party")
+        if isinstance(item, np.ndarray):
+            return self._array(item)
+        if isinstance(item, list):
+            self._numbers(item)
+            return [self.walk(element) for element in item]
+        if isinstance(item, dict):
+            out = {}
+            for key, value in item.items():
+                self._spend(1)
+                if not isinstance(key, int):
+                    _plain_name(key, "dict key")
+                out[key] = self.walk(value)
+            self._numbers(list(item.values()))
+            return out
+        raise EgressBlocked(f"the result contains a {type(item).__name__}")
+
+    def _numbers(self, items: list[Any]) -> None:
+        """A list (or dict values) of plain numbers may be a raw row: check it as an array."""
+        if items and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+            self._rows(np.asarray(items, dtype=np.float64))
+
+    def _rows(self, array: np.ndarray) -> None:
+        reason = self.rows.find(array)
+        if reason is not None:
+            raise EgressBlocked(f"the result was refused: {reason}")
+
+    def _array(self, array: np.ndarray) -> np.ndarray:
+        if array.dtype.kind not in "biuf":
+            raise EgressBlocked(f"an array of {array.dtype} may not leave this party")
+        self._spend(int(array.size))
+        self._rows(array)
+        if array.dtype.kind in "iu":
+            small = (array >= 1) & (array < self.rules.min_group)
+            if small.any():
+                self.suppressed += int(small.sum())
+                out = array.astype(np.float64)
+                out[small] = np.nan
+                return out
+        return array
+
+
+class Guard:
+    """Checks and rebuilds one party's replies; see the module docstring for the rules."""
+
+    def __init__(self, party: str, datasets: Datasets, rules: EgressRules | None = None) -> None:
+        self.party = party
+        self.rules = rules or EgressRules()
+        self.datasets = datasets
+        self._rows: RowIndex | None = None
+        info = datasets.describe()
+        self._sizes = {name: int(split["examples"]) for name, split in info.items()}
+
+    def reply(self, request: Message, reply: Message) -> tuple[Message, str]:
+        """The reply that may leave, and a note for the audit log; EgressBlocked when none may."""
+        if reply.type == "error":
+            return self.error(request, reply), ""
+        if reply.type != "result":
+            raise EgressBlocked(f"a {reply.type!r} reply may not leave")
+        content = reply.content
+        if request.type == "train":
+            template = template_of(request.arrays)
+            problem = mismatch(template, reply.arrays)
+            if problem:
+                raise EgressBlocked(f"the weights do not match the approved model ({problem})")
+            for name, array in reply.arrays.items():
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise EgressBlocked(f"tensor {name} has non-finite values")
+            out = {"examples": _examples(content.get("examples"), self._sizes.get("train", 0)),
+                   "metrics": _metrics(content.get("metrics"), self.rules.max_metrics),
+                   "seconds": _seconds(content.get("seconds"))}
+            return request.reply("result", out, dict(reply.arrays)), ""
+        if request.type == "evaluate":
+            if reply.arrays:
+                raise EgressBlocked("an evaluation may return metrics only, not tensors")
+            out = {"examples": _examples(content.get("examples"), self._sizes.get("test", 0)),
+                   "metrics": _metrics(content.get("metrics"), self.rules.max_metrics),
+                   "seconds": _seconds(content.get("seconds"))}
+            return request.reply("result", out), ""
+        if request.type == "run":
+            return self._run(request, reply)
+        raise EgressBlocked(f"no rule lets a reply to {request.type!r} out")
+
+    def _run(self, request: Message, reply: Message) -> tuple[Message, str]:
+        try:
+            value = unpack_value(reply.content.get("value"), reply.arrays)
+        except (WireError, ValueError, TypeError) as exc:
+            raise EgressBlocked(f"the result is malformed: {exc}") from None
+        if self._rows is None:
+            self._rows = RowIndex(self.datasets)
+        check = _RunCheck(self.rules, self._rows)
+        cleaned = check.walk(value)
+        packed, arrays = pack_value(cleaned)
+        note = f"suppressed {check.suppressed} count(s) under {self.rules.min_group}" if check.suppressed else ""
+        content = {"value": packed, "seconds": _seconds(reply.content.get("seconds"))}
+        return request.reply("result", content, arrays), note
+
+    def error(self, request: Message, reply: Message) -> Message:
+        """An error's type, and its message only when the party's own code wrote it."""
+        content = reply.content
+        error_type = content.get("error_type")
+        if not isinstance(error_type, str) or error_type not in _BUILTIN_ERRORS | _PARTY_ERRORS:
+            error_type = "Exception"
+        origin, line = content.get("origin"), content.get("line")
+        raw = content.get("message")
+        message = raw if isinstance(raw, str) else ""
+        if origin == "cell":
+            where = {"train": "the training cell or model source", "evaluate": "the model source",
+                     "run": "the cell"}.get(request.type, "the code")
+            at = f", line {line}" if isinstance(line, int) and not isinstance(line, bool) else ""
+            message = f"raised in {where}{at}; the message and traceback stay in {self.party}'s log"
+        elif len(message) > self.rules.max_message:
+            message = message[: self.rules.max_message] + " …"
+        return request.reply("error", {"error_type": error_type, "message": message})

@@ -1,0 +1,196 @@
+"""The party's gate: policy on the way in, egress guard on the way out, the audit log throughout.
+
+::
+
+    request ──> admit: code hash ──policy + approvals──> run | refuse | wait (for the owner)
+    reply   <── release: egress guard (review/allowlist) ──< worker's reply
+    every request ──> record: one audit line (who, what, decision, bytes, outcome)
+
+The gate holds no sockets and runs no code; :class:`~fednb.party.server.PartyServer` calls it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fednb.errors import GateError, WireError
+from fednb.party.approvals import Approvals
+from fednb.party.audit import AuditLog
+from fednb.party.datasets import Datasets
+from fednb.party.directory import open_directory
+from fednb.party.egress import EgressBlocked, EgressRules, Guard
+from fednb.party.policy import GUARDED, Decision, RequestCode, Verdict, check_policy, decide, request_code
+from fednb.wire import Message, check_content
+
+log = logging.getLogger(__name__)
+
+_BANNER = """
+************************************************************************************
+  party {party} runs with policy OPEN: every authorized coordinator's code runs
+  here unreviewed, and what it returns leaves unchecked. Use --policy review (the
+  default) or allowlist unless every coordinator is trusted with the data itself.
+************************************************************************************"""
+
+
+@dataclass
+class Ticket:
+    """One request on its way through the gate."""
+
+    identity: str
+    message: Message
+    bytes_in: int
+    label: str = ""  # the coordinator's name in the authorized keys, for the owner's eyes
+    code: RequestCode | None = None
+    decision: Decision | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Gate:
+    """Policy, approvals, egress guard and audit log of one party."""
+
+    def __init__(self, party: str, policy: str, datasets: Datasets, *, directory: str | os.PathLike[str] | None = None,
+                 rules: EgressRules | None = None) -> None:
+        self.party = party
+        self.policy = check_policy(policy)
+        self.guarded = policy in GUARDED
+        if self.guarded and directory is None:
+            raise ValueError(f"policy {policy} needs a party directory for its approvals (directory=...)")
+        self.directory: Path | None = open_directory(directory, create=True) if directory is not None else None
+        self._serving_fd: int | None = None
+        self.approvals: Approvals | None = None
+        self.audit: AuditLog | None = None
+        if self.directory is not None:
+            self._claim(self.directory)
+            self.approvals = Approvals(self.directory, party)
+            self.audit = AuditLog(self.directory)
+        self.guard = Guard(party, datasets, rules)
+        if policy == "open":
+            log.warning(_BANNER.format(party=party))
+
+    def _claim(self, directory: Path) -> None:
+        """Hold the directory for this party's lifetime: two parties on one audit log would fork its chain."""
+        fd = os.open(directory / ".serving", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GateError(f"another party is serving from {directory}") from None
+        self._serving_fd = fd
+
+    def close(self) -> None:
+        if self._serving_fd is not None:
+            os.close(self._serving_fd)
+            self._serving_fd = None
+
+    # -- the way in -------------------------------------------------------------------------------
+
+    def admit(self, ticket: Ticket, *, again: bool = False) -> Decision:
+        """Decide on a request; a waiting one is recorded for the owner, a run one uses up its approval.
+
+        ``again``: a waiting request looked at anew after the owner's decisions changed. When the
+        party directory cannot be read or written, the request is refused (and that is logged).
+        """
+        try:
+            return self._admit(ticket, again)
+        except (OSError, GateError) as exc:
+            log.error("could not decide on %s request %s: %s", ticket.message.type, ticket.message.id[:8], exc)
+            ticket.decision = Decision(Verdict.REFUSE, f"{self.party} could not decide on this request (see its log)")
+            return ticket.decision
+
+    def _admit(self, ticket: Ticket, again: bool) -> Decision:
+        message = ticket.message
+        if ticket.code is None:
+            ticket.code = request_code(message.type, message.content)
+        code = ticket.code
+        standing = self.approvals.standing(code.hash) if self.approvals is not None else "unknown"
+        ticket.decision = decision = decide(self.policy, standing, self.party, code)
+        if self.approvals is not None and standing == "unknown" and decision.verdict is not Verdict.RUN and not again:
+            who = f"{ticket.label} ({ticket.identity})" if ticket.label else ticket.identity
+            recorded = self.approvals.add_pending(code, who, self.returns(message),
+                                                  refused=decision.verdict is Verdict.REFUSE)
+            if not recorded and decision.verdict is Verdict.WAIT:  # the owner could not see it: never wait unseen
+                ticket.decision = decision = Decision(Verdict.REFUSE, f"too many requests await review at {self.party}")
+        if decision.verdict is Verdict.RUN and standing == "approved" and code.kind in ("train", "run"):
+            assert self.approvals is not None
+            self.approvals.use(code.hash)
+        return decision
+
+    def changed(self) -> bool:
+        """Whether the owner's decisions changed since the last look (cheap: one stat)."""
+        return self.approvals is not None and self.approvals.refresh()
+
+    def returns(self, message: Message) -> str:
+        """What a request would return, in the owner's words."""
+        rules = self.guard.rules
+        if message.type == "train":
+            values = sum(int(np.prod(a.shape)) for a in message.arrays.values())
+            return (f"the model's weights ({len(message.arrays)} tensors, {values:,} values, names, shapes and dtypes "
+                    f"as sent), the example count and at most {rules.max_metrics} scalar metrics")
+        if message.type == "evaluate":
+            return "the example count and scalar metrics (loss, accuracy) of the model on the test split"
+        return (f"numbers, or lists/dicts/arrays of numbers (at most {rules.max_values:,} values; counts from 1 to "
+                f"{rules.min_group - 1} suppressed); no strings, no raw rows")
+
+    # -- the way out ------------------------------------------------------------------------------
+
+    def release(self, ticket: Ticket, reply: Message) -> tuple[Message, str]:
+        """The reply that may leave, and its outcome for the audit log."""
+        request = ticket.message
+        if reply.type == "error":
+            trace = reply.content.get("traceback")
+            log.warning("%s request %s from %s failed: %s: %s%s", request.type, request.id[:8], ticket.identity[:12],
+                        reply.content.get("error_type"), reply.content.get("message"),
+                        f"\n{trace}" if isinstance(trace, str) and trace else "")
+        try:
+            if self.guarded:
+                out, note = self.guard.reply(request, reply)
+            else:
+                out, note = self._plain(request, reply), ""
+        except EgressBlocked as exc:
+            log.warning("egress guard blocked the reply to %s request %s from %s: %s", request.type, request.id[:8],
+                        ticket.identity[:12], exc.reason)
+            message = f"{self.party}'s egress guard blocked the reply: {exc.reason}"
+            return request.reply("error", {"error_type": "EgressBlocked", "message": message}), f"blocked: {exc.reason}"
+        if note:
+            log.info("%s request %s: %s", request.type, request.id[:8], note)
+        if out.type == "error":
+            return out, f"error: {out.content.get('error_type')}"
+        return out, "ok" + (f" ({note})" if note else "")
+
+    @staticmethod
+    def _plain(request: Message, reply: Message) -> Message:
+        """A worker's reply as the wire allows it, without the guard (open and simulation)."""
+        content = dict(reply.content)
+        if reply.type == "error":
+            content = {k: content[k] for k in ("error_type", "message", "traceback") if k in content}
+        out = request.reply(reply.type, content, dict(reply.arrays))
+        try:
+            return check_content(out)
+        except WireError as exc:
+            log.warning("the worker's reply to %s does not fit the wire: %s", request.id[:8], exc)
+            return request.reply("error", {"error_type": "WireError", "message": f"the reply was malformed: {exc}"})
+
+    def refusal(self, ticket: Ticket) -> Message:
+        assert ticket.decision is not None
+        return ticket.message.reply("error", {"error_type": "PolicyRefused", "message": ticket.decision.reason})
+
+    # -- the record -------------------------------------------------------------------------------
+
+    def record(self, ticket: Ticket, outcome: str, bytes_out: int = 0) -> None:
+        """One audit line for a request that is finished (answered, refused, cancelled or abandoned)."""
+        if self.audit is None:
+            return
+        message = ticket.message
+        self.audit.append({
+            "coordinator": ticket.identity, "type": message.type, "request": message.id, "round": message.round,
+            "code_hash": ticket.code.hash if ticket.code else None,
+            "decision": ticket.decision.verdict.value if ticket.decision else None,
+            "reason": ticket.decision.reason if ticket.decision else None, "notes": ticket.notes or None,
+            "bytes_in": ticket.bytes_in, "bytes_out": bytes_out, "outcome": outcome,
+        })
