@@ -16,7 +16,10 @@ fednb
     with ``train_cell="pass"``: each party loads the global weights into its model, trains
     nothing and sends them back; the coordinator checks every reply, averages them (FedAvg)
     and loads the result into the model. The time is ``RoundRecord.seconds``, cross-checked
-    against ``time.perf_counter`` around ``train(rounds=1)`` from the outside.
+    against ``time.perf_counter`` around ``train(rounds=1)`` from the outside. By default
+    the parties run the cell in their own process, as a simulation does; ``--contained``
+    runs it in worker processes behind the egress guard, as ``fednb party`` does (two more
+    copies of every tensor per request, through a sealed memfd).
 
 Both run over ``ipc://`` sockets in a private 0700 directory without CURVE, and over
 loopback ``tcp://`` with CURVE (a ZAP handler that admits only the coordinator's key).
@@ -53,6 +56,7 @@ Usage::
     .venv/bin/python bench/round_overhead.py              # 1, 10, 50 parties × 1M, 10M; ipc and tcp+CURVE
     .venv/bin/python bench/round_overhead.py --quick      # 1, 10 parties × 1M, few rounds (smoke run)
     .venv/bin/python bench/round_overhead.py --parties 10 --sizes 1M --no-tcp --rounds 20 --json out.json
+    .venv/bin/python bench/round_overhead.py --contained  # party code in worker processes, as real parties
 """
 
 from __future__ import annotations
@@ -392,6 +396,7 @@ class FednbSide:
 
     parties: int
     tcp: bool
+    contained: bool = False
     federation: Federation | None = None
     simulate_s: float = 0.0
     ready_s: float = 0.0
@@ -402,7 +407,7 @@ class FednbSide:
         started = time.perf_counter()
         # 50 parties × iid over synthetic's 3000 examples: 60 each (48 train), above min_size 10
         self.federation = fednb.simulate(self.parties, dataset="synthetic", partition="iid", seed=0,
-                                         transport="tcp" if self.tcp else "ipc")
+                                         transport="tcp" if self.tcp else "ipc", contained=self.contained)
         self.simulate_s = time.perf_counter() - started
         self.ready_s = float(self.federation.simulation.ready_seconds)  # type: ignore[attr-defined]
 
@@ -528,7 +533,7 @@ def cell_main(spec: dict[str, Any]) -> int:
     parties, tcp = int(spec["parties"]), bool(spec["tcp"])
     label = f"{parties} parties {transport_label(tcp)}"
     memory = PeakMemory()
-    raw, fed = RawAnchor(parties, tcp), FednbSide(parties, tcp)
+    raw, fed = RawAnchor(parties, tcp), FednbSide(parties, tcp, bool(spec.get("contained")))
     result: dict[str, Any] = {"parties": parties, "transport": transport_label(tcp), "sizes": {}}
     try:
         raw.start()
@@ -550,8 +555,9 @@ def cell_main(spec: dict[str, Any]) -> int:
 # -- the orchestrating process (no zmq context, no torch: it only starts cells) --------------
 
 
-def run_cell(parties: int, tcp: bool, sizes: list[int], plans: dict[int, Plan]) -> dict[str, Any]:
-    spec = {"parties": parties, "tcp": tcp, "sizes": sizes, "plans": {str(p): asdict(plans[p]) for p in sizes}}
+def run_cell(parties: int, tcp: bool, sizes: list[int], plans: dict[int, Plan], contained: bool = False) -> dict[str, Any]:
+    spec = {"parties": parties, "tcp": tcp, "sizes": sizes, "plans": {str(p): asdict(plans[p]) for p in sizes},
+            "contained": contained}
     process = subprocess.Popen([sys.executable, str(SCRIPT), "--_cell", json.dumps(spec)], stdout=subprocess.PIPE)
     try:
         out, _ = process.communicate(timeout=CELL_TIMEOUT_S)
@@ -645,7 +651,7 @@ def print_report(rows: list[dict[str, Any]], cells: list[dict[str, Any]], transp
 
 
 def run(parties: list[int], sizes: list[int], rounds: int, transports: list[bool], quick: bool,
-        json_path: str | None) -> int:
+        json_path: str | None, contained: bool = False) -> int:
     started = time.perf_counter()
     cells = []
     for n in parties:
@@ -653,11 +659,13 @@ def run(parties: list[int], sizes: list[int], rounds: int, transports: list[bool
         for tcp in transports:
             progress(f"[{time.perf_counter() - started:6.1f} s] {n} parties over {transport_label(tcp)}: "
                      "raw anchor and fednb in one coordinator process")
-            cells.append(run_cell(n, tcp, sizes, plans))
+            cells.append(run_cell(n, tcp, sizes, plans, contained))
     total = time.perf_counter() - started
     rows = build_rows(cells, sizes)
     print(f"fednb round overhead vs raw pyzmq ({platform.node()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()})")
+          f"python {platform.python_version()}); party code run "
+          + ("in worker processes (simulate(contained=True), as real parties do)" if contained
+             else "in the party process (simulate()'s default)"))
     print_report(rows, cells, transports)
     target = next((r for r in rows if r["parties"] == 10 and r["params"] == 1_000_000), None)
     if target is not None and target.get("ratio_ipc") is not None:
@@ -666,7 +674,7 @@ def run(parties: list[int], sizes: list[int], rounds: int, transports: list[bool
     print(f"total runtime {total:.1f} s")
     if json_path:
         document = {"machine": {"node": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
-                    "config": {"parties": parties, "sizes": sizes, "rounds": rounds, "quick": quick,
+                    "config": {"parties": parties, "sizes": sizes, "rounds": rounds, "quick": quick, "contained": contained,
                                "transports": [transport_label(t) for t in transports]},
                     "rows": rows, "cells": cells, "total_seconds": total}
         Path(json_path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
@@ -681,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parties", default=None, help="comma-separated party counts (default 1,10,50)")
     parser.add_argument("--sizes", default=None, help="comma-separated model sizes (default 1M,10M)")
     parser.add_argument("--no-tcp", action="store_true", help="skip the tcp + CURVE columns")
+    parser.add_argument("--contained", action="store_true",
+                        help="parties run coordinator code in worker processes, as `fednb party` does")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_client-key", default=None, help=argparse.SUPPRESS)
@@ -700,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     if rounds < 1 or any(not 1 <= n <= 512 for n in parties):
         parser.error("--rounds must be positive and --parties between 1 and 512")
     transports = [False] if args.no_tcp else [False, True]
-    return run(parties, sizes, rounds, transports, args.quick, args.json)
+    return run(parties, sizes, rounds, transports, args.quick, args.json, args.contained)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def _kill_if_alive(pid: int) -> None:
 def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
                shards_per_party: int = 2, test_fraction: float = 0.2, authorized: bytes | None = None,
                heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, threads: int | None = None,
-               tcp: bool = False, timeout: float = 120.0) -> SimHost:
+               tcp: bool = False, contained: bool = False, timeout: float = 120.0) -> SimHost:
     """Start the host and wait until all ``n`` parties listen; raise with their log otherwise."""
     directory = Path(tempfile.mkdtemp(prefix="fednb-sim-"))  # mode 0700: the ipc sockets' privacy
     log_file = open(directory / "parties.log", "wb")  # noqa: SIM115 - closed by SimHost.stop
@@ -118,6 +118,8 @@ def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet",
         if authorized is None:
             raise ValueError("TCP endpoints always use CURVE: a simulation over tcp needs secure=True")
         command.append("--tcp")
+    if contained:
+        command.append("--contained")
     started = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
                                start_new_session=True)
@@ -164,7 +166,8 @@ def _read_ready(process: subprocess.Popen[bytes], timeout: float) -> dict[str, A
 
 
 def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
-             secure: bool = False, *, transport: str = "ipc", shards_per_party: int = 2, test_fraction: float = 0.2,
+             secure: bool = False, *, transport: str = "ipc", contained: bool = False, shards_per_party: int = 2,
+             test_fraction: float = 0.2,
              heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, timeout: float = 120.0) -> Federation:
     """Start ``n`` local party processes on a partition of ``dataset`` and connect to them.
 
@@ -172,6 +175,9 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
     is more skewed) or ``shards``; each party also gets a test split. The result is an
     ordinary :class:`Federation`; closing it stops the parties. ``transport="tcp"`` binds
     loopback TCP ports instead of ipc sockets, and then CURVE is on whatever ``secure`` says.
+    The parties run coordinator code in their own process (the local user is both coordinator
+    and data owner); ``contained=True`` runs it in worker processes with time and memory
+    limits, as real parties do, at the cost of two more copies of every tensor.
     """
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512:
         raise ValueError("n must be an integer between 1 and 512")
@@ -188,6 +194,7 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
     host = start_host(n, dataset=dataset, partition=partition, alpha=alpha, seed=seed, shards_per_party=shards_per_party,
                       test_fraction=test_fraction, authorized=keypair.public if keypair else None,
                       heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, tcp=transport == "tcp",
+                      contained=contained,
                       timeout=timeout)
     specs = [{"name": p["name"], "endpoint": p["endpoint"], **({"public_key": p["public_key"]} if secure else {})}
              for p in host.parties]

@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -97,3 +98,25 @@ def test_every_bundled_dataset_and_partition_starts():
         with fednb.simulate(2, dataset=dataset, partition=partition, alpha=1.0) as fed:
             assert all(row.status == "online" and row.examples > 0 for row in fed.status())
             assert fed.run("next(iter(train))[0].shape[1]") == {"party-0": features, "party-1": features}
+
+
+def test_a_contained_simulation_runs_party_code_in_workers_that_a_timeout_kills():
+    """simulate(contained=True): the deployment's worker processes, so a runaway cell is stopped."""
+    with fednb.simulate(2, dataset="digits", partition="iid", contained=True) as fed:
+        history = fed.train(build(), MLP, rounds=1, lr=0.05, evaluate_every=0)
+        assert len(history[-1].parties) == 2
+        pid = fed.run("import os\nos.getpid()")
+        assert all(p != int(party["pid"]) for p, party in zip(pid.values(), fed.simulation.parties))  # a worker
+        started = time.monotonic()
+        stuck = fed.run("while True:\n    pass", timeout=1.0)
+        assert all(isinstance(v, fednb.PartyError) for v in stuck.values())
+        assert fed.run("'alive'") == {"party-0": "alive", "party-1": "alive"}  # the loop was killed, not queued behind
+        assert time.monotonic() - started < 10
+
+
+def test_only_a_simulation_may_run_party_code_in_process(digits_parts):
+    from fednb.party import PartyServer
+    from tests.conftest import party_datasets
+
+    with pytest.raises(ValueError, match="only a simulation"):
+        PartyServer("p", "ipc:///tmp/x.sock", party_datasets(digits_parts[0]), policy="open", contained=False)

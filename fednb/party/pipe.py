@@ -108,7 +108,8 @@ def _map(fd: int, size: int) -> mmap.mmap | None:
         raise WireError("a local message must be sealed against writes")
     if size == 0:
         return None
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    # MAP_POPULATE maps every page at once: one call instead of a fault per 4 KiB page
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ)
 
 
 def _wait(sock: socket.socket, deadline: float | None, *, write: bool) -> None:

@@ -33,6 +33,7 @@ from fednb.party.datasets import Datasets
 from fednb.party.egress import EgressRules
 from fednb.party.gate import Gate, Ticket
 from fednb.party.policy import POLICIES, Decision, Verdict, check_policy
+from fednb.party.inprocess import InProcess
 from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT, Sandbox
 from fednb.transport import AllowList, Authenticator, Keypair, bound_endpoint, server_socket
 from fednb.transport.channel import Received, receive, send
@@ -75,7 +76,8 @@ class PartyServer:
     ``review`` or ``allowlist`` (both need ``directory``, where approvals, pending requests and
     the audit log live), ``open`` (warns loudly), or ``simulation``. Each request runs in a
     worker process limited to ``time_limit`` seconds and to allocating ``memory_limit`` more
-    bytes; ``egress`` sets the guard's limits.
+    bytes; ``egress`` sets the guard's limits. A simulation may pass ``contained=False`` to
+    run requests in this process instead (:mod:`fednb.party.inprocess`).
     """
 
     def __init__(
@@ -95,8 +97,11 @@ class PartyServer:
         heartbeat: float = 1.0,
         timeout: float = 10.0,
         limits: Limits = DEFAULT_LIMITS,
+        contained: bool = True,
     ) -> None:
         check_policy(policy)
+        if not contained and policy != "simulation":
+            raise ValueError("only a simulation may run coordinator code outside a worker process")
         if keypair is not None and allow is None:
             raise ValueError("a CURVE party needs its authorized keys (the allow-list)")
         if not 0 < heartbeat < timeout:
@@ -114,8 +119,9 @@ class PartyServer:
         self.heartbeat = heartbeat
         self.timeout = timeout
         self.limits = limits
-        self.sandbox = Sandbox(name, datasets, time_limit=time_limit, memory_limit=memory_limit, threads=threads,
-                               limits=limits)
+        runner = Sandbox if contained else InProcess
+        self.sandbox = runner(name, datasets, time_limit=time_limit, memory_limit=memory_limit, threads=threads,
+                              limits=limits)
         self.gate: Gate | None = None
         self.state = State.NEW
         self._stop = threading.Event()
