@@ -66,6 +66,7 @@ class FedMagics(Magics):
     @argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
     @argument("--seed", type=int, default=0, help="seed of the data split")
     @argument("--secure", action="store_true", help="CURVE on the local sockets too")
+    @argument("--contained", action="store_true", help="run party code in worker processes with limits, as real parties do")
     @line_magic
     def fed_sim(self, line: str) -> Any:
         """Start N local party processes on a bundled dataset; they become this session's `fed`."""
@@ -74,7 +75,7 @@ class FedMagics(Magics):
 
         with _usage_errors():
             federation = fednb.simulate(args.n, dataset=args.dataset, partition=args.partition, alpha=args.alpha,
-                                        seed=args.seed, secure=args.secure)
+                                        seed=args.seed, secure=args.secure, contained=args.contained)
         self._adopt(federation)
         return parties_table(federation.status())
 
