@@ -187,3 +187,22 @@ def test_a_frozen_party_is_marked_offline_within_the_heartbeat_timeout():
             assert time.monotonic() - started < 1.5 + 2.0
         finally:
             os.kill(pid, signal.SIGCONT)
+
+
+def test_stop_now_cancels_the_work_at_the_parties_and_keeps_the_last_round():
+    with fednb.simulate(2, dataset="digits", partition="iid", contained=True) as fed:
+        model = build()
+        fed.train(model, MLP, rounds=1, lr=0.05, evaluate_every=0)
+        kept = {k: v.clone() for k, v in model.state_dict().items()}
+        run = fed.train_in_background(model, MLP, rounds=5, train_cell="import time\ntime.sleep(30)")
+        assert wait_until(lambda: fed.training, timeout=2)
+        time.sleep(0.5)  # the parties are inside the cell
+        started = time.monotonic()
+        fed.stop(now=True)
+        assert run.wait(5), "stop(now=True) did not end training"
+        assert time.monotonic() - started < 5 and len(run.result()) == 1  # no round was added
+        for key, value in model.state_dict().items():
+            assert np.array_equal(value.numpy(), kept[key].numpy())
+        started = time.monotonic()
+        assert fed.run("'free'") == {"party-0": "free", "party-1": "free"}  # the sleeping workers were killed
+        assert time.monotonic() - started < 5

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednb.errors import FederationError, PartyError, WireError
+from fednb.errors import FederationError, PartyError, RoundError, WireError
 from fednb.federation.background import TrainingRun
 from fednb.federation.connection import Connections
 from fednb.federation.events import (EventBus, RoundAggregated, RoundStarted, Subscriber, TrainingFinished,
@@ -80,6 +80,7 @@ class Federation:
         self.history = History()
         self._on_close = list(on_close)
         self._stop = threading.Event()
+        self._abort = threading.Event()
         self._busy = threading.Lock()
         self._last_round: dict[str, int] = {}
         self._last_error: dict[str, str] = {}
@@ -186,6 +187,7 @@ class Federation:
         if not self._busy.acquire(blocking=False):
             raise FederationError("this federation is already training; stop it first (fed.stop())")
         self._stop.clear()
+        self._abort.clear()
 
     def _plan(self, model: torch.nn.Module, source: str | None = None, *, rounds: int = 1,
               strategy: str | Strategy = "fedavg", lr: float = 0.01, epochs: int = 1, batch_size: int = 32,
@@ -237,11 +239,18 @@ class Federation:
                 links = self._connections.snapshot()
                 offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
                            for p in chosen if p not in online}
-                weights, contributions, dropped, metrics = train_round(
-                    self._connections, self.events, strategy, round=round_, parties=online, weights=weights,
-                    template=template, content=content, min_parties=min_parties, timeout=round_timeout,
-                    unavailable=offline,
-                )
+                try:
+                    weights, contributions, dropped, metrics = train_round(
+                        self._connections, self.events, strategy, round=round_, parties=online, weights=weights,
+                        template=template, content=content, min_parties=min_parties, timeout=round_timeout,
+                        unavailable=offline,
+                    )
+                except RoundError:
+                    if self._abort.is_set():  # stop(now=True) cancelled this round's work at the parties
+                        log.info("training stopped during round %d; the model keeps round %d's weights",
+                                 round_, round_ - 1)
+                        break
+                    raise
                 load_arrays(model, weights)
                 evaluation, per_party = None, {}
                 if evaluate_every and (round_ % evaluate_every == 0 or round_ == last):
@@ -266,9 +275,16 @@ class Federation:
             self.events.publish(TrainingFinished(done, self._stop.is_set() or (error is not None and done < rounds), error))
         return self.history
 
-    def stop(self) -> None:
-        """End training after the round in progress (thread-safe)."""
+    def stop(self, *, now: bool = False) -> None:
+        """End training after the round in progress (thread-safe).
+
+        ``now=True`` also cancels the work running at the parties (their workers are killed),
+        so training ends at once and the model keeps the last completed round's weights.
+        """
         self._stop.set()
+        if now and self.training:
+            self._abort.set()
+            self._connections.cancel_all()
 
     # -- evaluation and cells -------------------------------------------------------------------
 

@@ -217,9 +217,8 @@ class FedMagics(Magics):
         try:
             while not run.done:
                 await asyncio.sleep(0.1)
-        except BaseException:  # an interrupt or a cancelled cell: stop after this round, then re-raise
-            run.stop()
-            print("stopping after the round in progress", file=sys.stderr, flush=True)
+        except BaseException:  # an interrupt or a cancelled cell: cancel the parties' work, then re-raise
+            self._interrupted()
             raise
         with _usage_errors():
             run.result()
@@ -258,16 +257,17 @@ class FedMagics(Magics):
         return run
 
     @magic_arguments()
+    @argument("--now", action="store_true", help="also cancel the work running at the parties: end at once")
     @argument("--no-wait", action="store_true", help="return at once instead of waiting for the round to end")
     @line_magic
     def fed_stop(self, line: str) -> None:
-        """End training after the round in progress."""
+        """End training after the round in progress (--now: cancel the parties' running work too)."""
         args = parse_argstring(self.fed_stop, line)
         run = self.training
         if run is None or run.done:
             print("nothing is training")
             return
-        run.stop()
+        self._require().stop(now=args.now)
         if args.no_wait:
             print("training will stop after the round in progress")
             return
@@ -338,6 +338,14 @@ class FedMagics(Magics):
         if run is not None:
             run.wait(10)
 
+    def _interrupted(self) -> None:
+        """Ctrl-C during training: cancel the work running at the parties; the model keeps the
+        last completed round's weights."""
+        if self.federation is not None:
+            self.federation.stop(now=True)
+        print("training interrupted: work at the parties cancelled; the model keeps the last completed round",
+              file=sys.stderr, flush=True)
+
     def _changed(self) -> None:
         for listener in list(self.listeners):
             listener()
@@ -382,17 +390,12 @@ class FedMagics(Magics):
         return started
 
     def _wait(self, run: TrainingRun) -> None:
-        """Block until training ends; Ctrl-C (interrupt) stops it after the round in progress."""
-        interrupted = False
-        while True:
-            try:
-                if run.wait(0.1):
-                    break
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
-                run.stop()
-                print("stopping after the round in progress (interrupt again to stop waiting)", flush=True)
+        """Block until training ends; Ctrl-C (interrupt) cancels the parties' work and ends it at once."""
+        try:
+            run.wait()
+        except KeyboardInterrupt:
+            self._interrupted()
+            run.wait(30)
+            raise
         with _usage_errors():
             run.result()
