@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -113,3 +117,66 @@ def start_party(digits_parts):
 def tiny_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+
+
+# -- the command line, as a data owner runs it ---------------------------------------------
+
+FEDNB = [sys.executable, "-m", "fednb.cli"]
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([*FEDNB, *args], capture_output=True, text=True, timeout=60)
+    if check and done.returncode != 0:
+        raise AssertionError(f"fednb {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+class Party:
+    """A `fednb party` process, stopped by PID at the end of the test."""
+
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen([*FEDNB, "party", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        self.line = ""
+
+    def wait_listening(self, timeout: float = 60.0) -> str:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"party exited with {self.process.returncode}: {self.process.stderr.read()}")
+            readable, _, _ = select.select([self.process.stdout], [], [], 0.5)
+            if readable:
+                self.line = self.process.stdout.readline()
+                match = re.search(r"listening on (\S+)", self.line)
+                if match:
+                    return match.group(1)
+        raise AssertionError("the party did not start listening")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def cli_parties():
+    """Start `fednb party` processes; each is stopped by PID at the end of the test."""
+    started: list[Party] = []
+
+    def start(*args: str) -> Party:
+        party = Party(*args)
+        started.append(party)
+        return party
+
+    yield start
+    for party in started:
+        party.stop()

@@ -4,79 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import select
-import signal
 import stat
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import fednb
-from tests.conftest import MLP, build
-
-FEDNB = [sys.executable, "-m", "fednb.cli"]
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([*FEDNB, *args], capture_output=True, text=True, timeout=60)
-    if check and done.returncode != 0:
-        raise AssertionError(f"fednb {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-    return done
-
-
-class Party:
-    """A `fednb party` process, stopped by PID at the end of the test."""
-
-    def __init__(self, *args: str) -> None:
-        self.process = subprocess.Popen([*FEDNB, "party", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-        self.line = ""
-
-    def wait_listening(self, timeout: float = 60.0) -> str:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"party exited with {self.process.returncode}: {self.process.stderr.read()}")
-            readable, _, _ = select.select([self.process.stdout], [], [], 0.5)
-            if readable:
-                self.line = self.process.stdout.readline()
-                match = re.search(r"listening on (\S+)", self.line)
-                if match:
-                    return match.group(1)
-        raise AssertionError("the party did not start listening")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None:
-                stream.close()
-        return self.process.returncode
-
-
-@pytest.fixture
-def parties():
-    started: list[Party] = []
-
-    def start(*args: str) -> Party:
-        party = Party(*args)
-        started.append(party)
-        return party
-
-    yield start
-    for party in started:
-        party.stop()
-
+from tests.conftest import MLP, build, cli
 
 @pytest.fixture
 def data_files(tmp_path, digits_parts):
@@ -102,7 +38,7 @@ def test_keys_new_writes_a_private_secret_and_show_prints_the_public_key(tmp_pat
     assert again.returncode == 2 and "exists" in again.stderr
 
 
-def test_party_cli_and_connect_over_tcp_with_curve(tmp_path, parties, data_files):
+def test_party_cli_and_connect_over_tcp_with_curve(tmp_path, cli_parties, data_files):
     npz, csv, part = data_files
     cli("keys", "new", str(tmp_path / "party"))
     cli("keys", "new", str(tmp_path / "coordinator"))
@@ -110,7 +46,7 @@ def test_party_cli_and_connect_over_tcp_with_curve(tmp_path, parties, data_files
     authorized = tmp_path / "authorized_keys"
     authorized.write_text(f"# who may connect\n{cli('keys', 'show', str(tmp_path / 'coordinator')).stdout.strip()} "
                           "coordinator@lab\n")
-    party = parties("--name", "clinic-a", "--listen", "tcp://127.0.0.1:*", "--key", str(tmp_path / "party"),
+    party = cli_parties("--name", "clinic-a", "--listen", "tcp://127.0.0.1:*", "--key", str(tmp_path / "party"),
                     "--authorized-keys", str(authorized), "--data", f"train={npz}", "--data", f"test={csv}",
                     "--label", "digit", "--threads", "1", "--policy", "open", "--dir", str(tmp_path / "clinic-a"))
     endpoint = party.wait_listening()

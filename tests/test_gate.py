@@ -18,13 +18,9 @@ from fednb.party.audit import verify
 from fednb.party.directory import open_directory
 from fednb.party.policy import request_code
 from tests.conftest import MLP, build, wait_until
-from tests.test_cli import FEDNB, Party
+from tests.conftest import cli as run_cli
 
 MiB = 1 << 20
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*FEDNB, *args], capture_output=True, text=True, timeout=60)
 
 
 def approve(directory, type_: str, **content) -> str:
@@ -40,25 +36,17 @@ def audit_lines(directory) -> list[dict]:
     return result.entries
 
 
+
+def cli(*args: str):
+    """`fednb ARGS`, whatever its exit status: the tests read it."""
+    return run_cli(*args, check=False)
+
+
 @pytest.fixture
 def npz(tmp_path, digits_parts):
     path = tmp_path / "train.npz"
     np.savez(path, x=digits_parts[0].x_train, y=digits_parts[0].y_train)
     return path
-
-
-@pytest.fixture
-def cli_parties():
-    started: list[Party] = []
-
-    def start(*args: str) -> Party:
-        party = Party(*args)
-        started.append(party)
-        return party
-
-    yield start
-    for party in started:
-        party.stop()
 
 
 def _connect(endpoint: str):
