@@ -10,16 +10,29 @@ from typing import Any
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """Register the ``%fed_*`` magics with ``ipython`` (``%load_ext fednb``)."""
+    """Register the ``%fed_*`` magics (``%load_ext fednb``) and, in a kernel, the JupyterLab sidebar's comm target."""
     from fednb.notebook.magics import FedMagics
+    from fednb.notebook.sidebar import install
 
     ipython.register_magics(FedMagics)
+    install(ipython, ipython.magics_manager.registry[FedMagics.__name__])
+    if getattr(ipython, "kernel", None) is not None:
+        from fednb.notebook.transform import await_training
+
+        if await_training not in ipython.input_transformers_cleanup:
+            ipython.input_transformers_cleanup.append(await_training)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """Close the session's federation when the extension is unloaded."""
     from fednb.notebook.magics import FedMagics
+    from fednb.notebook.sidebar import uninstall
 
+    uninstall(ipython)
+    from fednb.notebook.transform import await_training
+
+    if await_training in getattr(ipython, "input_transformers_cleanup", []):
+        ipython.input_transformers_cleanup.remove(await_training)
     magics = ipython.magics_manager.registry.get(FedMagics.__name__)
     if magics is not None:
         magics.close_federation()

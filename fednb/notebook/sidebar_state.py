@@ -1,0 +1,174 @@
+"""What the JupyterLab sidebar is told, and what it may ask: the snapshot and request formats.
+
+Pure data, no IPython: :class:`RunTracker` folds the federation's events into the
+current (or last) training run, :func:`snapshot` builds the one message the kernel sends
+(``{"type": "snapshot", "version": 1, ...}``, plain JSON, never NaN), and
+:func:`parse_request` checks what the panel sends back before anything acts on it::
+
+    {"type": "refresh"}                 send a snapshot now
+    {"type": "stop"}                    end training after the round in progress
+    {"type": "approve", "id": "…"}      approve a pending request (a party served with %fed_serve)
+    {"type": "deny", "id": "…"}         deny one
+
+The TypeScript side (``labextension/src/protocol.ts``) validates the snapshot the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fednb.federation.events import (Event, PartyDone, PartyDropped, RoundAggregated, RoundStarted, TrainingFinished,
+                                     TrainingStarted)
+
+VERSION = 1
+TARGET = "fednb.sidebar"
+REQUESTS = ("refresh", "stop", "approve", "deny")
+MAX_ID = 128
+MAX_TEXT = 4000
+
+RequestType = Literal["refresh", "stop", "approve", "deny"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A message from the panel, checked: its type and, for approve/deny, the request id."""
+
+    type: RequestType
+    id: str | None = None
+
+
+def parse_request(data: Any) -> Request:
+    """Check a message from the panel; ValueError says what is wrong with it."""
+    if not isinstance(data, Mapping):
+        raise ValueError("a sidebar request must be a JSON object")
+    kind = data.get("type")
+    if kind not in REQUESTS:
+        raise ValueError(f"unknown sidebar request type {kind!r}; expected one of {', '.join(REQUESTS)}")
+    extra = set(data) - {"type", "id"}
+    if extra:
+        raise ValueError(f"unexpected fields in a {kind!r} request: {', '.join(sorted(map(str, extra)))}")
+    ident = data.get("id")
+    if kind in ("approve", "deny"):
+        if not isinstance(ident, str) or not 0 < len(ident) <= MAX_ID or not ident.isprintable():
+            raise ValueError(f"a {kind!r} request needs an 'id': a printable string of 1 to {MAX_ID} characters")
+        return Request(kind, ident)
+    if ident is not None:
+        raise ValueError(f"a {kind!r} request takes no 'id'")
+    return Request(kind)
+
+
+def finite(value: Any) -> float | None:
+    """A JSON-safe number: None for anything that is not a finite real."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def text(value: Any, limit: int = MAX_TEXT) -> str:
+    value = "" if value is None else str(value)
+    return value if len(value) <= limit else value[: limit - 1] + "…"
+
+
+class RunTracker:
+    """The current or last training run, as the panel shows it, folded from federation events.
+
+    Thread-safe: events arrive on the federation's threads, snapshots are read on another.
+    Round numbers are counted within the run (round 1 of ``--rounds 5`` is ``1/5`` even when
+    the history already holds earlier rounds).
+    """
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._run: dict[str, Any] | None = None
+        self._started = 0.0
+        self._ended: float | None = None
+        self._first = 1
+        self._activity: dict[str, str] = {}
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            self._apply(event)
+
+    def _apply(self, event: Event) -> None:
+        if isinstance(event, TrainingStarted):
+            self._started, self._ended, self._first = self._clock(), None, event.first_round
+            self._activity = {}
+            self._run = {"state": "training", "strategy": event.strategy, "round": 0, "rounds": event.rounds,
+                         "rounds_done": 0, "accuracy": None, "loss": None, "error": None}
+            return
+        run = self._run
+        if run is None:
+            return
+        if isinstance(event, RoundStarted):
+            run["round"] = event.round - self._first + 1
+            self._activity = {party: "training" for party in event.parties}
+        elif isinstance(event, PartyDone):
+            self._activity[event.party] = "done"
+        elif isinstance(event, PartyDropped):
+            self._activity[event.party] = "late" if event.late else "dropped"
+        elif isinstance(event, RoundAggregated):
+            run["rounds_done"] = event.round - self._first + 1
+            metrics = event.evaluation or event.metrics
+            run["accuracy"], run["loss"] = finite(metrics.get("accuracy")), finite(metrics.get("loss"))
+        elif isinstance(event, TrainingFinished):
+            self._ended = self._clock()
+            self._activity = {}
+            run["rounds_done"] = event.rounds_done
+            run["error"] = text(event.error) if event.error else None
+            run["state"] = "error" if event.error else "stopped" if event.stopped else "done"
+
+    def stopping(self) -> None:
+        """Mark the running training as asked to stop (it ends after the round in progress)."""
+        with self._lock:
+            if self._run is not None and self._run["state"] == "training":
+                self._run["state"] = "stopping"
+
+    def view(self) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """The run as JSON (with ``elapsed`` seconds) and each party's part in the round in progress."""
+        with self._lock:
+            if self._run is None:
+                return None, {}
+            end = self._ended if self._ended is not None else self._clock()
+            return {**self._run, "elapsed": round(end - self._started, 3)}, dict(self._activity)
+
+
+def party_rows(status: Iterable[Any], seen: Mapping[str, float | None],
+               activity: Mapping[str, str]) -> list[dict[str, Any]]:
+    """One JSON row per party from ``Federation.status()`` rows, seconds since last heard and round activity."""
+    rows = []
+    for row in status:
+        rows.append({
+            "name": text(row.name, 200), "endpoint": text(row.endpoint, 500), "status": text(row.status, 40),
+            "examples": row.examples if isinstance(row.examples, int) and not isinstance(row.examples, bool) else None,
+            "last_round": row.last_round if isinstance(row.last_round, int) else None,
+            "last_seen": finite(seen.get(row.name)), "activity": activity.get(row.name),
+            "error": text(row.last_error, 500),
+        })
+    return rows
+
+
+def snapshot(seq: int, *, parties: list[dict[str, Any]] | None, run: dict[str, Any] | None, background: bool,
+             approvals: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The message the panel renders; ``parties`` None means the kernel has no federation."""
+    federation = None if parties is None else {"parties": parties}
+    if run is not None:
+        run = {**run, "background": bool(background)}
+    return {"type": "snapshot", "version": VERSION, "seq": seq, "federation": federation, "run": run,
+            "approvals": approvals}
+
+
+def approval_rows(pending: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Pending approval requests as JSON rows: id, coordinator, kind, code (cut to a few KB), what it returns, age."""
+    rows = []
+    for item in pending:
+        rows.append({"id": text(item.get("id"), MAX_ID), "coordinator": text(item.get("coordinator"), 200),
+                     "kind": text(item.get("kind"), 40), "code": text(item.get("code")),
+                     "returns": text(item.get("returns"), 500), "hash": text(item.get("hash"), 128),
+                     "age": finite(item.get("age"))})
+    return rows
