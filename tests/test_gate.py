@@ -102,6 +102,8 @@ def test_review_waits_for_the_owner_and_the_coordinator_sees_it(cli_parties, npz
         detail = next(s.detail for s in statuses if s.status == "awaiting approval")
         assert "awaiting approval at clinic" in detail
         assert fed._connections.snapshot()["clinic"]["awaiting"] == detail
+        (row,) = fed.status()  # the parties table says so too
+        assert row.status == "awaiting approval" and "awaiting approval at clinic" in row.last_error
         time.sleep(0.5)
         assert worker.is_alive()  # still waiting for the owner
         listing = cli("approve", str(directory))

@@ -117,5 +117,8 @@ def test_the_approvals_widget_approves_a_request_in_a_real_kernel(kernel, tmp_pa
             printed = [m["content"]["text"] for m in after if m["msg_type"] == "stream"]
             pending, decided, error = json.loads(printed[-1])
             assert pending == [] and decided[-1].startswith(f"approved {code[:12]}") and "64 lowercase hex" in error
+        # unloading the extension stops the party this kernel serves
+        gone = execute(kernel, "%unload_ext fednb\nprint(widget.server.stopped.wait(10))")
+        assert [m["content"]["text"].strip() for m in gone if m["msg_type"] == "stream"][-1] == "True"
     finally:
         execute(kernel, "widget.server.stop()")

@@ -96,12 +96,16 @@ class Federation:
         return [spec.name for spec in self._connections.specs]
 
     def status(self) -> list[PartyInfo]:
-        """One row per party: endpoint, connection status, examples, last round, last error."""
+        """One row per party: endpoint, status (online, offline, awaiting approval, …), examples,
+        last round, last error (or what the party said while it awaits its owner)."""
         rows = []
         for name, link in self._connections.snapshot().items():
             train = link["info"].get("datasets", {}).get("train", {})
-            rows.append(PartyInfo(name, link["endpoint"], link["status"], train.get("examples"),
-                                  self._last_round.get(name), self._last_error.get(name) or link["detail"]))
+            status, detail = link["status"], self._last_error.get(name) or link["detail"]
+            if status == "online" and link.get("awaiting"):
+                status, detail = "awaiting approval", str(link["awaiting"])
+            rows.append(PartyInfo(name, link["endpoint"], status, train.get("examples"), self._last_round.get(name),
+                                  detail))
         return rows
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:

@@ -24,7 +24,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """Close the session's federation when the extension is unloaded."""
+    """Close the session's federation and stop any party it serves when the extension is unloaded."""
     from fednb.notebook.magics import FedMagics
     from fednb.notebook.sidebar import uninstall
 
@@ -36,3 +36,4 @@ def unload_ipython_extension(ipython: Any) -> None:
     magics = ipython.magics_manager.registry.get(FedMagics.__name__)
     if magics is not None:
         magics.close_federation()
+        magics.stop_serving()

@@ -56,6 +56,7 @@ class FedMagics(Magics):
         self.training: TrainingRun | None = None
         self.background = False  # whether self.training runs with --background (the sidebar's Stop needs to know)
         self.listeners: list[Callable[[], None]] = []  # told when the federation or training run changes
+        self.served: list[Any] = []  # parties this kernel serves (%fed_serve), stopped on unload
 
     # -- the federation ---------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class FedMagics(Magics):
             server, widget = serve_in_notebook(args.name, args.listen, data, key=args.key,
                                                authorized_keys=args.authorized_keys, policy=args.policy,
                                                label=args.label, directory=args.dir)
+        self.served.append(server)
         from fednb.notebook.sidebar import show_approvals
 
         show_approvals(widget, server=server, shell=self.shell)  # the JupyterLab panel too, where there is one
@@ -337,6 +339,11 @@ class FedMagics(Magics):
                 del self.shell.user_ns["fed"]
         if run is not None:
             run.wait(10)
+
+    def stop_serving(self) -> None:
+        """Stop the parties this kernel serves through %fed_serve."""
+        while self.served:
+            self.served.pop().stop()
 
     def _interrupted(self) -> None:
         """Ctrl-C during training: cancel the work running at the parties; the model keeps the
