@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 import fednb
-from tests.conftest import MLP, build, cli
+from tests.conftest import FEDNB, MLP, build, cli
 
 @pytest.fixture
 def data_files(tmp_path, digits_parts):
@@ -106,3 +108,24 @@ def test_demo_runs_end_to_end():
 def test_module_entry_point_matches_the_console_script():
     assert Path(sys.executable).with_name("fednb").exists()
     assert cli("--version").stdout.strip() == f"fednb {fednb.__version__}"
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["ipc", "ipc+curve"])
+def test_fednb_sim_serves_parties_that_connect_can_reach(secure):
+    """`fednb sim N` prints the connect call; running it reaches the parties; SIGTERM stops them all."""
+    args = [*FEDNB, "sim", "2", "--dataset", "synthetic", "--partition", "iid", *(["--secure"] if secure else [])]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        call = re.search(r"(fednb\.connect\(.*\))", lines[1]).group(1)
+        assert ("key=" in call) == secure
+        with eval(call, {"fednb": fednb}) as fed:  # noqa: S307 - the line fednb itself printed
+            assert fed.run("len(train.dataset)") == {"party-0": 1200, "party-1": 1200}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
