@@ -180,3 +180,23 @@ def test_a_second_fed_sim_replaces_and_closes_the_first():
         assert "fed" not in shell.user_ns
     finally:
         shell.run_line_magic("unload_ext", "fednb")
+
+
+def test_fed_connect_reaches_real_parties_from_a_toml_file(start_party, tmp_path):
+    """%fed_connect with a parties file and a coordinator key, against a CURVE party on tcp."""
+    from fednb.transport import AllowList, generate, write_keypair
+
+    party_key, coordinator = generate(), write_keypair(tmp_path / "me")
+    party = start_party("tcp://127.0.0.1:*", keypair=party_key, allow=AllowList(keys={coordinator.public: "me"}))
+    toml = tmp_path / "parties.toml"
+    toml.write_text(f'[[party]]\nname = "clinic"\nendpoint = "{party.endpoint}"\npublic_key = "{party_key.public.decode()}"\n')
+    shell = InteractiveShell()
+    try:
+        shell.run_line_magic("load_ext", "fednb")
+        table = shell.run_line_magic("fed_connect", f"{toml} --key {tmp_path / 'me'}")
+        assert "clinic" in repr(table) and "online" in repr(table)
+        assert shell.user_ns["fed"].run("6 * 7") == {"clinic": 42}
+        with pytest.raises(UsageError, match="CURVE"):
+            shell.run_line_magic("fed_connect", str(toml))  # no key for a CURVE party: said in one line
+    finally:
+        shell.run_line_magic("unload_ext", "fednb")
