@@ -8,14 +8,14 @@ initial weights, is trained centrally on the union of the parties' data for comp
 from __future__ import annotations
 
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 MODEL_SOURCE = """\
 import torch.nn as nn
 model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 """
 
-SETTINGS = {"lr": 0.05, "epochs": 3, "batch_size": 16, "optimizer": "sgd", "momentum": 0.9}
+SETTINGS: dict[str, Any] = {"lr": 0.05, "epochs": 3, "batch_size": 16, "optimizer": "sgd", "momentum": 0.9}
 
 
 def _build(seed: int):  # -> torch.nn.Module

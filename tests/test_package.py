@@ -62,3 +62,12 @@ def test_the_readme_python_quickstart_runs():
     accuracy = float(done.stdout.splitlines()[0])
     assert 0.5 < accuracy <= 1.0
     assert "party-3" in done.stdout
+
+
+def test_the_package_type_checks():
+    """`mypy fednb`: the typed public API (py.typed) holds up."""
+    done = subprocess.run([sys.executable, "-m", "mypy", "--ignore-missing-imports", "--no-error-summary",
+                           "--cache-dir", str(PACKAGE.parent / ".mypy_cache"), str(PACKAGE)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+

@@ -137,7 +137,7 @@ def _shards(labels: np.ndarray, n: int, per_party: int, rng: np.random.Generator
     owner[rng.permutation(count)] = np.arange(count) // per_party
     party_sizes = [len(c) for c in np.array_split(np.arange(total), n)]
     shard_sizes = {k: [len(c) for c in np.array_split(np.arange(party_sizes[k]), per_party)] for k in range(n)}
-    sizes = np.array([shard_sizes[k].pop() for k in owner], dtype=np.int64)
+    sizes = np.array([shard_sizes[int(k)].pop() for k in owner], dtype=np.int64)
     shards = np.split(order, np.cumsum(sizes)[:-1])
     parts: list[list[np.ndarray]] = [[] for _ in range(n)]
     for k, shard in zip(owner, shards):

@@ -305,8 +305,9 @@ class Federation:
         gathered = broadcast(self._connections, parties,
                              lambda party: Message("evaluate", {"source": code, "config": config}, arrays=weights),
                              timeout=timeout)
-        per_party = {p: dict(r.content.get("metrics") or {}) for p, r in gathered.replies.items()}
-        examples = {p: int(r.content.get("examples") or 0) for p, r in gathered.replies.items()}
+        replies = {p: r for p, r in gathered.replies.items() if r is not None}
+        per_party = {p: dict(r.content.get("metrics") or {}) for p, r in replies.items()}
+        examples = {p: int(r.content.get("examples") or 0) for p, r in replies.items()}
         for party, metrics in per_party.items():
             metrics["examples"] = float(examples[party])
         global_metrics = weighted_metrics([(examples[p], {k: v for k, v in m.items() if k != "examples"})

@@ -172,10 +172,10 @@ def _definition(name: str, value: Any) -> list[str]:
             return [*imports, body.rstrip()] + ([f"{name} = {value.__name__}"] if name != value.__name__ else [])
     if isinstance(value, types.FunctionType):
         try:
-            body = textwrap.dedent(inspect.getsource(value))
+            function = textwrap.dedent(inspect.getsource(value))
         except (OSError, TypeError):
-            body = None
-        if body is not None:
-            return [body.rstrip()] + ([f"{name} = {value.__name__}"] if name != value.__name__ else [])
+            function = ""
+        if function:
+            return [function.rstrip()] + ([f"{name} = {value.__name__}"] if name != value.__name__ else [])
     raise ValueError(f"the model cell uses {name!r} (a {type(value).__name__}) from the notebook, which fednb cannot "
                      f"send as source; define or import it inside the cell")

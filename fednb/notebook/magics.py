@@ -49,6 +49,8 @@ def _parties(text: str | None) -> list[str] | None:
 class FedMagics(Magics):
     """The session's federation, its model definitions and its training run, driven by magics."""
 
+    shell: Any  # the IPython shell, set by Magics.__init__
+
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.federation: Federation | None = None

@@ -11,7 +11,6 @@ import hashlib
 import linecache
 import os
 import traceback
-from collections.abc import MutableMapping
 from typing import Any
 
 MAX_MESSAGE = 2000
@@ -40,7 +39,7 @@ def _filename(kind: str, source: str) -> str:
     return name
 
 
-def run_cell(source: str, namespace: MutableMapping[str, Any], *, kind: str = "cell") -> Any:
+def run_cell(source: str, namespace: dict[str, Any], *, kind: str = "cell") -> Any:
     """Execute ``source`` in ``namespace``; return its last expression's value, else None."""
     filename = _filename(kind, source)
     tree = ast.parse(source, filename=filename, mode="exec")

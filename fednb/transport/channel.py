@@ -50,7 +50,7 @@ def receive(sock: zmq.Socket, *, router: bool, limits: Limits = DEFAULT_LIMITS) 
     user = ""
     if frames:
         try:
-            user = frames[0].get("User-Id") or ""
+            user = str(frames[0].get("User-Id") or "")
         except zmq.ZMQError:
             user = ""
     nbytes = sum(len(frame) for frame in frames)

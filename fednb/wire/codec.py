@@ -60,7 +60,7 @@ def encode_array(name: str, array: np.ndarray) -> tuple[BufferDescriptor, memory
         "shape": [int(n) for n in array.shape],
         "nbytes": int(array.nbytes),
     }
-    return descriptor, memoryview(array.reshape(-1).view(np.uint8))
+    return descriptor, array.reshape(-1).view(np.uint8).data
 
 
 def check_descriptor(raw: Any, limits: Limits = DEFAULT_LIMITS) -> BufferDescriptor:
