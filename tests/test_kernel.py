@@ -131,3 +131,12 @@ def test_an_interrupt_stops_training_after_the_round_in_progress(kernel):
     # the model holds the last completed round's weights, and the kernel is usable
     reply = kernel.execute("%fed_eval")
     assert reply["content"]["status"] == "ok"
+
+
+def test_a_mistake_in_an_awaited_fed_train_is_still_a_one_line_usage_error(kernel):
+    outputs: list[dict[str, Any]] = []
+    reply = kernel.execute("%fed_train --rounds 0", on_iopub=outputs.append)
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "UsageError"
+    shown = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+    assert "rounds must be a positive integer" in shown and "Traceback" not in shown
+    assert not [m for m in outputs if m["msg_type"] == "error"]  # no traceback block either
