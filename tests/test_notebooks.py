@@ -132,6 +132,12 @@ def test_quickstart_dashboards_end_with_every_round_and_party(quickstart: Execut
     assert_finished(shown[custom], first=11, last=15, min_accuracy=0.85)
     assert shown[custom]["strategy"].lower().startswith("fedprox")
     assert all(row["loss"] is not None and 0 <= row["accuracy"] <= 1 for row in shown[custom]["parties"])
+    # Front ends without widgets (nbconvert, papermill, GitHub) show the stored summary: the final one.
+    for source in ("%fed_train", "%%fed_train"):
+        [static] = quickstart.outputs(source, "text/html")
+        [text] = quickstart.outputs(source, "text/plain")
+        assert 'data-state="done"' in static and all(party in static for party in PARTIES)
+        assert "waiting for training" not in text and "party-3" in text
 
 
 def test_quickstart_dashboards_update_while_training_runs(quickstart: Executed) -> None:
