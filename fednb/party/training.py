@@ -77,8 +77,16 @@ def loss_and_hits(outputs: torch.Tensor, targets: torch.Tensor, loss: str) -> tu
     return F.mse_loss(outputs, targets.to(outputs.dtype)), None
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model lives: a training cell may have moved it to a GPU, and the built-in
+    loops then feed it batches there."""
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
 def fit(model: torch.nn.Module, loader: DataLoader, config: Mapping[str, Any]) -> dict[str, float]:
     """Train ``model`` in place for ``config['epochs']`` passes; mean loss (and accuracy)."""
+    device = model_device(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if config["optimizer"] == "adam":
         optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=config["lr"], weight_decay=config["weight_decay"])
@@ -90,6 +98,7 @@ def fit(model: torch.nn.Module, loader: DataLoader, config: Mapping[str, Any]) -
     total_loss, hits, seen, steps = 0.0, 0, 0, 0
     for _ in range(config["epochs"]):
         for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss, correct = loss_and_hits(model(inputs), targets, config["loss"])
             objective = loss
@@ -117,7 +126,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, loss: str) -> tuple[dic
     """Mean loss (and accuracy) of ``model`` on ``loader``, with the number of examples."""
     model.eval()
     total_loss, hits, seen = 0.0, 0, 0
+    device = model_device(model)
     for inputs, targets in loader:
+        inputs, targets = inputs.to(device), targets.to(device)
         batch_loss, correct = loss_and_hits(model(inputs), targets, loss)
         total_loss += float(batch_loss) * len(targets)
         hits += correct or 0
