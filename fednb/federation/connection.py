@@ -151,7 +151,8 @@ class Connections:
         if self._closed:
             return
         with self._lock:
-            targets = [(name, message_id) for name, link in self._links.items() for message_id in link.pending]
+            # list(): a C-level copy, while the socket thread may add or settle requests
+            targets = [(name, message_id) for name, link in self._links.items() for message_id in list(link.pending)]
         for party, message_id in targets:
             self.cancel(party, message_id)
 

@@ -11,7 +11,6 @@ cell: a cell that never ends keeps that party busy until it is restarted. Real p
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from fednb.party.datasets import Datasets
@@ -26,7 +25,6 @@ class InProcess:
         self._datasets = datasets
         self._threads = threads
         self._kernel: Any = None
-        self._lock = threading.Lock()
 
     def start(self) -> Datasets:
         from fednb.party.kernel import Kernel
@@ -39,8 +37,8 @@ class InProcess:
         return self._datasets
 
     def run(self, identity: str, request: Message) -> Message:
-        with self._lock:  # one request at a time, as a worker would run them
-            return self._kernel.handle(identity, request)
+        """The kernel's reply; the party's one job thread calls this, one request at a time."""
+        return self._kernel.handle(identity, request)
 
     def cancel(self, message_id: str) -> bool:
         """A running cell cannot be stopped in process; queued requests are dropped by the server."""
