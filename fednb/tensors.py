@@ -50,16 +50,49 @@ def mismatch(template: Template, arrays: Mapping[str, np.ndarray]) -> str | None
     if missing or extra:
         parts = []
         if missing:
-            parts.append("missing " + ", ".join(missing[:5]))
+            parts.append(f"missing tensor {missing[0]!r}" + _more(missing))
         if extra:
-            parts.append("unexpected " + ", ".join(extra[:5]))
+            parts.append(f"unexpected tensor {extra[0]!r}" + _more(extra))
         return "; ".join(parts)
     for name, (shape, dtype) in template.items():
         array = arrays[name]
-        if tuple(array.shape) != shape:
-            return f"{name}: shape {tuple(array.shape)} instead of {shape}"
+        if not isinstance(array, (np.ndarray, np.generic)):
+            return f"tensor {name!r} is a {type(array).__name__}, not an array"
+        if tuple(array.shape) != tuple(shape):
+            return f"tensor {name!r} has shape {tuple(array.shape)}, expected {tuple(shape)}"
         if array.dtype.name != dtype:
-            return f"{name}: dtype {array.dtype.name} instead of {dtype}"
+            return f"tensor {name!r} has dtype {array.dtype.name}, expected {dtype}"
+    return None
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def check_update(
+    template: Template | Mapping[str, np.ndarray],
+    arrays: Mapping[str, np.ndarray],
+    examples: Any = None,
+) -> str | None:
+    """Why an update cannot be used, or None: the one check every update passes on its way.
+
+    ``template`` is a :data:`Template` or the arrays it is taken from (the weights that were
+    sent). The update must have the template's names (in any order), shapes and dtypes, and
+    finite float values; ``examples``, when given, must be a positive integer.
+    """
+    if not isinstance(arrays, Mapping):
+        return f"an update must be a mapping of name -> array, got {type(arrays).__name__}"
+    if examples is not None and (isinstance(examples, bool) or not isinstance(examples, (int, np.integer))
+                                 or examples <= 0):
+        return f"the example count must be a positive integer, not {examples!r}"
+    spec: Template = {name: (tuple(value.shape), value.dtype.name) if isinstance(value, np.ndarray) else value
+                      for name, value in template.items()}
+    problem = mismatch(spec, arrays)
+    if problem:
+        return problem
+    for name, array in arrays.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            return f"tensor {name!r} has non-finite values (NaN or infinity)"
     return None
 
 

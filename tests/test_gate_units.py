@@ -117,7 +117,7 @@ def guard():
 
 
 def _train(arrays, content=None):
-    request = Message("train", {"source": MLP, "config": {}}, round=1,
+    request = Message("train", {"source": MLP, "config": {}, "run": "ab" * 16}, round=1,
                       arrays={"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)})
     reply = request.reply("result", content or {"examples": 60, "metrics": {"loss": 0.5}, "seconds": 0.1}, arrays)
     return request, reply
@@ -127,12 +127,12 @@ GOOD = {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}
 
 
 @pytest.mark.parametrize("arrays, content, why", [
-    ({"w": GOOD["w"], "data": np.ones(3, np.float32)}, None, "missing b; unexpected data"),      # a renamed tensor
-    ({**GOOD, "extra": np.ones(3, np.float32)}, None, "unexpected extra"),                       # an extra key
+    ({"w": GOOD["w"], "data": np.ones(3, np.float32)}, None, "missing tensor 'b'; unexpected tensor 'data'"),      # a renamed tensor
+    ({**GOOD, "extra": np.ones(3, np.float32)}, None, "unexpected tensor 'extra'"),                    # an extra key
     ({"w": np.ones((5, 3), np.float32), "b": GOOD["b"]}, None, "shape"),                          # a wrong shape
     ({"w": GOOD["w"], "b": GOOD["b"].astype(np.float64)}, None, "dtype"),                        # a wrong dtype
     ({"w": np.full((4, 3), np.nan, np.float32), "b": GOOD["b"]}, None, "non-finite"),              # NaN
-    (GOOD, {"examples": 60, "metrics": {"note": "secret"}}, "not a number"),                      # a string metric
+    (GOOD, {"examples": 60, "metrics": {"note": "secret"}}, "finite number"),                   # a string metric
     (GOOD, {"examples": 60, "metrics": {f"m{i}": 1.0 for i in range(17)}}, "17 metrics"),          # 17 metrics
     (GOOD, {"examples": 60, "metrics": {"patient Smith": 1.0}}, "not a plain name"),              # data in a name
     (GOOD, {"examples": 10**6, "metrics": {}}, "example count"),                                  # data in a count

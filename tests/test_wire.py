@@ -11,8 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import fednb.wire
 from fednb.errors import WireError
-from fednb.wire import DTYPES, Limits, Message, check_content, decode, encode
+from fednb.party.egress import EgressRules
+from fednb.wire import DTYPES, MAX_METRICS, Limits, Message, check_content, decode, encode
+
+RUN = "0123456789abcdef" * 2
 
 _dtypes = st.sampled_from(sorted(DTYPES)).map(lambda name: DTYPES[name])
 _arrays = _dtypes.flatmap(lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
@@ -162,20 +166,67 @@ def test_limits_are_checked_before_allocation():
 
 
 def test_check_content_validates_fields_per_type():
-    good = Message(type="train", content={"source": "model = 1", "config": {}})
+    good = Message(type="train", content={"source": "model = 1", "config": {}, "run": RUN})
     assert check_content(good) is good
+    assert check_content(Message(type="train", content={**good.content, "evaluate": True}))
     for content, match in [
-        ({"config": {}}, "missing field 'source'"),
-        ({"source": 3, "config": {}}, "wrong type"),
-        ({"source": "x", "config": {}, "rm": 1}, "unexpected field"),
-        ({"source": "x" * (2 * 1024 * 1024), "config": {}}, "longer than"),
+        ({"config": {}, "run": RUN}, "missing field 'source'"),
+        ({"source": 3, "config": {}, "run": RUN}, "wrong type"),
+        ({"source": "x", "config": {}, "run": RUN, "rm": 1}, "unexpected field"),
+        ({"source": "x" * (2 * 1024 * 1024), "config": {}, "run": RUN}, "longer than"),
+        ({"source": "x", "config": {}}, "missing field 'run'"),
+        ({"source": "x", "config": {}, "run": RUN.upper()}, "32 lowercase hex"),
+        ({"source": "x", "config": {}, "run": RUN[:-1]}, "32 lowercase hex"),
+        ({"source": "x", "config": {}, "run": RUN, "evaluate": 1}, "wrong type"),
     ]:
         with pytest.raises(WireError, match=match):
             check_content(Message(type="train", content=content))
     with pytest.raises(WireError, match="finite"):
         check_content(Message(type="result", content={"metrics": {"loss": "high"}}))
     with pytest.raises(WireError, match="more than"):
-        check_content(Message(type="result", content={"metrics": {f"m{i}": 1.0 for i in range(65)}}))
+        check_content(Message(type="result", content={"metrics": {f"m{i}": 1.0 for i in range(MAX_METRICS + 1)}}))
+    evaluation = {"examples": 5, "metrics": {"accuracy": 0.5}}
+    assert check_content(Message(type="result", content={"examples": 3, "evaluation": evaluation}))
+    for bad, match in [
+        ({"examples": 5}, "exactly: examples, metrics"),
+        ({**evaluation, "extra": 1}, "exactly: examples, metrics"),
+        ({"examples": -1, "metrics": {}}, "non-negative"),
+        ({"examples": True, "metrics": {}}, "non-negative"),
+        ({"examples": 5, "metrics": {"loss": float("nan")}}, "finite"),
+        ({"examples": 5, "metrics": {f"m{i}": 1.0 for i in range(MAX_METRICS + 1)}}, "more than"),
+        ([1, 2], "wrong type"),
+    ]:
+        with pytest.raises(WireError, match=match):
+            check_content(Message(type="result", content={"evaluation": bad}))
+
+
+def test_one_metric_limit():
+    assert MAX_METRICS == 16 and fednb.wire.MAX_METRICS is MAX_METRICS
+    assert EgressRules().max_metrics == MAX_METRICS
+    with pytest.raises(ValueError, match="at most 16"):
+        EgressRules(max_metrics=17)
+
+
+@pytest.mark.parametrize("header", [
+    b'{"v":1,"id":"%s","type":"run","round":null,"reply_to":null,"content":{"source":"\\ud800"},"buffers":[]}',
+    b'{"v":1,"id":"%s","type":"run","round":null,"reply_to":null,"content":{"\\udfff":1,"source":"x"},"buffers":[]}',
+    b'{"v":1,"id":"%s","type":"train","round":1,"reply_to":null,"content":{"source":"x","config":{"a":["\\udc00"]}},'
+    b'"buffers":[]}',
+    b'{"v":1,"id":"%s","type":"run","round":null,"reply_to":null,"content":{"source":"x"},'
+    b'"buffers":[{"name":"\\ud800","dtype":"uint8","shape":[0],"nbytes":0}]}',
+])
+def test_lone_surrogates_anywhere_in_the_header_are_refused(header):
+    with pytest.raises(WireError, match="lone surrogate"):
+        decode([header % RUN.encode(), b""][: 2 if b"nbytes" in header else 1])
+
+
+def test_valid_escapes_and_non_ascii_text_pass():
+    header = (b'{"v":1,"id":"%s","type":"run","round":null,"reply_to":null,'
+              b'"content":{"source":"\\ud83d\\ude00 \xc3\xa9"},"buffers":[]}' % RUN.encode())
+    assert decode([header]).content["source"] == "\U0001f600 \u00e9"
+    assert decode(encode(Message("run", {"source": "caf\u00e9 \U0001f600"}))).content["source"] == "caf\u00e9 \U0001f600"
+    with pytest.raises(ValueError, match="lone surrogate"):
+        encode(Message("error", {"error_type": "X", "message": "\ud800"}))
 
 
 def _mutate(frame: bytes, rng: random.Random) -> bytes:
@@ -190,7 +241,7 @@ def _mutate(frame: bytes, rng: random.Random) -> bytes:
         elif op < 0.8:
             del data[position : position + rng.randint(1, 8)]
         else:
-            token = rng.choice([b"[", b"{", b'"', b"-1", b"1e999", b"NaN", b"null", b"\\u0000", b"9" * 30])
+            token = rng.choice([b"[", b"{", b'"', b"-1", b"1e999", b"NaN", b"null", b"\\u0000", b"\\ud800", b"9" * 30])
             data[position:position] = token
     return bytes(data)
 
@@ -199,7 +250,7 @@ def test_mutated_frames_only_ever_raise_wire_error():
     """10^5 mutations of valid messages: each decodes or raises WireError, nothing else."""
     rng = random.Random(1234)
     seeds = [
-        _frames(Message(type="train", content={"source": "model = M()", "config": {"lr": 0.1}}, round=1,
+        _frames(Message(type="train", content={"source": "model = M()", "config": {"lr": 0.1}, "run": RUN}, round=1,
                         arrays={"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.int64)})),
         _frames(Message(type="result", content={"examples": 10, "metrics": {"loss": 0.5}}, arrays={"x": np.arange(4, dtype=np.uint8)})),
         _frames(Message(type="heartbeat")),

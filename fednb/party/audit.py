@@ -6,6 +6,13 @@ zeros for the first), and ``audit.head`` (written atomically after each append) 
 number of lines and the hash of the last one, so editing, inserting, deleting or reordering
 any line, the last one included, breaks the chain. This makes a change evident; it cannot
 stop someone who may write the directory from rewriting the whole chain and head together.
+
+A broken chain stays broken: a party whose log does not verify at start-up refuses to serve
+(a new entry chained onto a tampered line would make the log look intact again) until its
+owner acts. :func:`new_chain` (``fednb audit DIR --new-chain``) sets the broken log aside,
+under a name with the time, and starts a new chain whose first entry records the old log's
+name, SHA-256 and problem. Appending fails closed: when a line cannot be written the log
+raises, and stays failed, so the party refuses work it cannot record.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,16 +118,69 @@ def _verify(directory: Path) -> Verification:
     return result
 
 
+def who(entry: Mapping[str, Any]) -> str:
+    """The coordinator of an entry as the owner reads it: its authorized-keys label and key prefix."""
+    key = str(entry.get("coordinator") or "?")
+    label = entry.get("label")
+    return f"{label} ({key[:12]})" if isinstance(label, str) and label else key[:12]
+
+
+def new_chain(directory: Path) -> Path:
+    """Set a log that does not verify aside and start a new chain; returns where the old log went.
+
+    The new chain's first entry records the old log's file name, SHA-256, entry count and
+    problem. Refuses (GateError) when the log is intact or a party is serving the directory.
+    """
+    directory = Path(directory)
+    fd = os.open(directory / ".serving", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GateError(f"a party is serving from {directory}; stop it first") from None
+        with _locked(directory, fcntl.LOCK_EX):
+            checked = _verify(directory)
+            if checked.intact:
+                raise GateError(f"the audit log in {directory} is intact; there is nothing to set aside")
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = directory / f"audit.broken-{stamp}.jsonl"
+            number = 1
+            while aside.exists() or aside.with_suffix(".head").exists():  # never overwrite an earlier one
+                number += 1
+                aside = directory / f"audit.broken-{stamp}-{number}.jsonl"
+            log_path, head_path = directory / "audit.jsonl", directory / "audit.head"
+            digest = hashlib.sha256(log_path.read_bytes()).hexdigest() if log_path.exists() else None
+            if log_path.exists():
+                os.replace(log_path, aside)
+            if head_path.exists():
+                os.replace(head_path, aside.with_suffix(".head"))
+        AuditLog(directory).append({
+            "type": "new-chain", "decision": None,
+            "outcome": f"new chain: the previous log did not verify ({checked.problem})",
+            "previous_log": aside.name, "previous_sha256": digest, "previous_entries": len(checked.entries),
+        })
+    finally:
+        os.close(fd)
+    log.warning("set the broken audit log of %s aside as %s and started a new chain", directory, aside.name)
+    return aside
+
+
 class AuditLog:
-    """Appends hash-chained entries to one party directory's log (one writer: the party)."""
+    """Appends hash-chained entries to one party directory's log (one writer: the party).
+
+    GateError at construction when the log does not verify (see the module docstring).
+    """
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "audit.jsonl"
         self.head_path = directory / "audit.head"
+        #: Set once an append failed: the log and its head may disagree, and nothing more is written.
+        self.failed = False
         checked = verify(directory)
         if not checked.intact:
-            log.error("the audit log in %s is not intact: %s; new entries chain on from its last line",
-                      directory, checked.problem)
+            raise GateError(f"the audit log in {directory} does not verify ({checked.problem}); the party will not "
+                            f"serve until its owner looks: `fednb audit {directory}` shows it, and "
+                            f"`fednb audit {directory} --new-chain` sets it aside and starts a new chain")
         self._count = len(checked.entries)
         self._last = GENESIS
         if self._count:
@@ -128,7 +189,9 @@ class AuditLog:
                     self._last = line_hash(raw.rstrip(b"\n"))
 
     def append(self, entry: Mapping[str, Any]) -> None:
-        """Write one entry (``time`` and ``prev`` are added); errors are logged, never raised."""
+        """Write one entry (``time`` and ``prev`` are added); GateError when it cannot be written."""
+        if self.failed:
+            raise GateError(f"the audit log {self.path} failed earlier; nothing more is written to it")
         record = {key: entry.get(key) for key in FIELDS if key != "time"}
         record.update({k: v for k, v in entry.items() if k not in record})
         record["time"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
@@ -145,5 +208,7 @@ class AuditLog:
                 self._last = line_hash(line)
                 self._count += 1
                 write_json(self.head_path, {"entries": self._count, "last": self._last})
-        except OSError as exc:
+        except (OSError, GateError) as exc:
+            self.failed = True
             log.error("could not append to the audit log %s: %s", self.path, exc)
+            raise GateError(f"could not append to the audit log {self.path}: {exc}") from exc

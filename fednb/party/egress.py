@@ -6,7 +6,8 @@ the allowed parts only, so nothing the worker added rides along:
 train     tensors whose names, shapes and dtypes match the approved model's state_dict (the
           template of the weights the coordinator sent, which the worker checked against the
           model built from the approved source), all finite; the example count (at most the
-          train split's size); at most 16 scalar metrics with plain names.
+          train split's size); at most 16 scalar metrics with plain names; and, when the request
+          asked for it, the evaluation of the weights it sent (as for evaluate, below).
 evaluate  the example count (at most the test split's size) and the scalar metrics.
 run       numbers, and lists/dicts/arrays of numbers, at most ``max_values`` of them; integers
           from 1 to ``min_group - 1`` are treated as small counts and suppressed (sent as None,
@@ -28,7 +29,6 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,8 +36,8 @@ import numpy as np
 
 from fednb.errors import GateError, WireError
 from fednb.party.datasets import Datasets
-from fednb.tensors import mismatch, template_of
-from fednb.wire import Message
+from fednb.tensors import check_update
+from fednb.wire import MAX_METRICS, Message, check_metrics
 from fednb.wire.values import pack_value, unpack_value
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class EgressBlocked(GateError):
 class EgressRules:
     """The guard's limits, set by the party's owner."""
 
-    max_metrics: int = 16
+    max_metrics: int = MAX_METRICS
     max_values: int = 1000
     min_group: int = 5
     max_message: int = 300
@@ -71,6 +71,8 @@ class EgressRules:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name != "min_group" else 0):
                 raise ValueError(f"egress {name} must be a positive integer, got {value!r}")
+        if self.max_metrics > MAX_METRICS:
+            raise ValueError(f"egress max_metrics may be at most {MAX_METRICS}, the wire's limit")
 
 
 def _plain_name(name: Any, what: str) -> str:
@@ -79,21 +81,15 @@ def _plain_name(name: Any, what: str) -> str:
     return name
 
 
-def _metrics(raw: Any, limit: int) -> dict[str, float]:
+def _metrics(raw: Any, limit: int, where: str) -> dict[str, float]:
     if raw is None:
         return {}
-    if not isinstance(raw, Mapping):
-        raise EgressBlocked("metrics must be a mapping of names to numbers")
-    if len(raw) > limit:
-        raise EgressBlocked(f"{len(raw)} metrics, more than the {limit} allowed")
-    metrics = {}
-    for key, value in raw.items():
+    try:
+        metrics = check_metrics(raw, where=where, limit=limit)
+    except WireError as exc:
+        raise EgressBlocked(str(exc)) from None
+    for key in metrics:
         _plain_name(key, "metric name")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EgressBlocked(f"metric {key!r} is a {type(value).__name__}, not a number")
-        if not math.isfinite(value):
-            raise EgressBlocked(f"metric {key!r} is not finite")
-        metrics[key] = float(value)
     return metrics
 
 
@@ -231,27 +227,32 @@ class Guard:
             raise EgressBlocked(f"a {reply.type!r} reply may not leave")
         content = reply.content
         if request.type == "train":
-            template = template_of(request.arrays)
-            problem = mismatch(template, reply.arrays)
+            examples = content.get("examples")
+            problem = check_update(request.arrays, reply.arrays, examples)
             if problem:
-                raise EgressBlocked(f"the weights do not match the approved model ({problem})")
-            for name, array in reply.arrays.items():
-                if array.dtype.kind == "f" and not np.isfinite(array).all():
-                    raise EgressBlocked(f"tensor {name} has non-finite values")
-            out = {"examples": _examples(content.get("examples"), self._sizes.get("train", 0)),
-                   "metrics": _metrics(content.get("metrics"), self.rules.max_metrics),
+                raise EgressBlocked(f"the update does not fit the approved model: {problem}")
+            out = {"examples": _examples(examples, self._sizes.get("train", 0)),
+                   "metrics": _metrics(content.get("metrics"), self.rules.max_metrics, "train metrics"),
                    "seconds": _seconds(content.get("seconds"))}
+            evaluation = content.get("evaluation")
+            if request.content.get("evaluate") and evaluation is not None:
+                out["evaluation"] = self._evaluation(evaluation)
             return request.reply("result", out, dict(reply.arrays)), ""
         if request.type == "evaluate":
             if reply.arrays:
                 raise EgressBlocked("an evaluation may return metrics only, not tensors")
-            out = {"examples": _examples(content.get("examples"), self._sizes.get("test", 0)),
-                   "metrics": _metrics(content.get("metrics"), self.rules.max_metrics),
-                   "seconds": _seconds(content.get("seconds"))}
+            out = {**self._evaluation(content), "seconds": _seconds(content.get("seconds"))}
             return request.reply("result", out), ""
         if request.type == "run":
             return self._run(request, reply)
         raise EgressBlocked(f"no rule lets a reply to {request.type!r} out")
+
+    def _evaluation(self, content: Any) -> dict[str, Any]:
+        """The example count (at most the test split's size) and the metrics of one evaluation."""
+        if not isinstance(content, dict):
+            raise EgressBlocked("an evaluation must be an object of examples and metrics")
+        return {"examples": _examples(content.get("examples"), self._sizes.get("test", 0)),
+                "metrics": _metrics(content.get("metrics"), self.rules.max_metrics, "evaluation metrics")}
 
     def _run(self, request: Message, reply: Message) -> tuple[Message, str]:
         try:

@@ -38,6 +38,11 @@ _BANNER = """
 ************************************************************************************"""
 
 
+def who(identity: str, label: str = "") -> str:
+    """A coordinator as the owner reads it: its authorized-keys label, and its key's first digits."""
+    return f"{label} ({identity[:12]})" if label else identity[:12]
+
+
 @dataclass
 class Ticket:
     """One request on its way through the gate."""
@@ -49,6 +54,10 @@ class Ticket:
     code: RequestCode | None = None
     decision: Decision | None = None
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def who(self) -> str:
+        return who(self.identity, self.label)
 
 
 class Gate:
@@ -67,8 +76,12 @@ class Gate:
         self.audit: AuditLog | None = None
         if self.directory is not None:
             self._claim(self.directory)
-            self.approvals = Approvals(self.directory, party)
-            self.audit = AuditLog(self.directory)
+            try:
+                self.approvals = Approvals(self.directory, party)
+                self.audit = AuditLog(self.directory)  # GateError when the log does not verify
+            except BaseException:
+                self.close()
+                raise
         self.guard = Guard(party, datasets, rules)
         if policy == "open":
             log.warning(_BANNER.format(party=party))
@@ -96,6 +109,10 @@ class Gate:
         ``again``: a waiting request looked at anew after the owner's decisions changed. When the
         party directory cannot be read or written, the request is refused (and that is logged).
         """
+        if self.audit is not None and self.audit.failed:  # fail closed: nothing runs that the log cannot record
+            ticket.decision = Decision(Verdict.REFUSE, f"{self.party} cannot write its audit log, so it runs nothing "
+                                                       "until its owner fixes that (see its log)")
+            return ticket.decision
         try:
             return self._admit(ticket, again)
         except (OSError, GateError) as exc:
@@ -131,7 +148,8 @@ class Gate:
         if message.type == "train":
             values = sum(int(np.prod(a.shape)) for a in message.arrays.values())
             return (f"the model's weights ({len(message.arrays)} tensors, {values:,} values, names, shapes and dtypes "
-                    f"as sent), the example count and at most {rules.max_metrics} scalar metrics")
+                    f"as sent), the example count and at most {rules.max_metrics} scalar metrics, and when asked "
+                    "the example count and metrics of the weights sent on the test split")
         if message.type == "evaluate":
             return "the example count and scalar metrics (loss, accuracy) of the model on the test split"
         return (f"numbers, or lists/dicts/arrays of numbers (at most {rules.max_values:,} values; counts from 1 to "
@@ -144,7 +162,7 @@ class Gate:
         request = ticket.message
         if reply.type == "error":
             trace = reply.content.get("traceback")
-            log.warning("%s request %s from %s failed: %s: %s%s", request.type, request.id[:8], ticket.identity[:12],
+            log.warning("%s request %s from %s failed: %s: %s%s", request.type, request.id[:8], ticket.who,
                         reply.content.get("error_type"), reply.content.get("message"),
                         f"\n{trace}" if isinstance(trace, str) and trace else "")
         try:
@@ -154,7 +172,7 @@ class Gate:
                 out, note = self._plain(request, reply), ""
         except EgressBlocked as exc:
             log.warning("egress guard blocked the reply to %s request %s from %s: %s", request.type, request.id[:8],
-                        ticket.identity[:12], exc.reason)
+                        ticket.who, exc.reason)
             message = f"{self.party}'s egress guard blocked the reply: {exc.reason}"
             return request.reply("error", {"error_type": "EgressBlocked", "message": message}), f"blocked: {exc.reason}"
         if note:
@@ -183,12 +201,15 @@ class Gate:
     # -- the record -------------------------------------------------------------------------------
 
     def record(self, ticket: Ticket, outcome: str, bytes_out: int = 0) -> None:
-        """One audit line for a request that is finished (answered, refused, cancelled or abandoned)."""
+        """One audit line for a request that is finished (answered, refused, cancelled or abandoned).
+
+        Raises GateError when the line cannot be written: the caller withholds the reply.
+        """
         if self.audit is None:
             return
         message = ticket.message
         self.audit.append({
-            "coordinator": ticket.identity, "type": message.type, "request": message.id, "round": message.round,
+            "coordinator": ticket.identity, "label": ticket.label or None, "type": message.type, "request": message.id, "round": message.round,
             "code_hash": ticket.code.hash if ticket.code else None,
             "decision": ticket.decision.verdict.value if ticket.decision else None,
             "reason": ticket.decision.reason if ticket.decision else None, "notes": ticket.notes or None,

@@ -7,18 +7,20 @@
                                           <──gate.release (egress guard)── sandbox worker process
 
 The socket thread never runs coordinator code, so heartbeats keep flowing while a long cell
-runs, and a malformed message is answered with an error while the party goes on serving.
-Coordinator code runs in a worker process per coordinator (:mod:`fednb.party.sandbox`); a
-request whose code the owner has not approved waits (policy review) or is refused
-(allowlist), and every request ends in one line of the audit log (:mod:`fednb.party.gate`).
+runs, and a malformed message, or one the party fails on, is answered with an error while the
+party goes on serving. What happens to a request between the socket and the worker (replay
+memory, waiting for the owner, the job thread) is :mod:`fednb.party.admission`'s. Coordinator
+code runs in a worker process per coordinator (:mod:`fednb.party.sandbox`); a request whose
+code the owner has not approved waits (policy review) or is refused (allowlist), and every
+request ends in one line of the audit log (:mod:`fednb.party.gate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -29,22 +31,28 @@ from typing import Any
 import zmq
 
 from fednb import __version__
+from fednb.party.admission import Admission, Outgoing, internal_error
 from fednb.party.datasets import Datasets
 from fednb.party.egress import EgressRules
-from fednb.party.gate import Gate, Ticket
-from fednb.party.policy import POLICIES, Decision, Verdict, check_policy
+from fednb.party.gate import Gate, Ticket, who
 from fednb.party.inprocess import InProcess
+from fednb.party.policy import POLICIES, check_policy
 from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT, Sandbox
 from fednb.transport import AllowList, Authenticator, Keypair, bound_endpoint, server_socket
-from fednb.transport.channel import Received, receive, send
+from fednb.transport.channel import Received, receive
+from fednb.transport.sockets import send_frames
 from fednb.wire import DEFAULT_LIMITS, Limits, Message, encode
+from fednb.wire.limits import GiB
 
 log = logging.getLogger(__name__)
 
-__all__ = ["POLICIES", "PartyServer", "serve"]
+__all__ = ["MAX_MESSAGE_BYTES", "POLICIES", "PartyServer", "serve"]
 
 WORK = frozenset({"train", "evaluate", "run"})
-MAX_WAITING = 64  # requests held for the owner at once (each may hold a model's weights)
+#: The largest message a party accepts by default (``fednb party --max-message-bytes``): a model
+#: of up to 256M float32 parameters (1 GiB of weights) with its header, as the default worker
+#: memory limit (4 GiB: weights, gradients and optimizer state) can train.
+MAX_MESSAGE_BYTES = 1 * GiB
 
 
 class State(enum.Enum):
@@ -62,12 +70,6 @@ class _Session:
     last_seen: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class _Job:
-    routing: bytes
-    ticket: Ticket
-
-
 class PartyServer:
     """Serves one party's kernel on one endpoint until :meth:`stop`.
 
@@ -77,7 +79,10 @@ class PartyServer:
     the audit log live), ``open`` (warns loudly), or ``simulation``. Each request runs in a
     worker process limited to ``time_limit`` seconds and to allocating ``memory_limit`` more
     bytes; ``egress`` sets the guard's limits. A simulation may pass ``contained=False`` to
-    run requests in this process instead (:mod:`fednb.party.inprocess`).
+    run requests in this process instead (:mod:`fednb.party.inprocess`). ``max_message_bytes``
+    (default :data:`MAX_MESSAGE_BYTES`) bounds one message's tensors and each frame (ZeroMQ's
+    ``MAXMSGSIZE`` drops a peer that sends a larger frame); ``max_held_bytes`` (default twice
+    that) bounds the requests held while they wait for the owner, queue or run.
     """
 
     def __init__(
@@ -97,6 +102,8 @@ class PartyServer:
         heartbeat: float = 1.0,
         timeout: float = 10.0,
         limits: Limits = DEFAULT_LIMITS,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        max_held_bytes: int | None = None,
         contained: bool = True,
     ) -> None:
         check_policy(policy)
@@ -118,11 +125,17 @@ class PartyServer:
         self.egress = egress or EgressRules()
         self.heartbeat = heartbeat
         self.timeout = timeout
-        self.limits = limits
+        # no frame (header or buffer) may be larger than a whole message: MAXMSGSIZE follows.
+        # Limits refuses a max_message_bytes that is not a positive int.
+        self.limits = dataclasses.replace(limits, max_message_bytes=max_message_bytes,
+                                          max_buffer_bytes=min(limits.max_buffer_bytes, max_message_bytes),
+                                          max_header_bytes=min(limits.max_header_bytes, max_message_bytes))
+        self.max_held_bytes = max_held_bytes if max_held_bytes is not None else 2 * max_message_bytes
         runner = Sandbox if contained else InProcess
         self.sandbox = runner(name, datasets, time_limit=time_limit, memory_limit=memory_limit, threads=threads,
-                              limits=limits)
+                              limits=self.limits)
         self.gate: Gate | None = None
+        self.admission: Admission | None = None
         self.state = State.NEW
         self._stop = threading.Event()
         #: Set once the server has stopped serving (for watchers such as the approvals widget).
@@ -130,13 +143,10 @@ class PartyServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._results: queue.Queue[tuple[bytes, Ticket, Message, str]] = queue.Queue()
-        self._cancelled: set[str] = set()
-        self._waiting: dict[str, tuple[bytes, Ticket]] = {}
         self._sessions: dict[bytes, _Session] = {}
-        #: Counters for monitoring and tests: messages received, malformed ones refused, requests run.
-        self.stats = {"received": 0, "malformed": 0, "requests": 0, "bytes_in": 0, "bytes_out": 0}
+        #: Counters for monitoring and tests: messages received, malformed ones refused, requests run,
+        #: messages the party itself failed on.
+        self.stats = {"received": 0, "malformed": 0, "requests": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0}
         self._wake_address = f"inproc://fednb-party-{uuid.uuid4().hex}"
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -154,15 +164,25 @@ class PartyServer:
             self.stopped.set()
 
     def _prepare(self) -> None:
-        """Start the worker zygote (forked now, before any thread, when that is safe) and the gate."""
+        """Open the gate (a broken audit log stops here), then start the worker zygote and admission.
+
+        The zygote forks now, before any thread, when that is safe.
+        """
         if self.gate is not None:
             return
+        gate = Gate(self.name, self.policy, self.datasets, directory=self.directory, rules=self.egress)
         try:
             self.datasets = self.sandbox.start()
-            self.gate = Gate(self.name, self.policy, self.datasets, directory=self.directory, rules=self.egress)
+            # the guard reads the shared copy the workers see; the caller's copy can then be freed
+            gate.guard.datasets = self.datasets
         except BaseException:
             self.sandbox.stop()
+            gate.close()
             raise
+        self.gate = gate
+        hint = f"fednb approve {self.directory}" if self.directory is not None else "the owner's approval"
+        self.admission = Admission(self.name, gate, self.sandbox, approve_hint=hint,
+                                   max_held_bytes=self.max_held_bytes)
 
     def start(self, timeout: float = 30.0) -> str:
         """Serve on a background thread; return the bound endpoint once it listens."""
@@ -192,10 +212,10 @@ class PartyServer:
     # -- the socket thread ----------------------------------------------------------------------
 
     def _serve(self, on_ready: Callable[[str], None] | None) -> None:
+        assert self.gate is not None and self.admission is not None
         context = zmq.Context()
         authenticator = None
         sockets: list[zmq.Socket] = []
-        worker = threading.Thread(target=self._work, args=(context,), name=f"fednb-kernel-{self.name}", daemon=True)
         try:
             if self.keypair is not None and self.allow is not None:
                 authenticator = Authenticator(context, self.allow)
@@ -206,7 +226,7 @@ class PartyServer:
             wake = context.socket(zmq.PAIR)
             sockets.append(wake)
             wake.bind(self._wake_address)
-            worker.start()
+            self.admission.start(context, self._wake_address)
             self.endpoint = bound_endpoint(router)
             log.info("party %s serving on %s (policy %s)", self.name, self.endpoint, self.policy)
             self._ready.set()
@@ -214,24 +234,21 @@ class PartyServer:
                 on_ready(self.endpoint)
             self._loop(router, wake, authenticator)
         finally:
-            self._jobs.put(None)
+            self.admission.stop()
             self.sandbox.stop()  # ends a running request, so the job thread can see the end of the queue
             for sock in sockets:
                 sock.close(linger=0)
             if authenticator is not None:
                 authenticator.stop()
-            if worker.is_alive():
-                worker.join(timeout=0.5)
-            if worker.is_alive():  # a cell still running: its socket stays open, so don't wait for it
+            if not self.admission.join(timeout=0.5):  # a cell still running: its socket stays open
                 context.destroy(linger=0)
             else:
                 context.term()
-            if self.gate is not None:
-                for _, ticket in self._waiting.values():
-                    self.gate.record(ticket, "abandoned: the party stopped")
-                self.gate.close()
+            self.admission.abandon("the party stopped")
+            self.gate.close()
 
     def _loop(self, router: zmq.Socket, wake: zmq.Socket, authenticator: Authenticator | None) -> None:
+        assert self.gate is not None and self.admission is not None
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
@@ -241,36 +258,47 @@ class PartyServer:
             if wake in events:
                 while wake.poll(0):
                     wake.recv()
-                self._send_results(router)
+                self._send(router, self.admission.finished())
             if router in events:
                 for _ in range(256):
                     try:
                         received = receive(router, router=True, limits=self.limits)
                     except zmq.Again:
                         break
-                    self._dispatch(router, received)
-            assert self.gate is not None
-            if self._waiting and self.gate.changed():
-                self._recheck(router)
+                    self._handle(router, received)
+            if self.admission.waiting and self.gate.changed():
+                self._send(router, self.admission.recheck())
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self.heartbeat
                 self._beat(router, now, authenticator)
 
+    def _handle(self, router: zmq.Socket, received: Received) -> None:
+        """Handle one message; whatever goes wrong costs that message an error reply, never the party."""
+        try:
+            self._dispatch(router, received)
+        except Exception:  # a bug of ours, or input no check foresaw: logged with its traceback, answered
+            self.stats["failed"] += 1
+            request = received.message
+            log.exception("the party failed on %s from %s", f"{request.type} {request.id[:8]}" if request else
+                          "a malformed message", received.user or "local")
+            self._reply(router, received.routing or b"", internal_error(request))
+
     def _dispatch(self, router: zmq.Socket, received: Received) -> None:
+        assert self.admission is not None
         routing = received.routing or b""
         identity = received.user or "local"
         session = self._sessions.get(routing)
         if session is None:
             session = self._sessions[routing] = _Session(routing, identity)
-            log.info("coordinator %s connected", identity[:12])
+            log.info("coordinator %s connected", self._who(identity))
         session.last_seen = time.monotonic()
         self.stats["received"] += 1
         self.stats["bytes_in"] += received.nbytes
         message = received.message
         if message is None:
             self.stats["malformed"] += 1
-            log.warning("refused a malformed message from %s: %s", identity[:12], received.error)
+            log.warning("refused a malformed message from %s: %s", self._who(identity), received.error)
             self._reply(router, routing, Message("error", {"error_type": "WireError", "message": str(received.error)}))
             return
         if message.type == "heartbeat":
@@ -282,152 +310,73 @@ class PartyServer:
             }))
         elif message.type in WORK:
             self.stats["requests"] += 1
-            label = (self.allow.label(identity.encode()) or "") if self.allow is not None else ""
-            self._admit(router, routing, Ticket(identity, message, received.nbytes, label))
+            ticket = Ticket(identity, message, received.nbytes, self._label(identity))
+            self._send(router, self.admission.admit(routing, ticket))
         elif message.type == "cancel":
-            self._cancel(message.content["target"])
+            self.admission.cancel(message.content["target"])
         else:
             self._reply(router, routing, message.reply("error", {
                 "error_type": "ProtocolError", "message": f"a party does not accept {message.type!r} messages"}))
 
-    # -- the gate ------------------------------------------------------------------------------
+    def _label(self, identity: str) -> str:
+        return (self.allow.label(identity.encode()) or "") if self.allow is not None else ""
 
-    def _admit(self, router: zmq.Socket, routing: bytes, ticket: Ticket) -> None:
-        assert self.gate is not None
-        decision = self.gate.admit(ticket)
-        message = ticket.message
-        if decision.verdict is Verdict.WAIT and len(self._waiting) >= MAX_WAITING:
-            ticket.decision = decision = Decision(Verdict.REFUSE, f"{MAX_WAITING} requests already wait for the owner "
-                                                                  f"of {self.name}; try again later")
-        if decision.verdict is Verdict.RUN:
-            self._jobs.put(_Job(routing, ticket))
-        elif decision.verdict is Verdict.REFUSE:
-            log.warning("refused %s request %s from %s: %s", message.type, message.id[:8], ticket.identity[:12],
-                        decision.reason)
-            self._answer(router, routing, ticket, self.gate.refusal(ticket), "refused")
-        else:
-            log.warning("%s request %s from %s is %s; decide with `fednb approve %s`", message.type, message.id[:8],
-                        ticket.identity[:12], decision.reason, self.directory)
-            self._waiting[message.id] = (routing, ticket)
-            status = {"state": "awaiting approval", "detail": decision.reason}
-            self._reply(router, routing, message.reply("status", status))
+    def _who(self, identity: str) -> str:
+        return who(identity, self._label(identity))
 
-    def _recheck(self, router: zmq.Socket) -> None:
-        """The owner decided something: run or refuse what waited for it."""
-        assert self.gate is not None
-        for message_id, (routing, ticket) in list(self._waiting.items()):
-            decision = self.gate.admit(ticket, again=True)
-            if decision.verdict is Verdict.WAIT:
-                continue
-            del self._waiting[message_id]
-            ticket.notes.append("waited for the owner")
-            if decision.verdict is Verdict.RUN:
-                log.info("%s request %s approved; running it", ticket.message.type, message_id[:8])
-                self._reply(router, routing, ticket.message.reply("status", {"state": "running",
-                                                                             "detail": f"approved at {self.name}"}))
-                self._jobs.put(_Job(routing, ticket))
-            else:
-                self._answer(router, routing, ticket, self.gate.refusal(ticket), "refused")
+    # -- replies ----------------------------------------------------------------------------------
 
-    def _cancel(self, target: str) -> None:
-        waiting = self._waiting.pop(target, None)
-        if waiting is not None:
-            assert self.gate is not None
-            self.gate.record(waiting[1], "cancelled while awaiting approval")
-        elif not self.sandbox.cancel(target):  # not running now: maybe queued
-            self._cancelled.add(target)
-
-    def _answer(self, router: zmq.Socket, routing: bytes, ticket: Ticket, reply: Message, outcome: str) -> None:
-        """Record a request's end in the audit log, then send its reply: the log is never behind."""
-        assert self.gate is not None
-        try:
-            size = sum(memoryview(frame).nbytes for frame in encode(reply, self.limits))
-        except ValueError as exc:
-            log.warning("the reply to %s cannot be encoded: %s", reply.reply_to, exc)
-            reply, outcome = (ticket.message.reply("error", {"error_type": "WireError",
-                                                             "message": f"the reply cannot be sent: {exc}"}),
-                              f"error: the reply cannot be sent ({exc})")
-            size = 0
-        self.gate.record(ticket, outcome, size)
-        if not self._reply(router, routing, reply):
-            self.gate.record(ticket, "the reply above was not delivered")
+    def _send(self, router: zmq.Socket, outgoing: list[Outgoing]) -> None:
+        """Send what admission handed over; a request's end is sealed (recorded, then encoded once) first."""
+        assert self.admission is not None
+        for out in outgoing:
+            try:
+                if out.ticket is None:
+                    self._reply(router, out.routing, out.message)
+                    continue
+                kind, frames = self.admission.seal(out, self.limits)
+                if not self._send_frames(router, out.routing, frames, kind):
+                    self.admission.undelivered(out.ticket)
+            except Exception:  # as in _handle: one reply lost to a bug of ours, answered, never the party
+                self.stats["failed"] += 1
+                log.exception("the party failed on its reply to %s", out.message.reply_to)
+                self._reply(router, out.routing, internal_error(out.ticket.message if out.ticket else None))
 
     def _reply(self, router: zmq.Socket, routing: bytes, message: Message) -> int:
+        return self._send_frames(router, routing, encode(message, self.limits), message.type)
+
+    def _send_frames(self, router: zmq.Socket, routing: bytes, frames: list[Any], kind: str) -> int:
         try:
-            sent = send(router, message, routing=routing, limits=self.limits, flags=zmq.NOBLOCK)
+            sent = send_frames(router, frames, routing=routing, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            # EHOSTUNREACH: the coordinator is gone; EAGAIN: it stopped reading. Its loss, not ours.
-            log.warning("could not send %s to %s: %s", message.type, routing.hex()[:8], exc.strerror)
-            if exc.errno == zmq.EHOSTUNREACH:
+            if exc.errno == zmq.EHOSTUNREACH:  # the coordinator went away: the normal end of a session
+                session = self._sessions.get(routing)
+                log.info("coordinator %s disconnected", self._who(session.identity) if session else routing.hex()[:8])
                 self._drop_session(routing, "the coordinator is gone")
+            else:  # EAGAIN: it stopped reading; its loss, not ours, but worth the owner's eye
+                log.warning("could not send %s to %s: %s", kind, routing.hex()[:8], exc.strerror)
             return 0
         self.stats["bytes_out"] += sent
         return sent
 
     def _drop_session(self, routing: bytes, why: str) -> None:
+        assert self.admission is not None
         self._sessions.pop(routing, None)
-        for message_id, (waiting_routing, ticket) in list(self._waiting.items()):
-            if waiting_routing == routing:
-                del self._waiting[message_id]
-                assert self.gate is not None
-                self.gate.record(ticket, f"abandoned: {why}")
-
-    def _send_results(self, router: zmq.Socket) -> None:
-        while True:
-            try:
-                routing, ticket, reply, outcome = self._results.get_nowait()
-            except queue.Empty:
-                return
-            self._answer(router, routing, ticket, reply, outcome)
+        self.admission.drop(routing, why)
 
     def _beat(self, router: zmq.Socket, now: float, authenticator: Authenticator | None) -> None:
         revoked = authenticator.revoked() if authenticator is not None else set()
+        beat = encode(Message("heartbeat"), self.limits)  # one encoding for every session this beat
         for routing, session in list(self._sessions.items()):
             if session.identity.encode() in revoked:
-                log.warning("dropping the session of %s: its key was removed", session.identity[:12])
+                log.warning("dropping the session of %s: its key was removed", self._who(session.identity))
                 self._reply(router, routing, Message("error", {"error_type": "AuthError", "message": "access revoked"}))
                 self._drop_session(routing, "access revoked")
             elif now - session.last_seen > self.timeout:
-                log.info("coordinator %s went silent; dropping its session", session.identity[:12])
+                log.info("coordinator %s went silent; dropping its session", self._who(session.identity))
                 self._drop_session(routing, "the coordinator went silent")
             else:
-                self._reply(router, routing, Message("heartbeat"))
-
-    # -- the worker thread ----------------------------------------------------------------------
-
-    def _run(self, ticket: Ticket) -> tuple[Message, str]:
-        """Run one admitted request in its worker and pass the reply through the gate."""
-        assert self.gate is not None
-        try:
-            return self.gate.release(ticket, self.sandbox.run(ticket.identity, ticket.message))
-        except Exception:  # a bug of ours must cost one request, not the party: logged, answered
-            log.exception("%s request %s failed inside the party", ticket.message.type, ticket.message.id[:8])
-            return _internal_error(ticket.message), "error: internal (see the party's log)"
-
-    def _work(self, context: zmq.Context) -> None:
-        wake = context.socket(zmq.PAIR)
-        wake.connect(self._wake_address)
-        try:
-            while True:
-                job = self._jobs.get()
-                if job is None:
-                    return
-                ticket, request = job.ticket, job.ticket.message
-                if request.id in self._cancelled:
-                    self._cancelled.discard(request.id)
-                    reply = request.reply("error", {"error_type": "Cancelled", "message": "cancelled before it ran"})
-                    outcome = "cancelled before it ran"
-                else:
-                    reply, outcome = self._run(ticket)
-                self._results.put((job.routing, ticket, reply, outcome))
-                wake.send(b"")
-        finally:
-            wake.close(linger=0)
-
-
-def _internal_error(request: Message) -> Message:
-    return request.reply("error", {"error_type": "InternalError", "message": "the party failed on this request; "
-                                                                             "its owner will find why in its log"})
+                self._send_frames(router, routing, beat, "heartbeat")
 
 
 def serve(name: str, endpoint: str, datasets: Datasets, **options: Any) -> PartyServer:

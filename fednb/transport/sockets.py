@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -55,7 +57,9 @@ def check_security(endpoint: str, secure: bool) -> None:
 
 def _common_options(sock: zmq.Socket, limits: Limits, heartbeat_ms: int, timeout_ms: int) -> None:
     sock.linger = 0
-    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_buffer_bytes)
+    # libzmq applies MAXMSGSIZE to each frame (and drops a peer that sends a larger one); a
+    # frame is a header or one buffer, so neither limit is looser than the wire's own.
+    sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_buffer_bytes, limits.max_header_bytes))
     # ZMTP pings find a dead link that the OS never reports (a cut cable, a frozen host).
     # Their deadline is the peer timeout, not a few intervals: one libzmq I/O thread that is
     # encrypting hundreds of MB for other parties may not get to a pong for seconds.
@@ -130,3 +134,13 @@ def client_socket(
 def bound_endpoint(sock: zmq.Socket) -> str:
     """The endpoint a socket is bound to, with the port the OS chose for ``:0`` / ``:*``."""
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], *, routing: bytes | None = None, flags: int = 0) -> int:
+    """Send already encoded frames (through a ROUTER when ``routing`` is given); returns bytes sent.
+
+    For a message encoded once and sent more than once, or measured before it is sent.
+    """
+    parts = [routing, *frames] if routing is not None else list(frames)
+    sock.send_multipart(parts, flags=flags, copy=False)
+    return sum(memoryview(frame).nbytes for frame in parts)

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 from fednb.wire.codec import DTYPES, BufferDescriptor, decode_array, encode_array, wire_dtype
 from fednb.wire.envelope import MESSAGE_TYPES, PROTOCOL_VERSION, Message, decode, encode, new_id
-from fednb.wire.limits import DEFAULT_LIMITS, Limits
-from fednb.wire.messages import check_content, check_metrics
+from fednb.wire.limits import DEFAULT_LIMITS, MAX_METRICS, Limits
+from fednb.wire.messages import check_content, check_evaluation, check_metrics
 
 __all__ = [
     "DEFAULT_LIMITS",
     "DTYPES",
+    "MAX_METRICS",
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "BufferDescriptor",
     "Limits",
     "Message",
     "check_content",
+    "check_evaluation",
     "check_metrics",
     "decode",
     "decode_array",

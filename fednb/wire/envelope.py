@@ -94,7 +94,10 @@ def encode(message: Message, limits: Limits = DEFAULT_LIMITS) -> list[Any]:
         "buffers": descriptors,
     }
     try:
-        raw = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
+        # ensure_ascii=False: the strict UTF-8 encode refuses a lone surrogate here, as the peer would
+        raw = json.dumps(header, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("message content holds a string that is not valid Unicode (a lone surrogate)") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"message content is not plain JSON: {exc}") from None
     if len(raw) > limits.max_header_bytes:
@@ -149,17 +152,35 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _check_depth(value: Any, limit: int) -> None:
-    """Fail when a decoded JSON value nests deeper than ``limit``."""
-    stack = [(value, 1)]
+def _check_values(header: Any, limit: int) -> None:
+    """Fail when the decoded header nests deeper than ``limit`` or holds a string UTF-8 cannot encode.
+
+    JSON's ``\\ud800`` escapes decode to lone surrogates, which every later ``str.encode``
+    (a code hash, a log line, the reply) would raise on; they are refused here, in the one walk
+    that also bounds the nesting. The header's own object is level 0, so ``content`` is level 1.
+    """
+    stack: list[tuple[Any, int]] = [(header, 0)]
     while stack:
         item, depth = stack.pop()
         if depth > limit:
             raise WireError(f"header nests deeper than {limit} levels")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict):
+            for key, value in item.items():
+                _check_text(key)
+                stack.append((value, depth + 1))
         elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+            stack.extend((value, depth + 1) for value in item)
+
+
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise WireError("header holds a string that is not valid Unicode (a lone surrogate escape such as "
+                            "\\ud800)") from None
 
 
 def _parse_header(raw: bytes, limits: Limits) -> dict[str, Any]:
@@ -188,7 +209,7 @@ def _parse_header(raw: bytes, limits: Limits) -> dict[str, Any]:
         raise WireError("reply_to must be null or a message id")
     if not isinstance(header["content"], dict):
         raise WireError("content must be a JSON object")
-    _check_depth(header["content"], limits.max_json_depth)
+    _check_values(header, limits.max_json_depth)
     buffers = header["buffers"]
     if not isinstance(buffers, list) or len(buffers) > limits.max_buffers:
         raise WireError(f"buffers must be a list of at most {limits.max_buffers} descriptors")

@@ -8,6 +8,10 @@ KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+#: Scalar metrics one reply may carry: the wire, the worker's ``report()`` and the egress guard
+#: all check this one number (16 floats a round is already 1024 bits a coordinator sees).
+MAX_METRICS = 16
+
 
 @dataclass(frozen=True)
 class Limits:

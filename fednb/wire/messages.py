@@ -8,11 +8,13 @@ so that code above the wire can index it without further checks.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from fednb.errors import WireError
 from fednb.wire.envelope import Message
+from fednb.wire.limits import MAX_METRICS
 
 MAX_SOURCE = 1024 * 1024  # bytes of code in one request
 MAX_TEXT = 64 * 1024  # error messages, tracebacks, details
@@ -29,7 +31,10 @@ _CONTENT: dict[str, _Spec] = {
         "datasets": (dict, True),
     },
     "heartbeat": {},
-    "train": {"source": (str, True), "train_cell": (str, False), "config": (dict, True)},
+    # ``run``: the training run this round belongs to (a party refuses a round that does not move
+    # forward within it); ``evaluate``: first evaluate the incoming weights, then train.
+    "train": {"source": (str, True), "train_cell": (str, False), "config": (dict, True), "run": (str, True),
+              "evaluate": (bool, False)},
     "evaluate": {"source": (str, True), "config": (dict, True)},
     "run": {"source": (str, True)},
     "cancel": {"target": (str, True)},
@@ -38,10 +43,13 @@ _CONTENT: dict[str, _Spec] = {
         "metrics": (dict, False),
         "seconds": (float, False),
         "value": ((dict, list, str, int, float, bool, type(None)), False),
+        "evaluation": (dict, False),  # a train reply's evaluation of the weights it was sent
     },
     "error": {"error_type": (str, True), "message": (str, True), "traceback": (str, False)},
     "status": {"state": (str, True), "detail": (str, False)},
 }
+
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 _LIMITS = {"source": MAX_SOURCE, "train_cell": MAX_SOURCE, "message": MAX_TEXT, "traceback": MAX_TEXT, "detail": MAX_TEXT}
 
@@ -68,12 +76,27 @@ def check_content(message: Message) -> Message:
         limit = _LIMITS.get(name, MAX_NAME if isinstance(value, str) else None)
         if isinstance(value, str) and limit is not None and len(value) > limit:
             raise WireError(f"{message.type}: field {name!r} is longer than {limit} characters")
-    if message.type == "result" and "metrics" in content and content["metrics"] is not None:
-        check_metrics(content["metrics"], where="result")
+    if message.type == "train" and not _RUN_ID.fullmatch(content["run"]):
+        raise WireError("train: field 'run' must be a run id of 32 lowercase hex digits")
+    if message.type == "result":
+        if content.get("metrics") is not None:
+            check_metrics(content["metrics"], where="result")
+        if content.get("evaluation") is not None:
+            check_evaluation(content["evaluation"], where="result")
     return message
 
 
-def check_metrics(metrics: Any, *, where: str, limit: int = 64) -> dict[str, float]:
+def check_evaluation(evaluation: Any, *, where: str) -> dict[str, Any]:
+    """Validate ``{"examples": int >= 0, "metrics": {name: number}}``: one evaluation in a train reply."""
+    if not isinstance(evaluation, Mapping) or set(evaluation) != {"examples", "metrics"}:
+        raise WireError(f"{where}: evaluation must be an object with exactly: examples, metrics")
+    examples = evaluation["examples"]
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+        raise WireError(f"{where}: evaluation examples must be a non-negative integer")
+    return {"examples": examples, "metrics": check_metrics(evaluation["metrics"], where=f"{where} evaluation")}
+
+
+def check_metrics(metrics: Any, *, where: str, limit: int = MAX_METRICS) -> dict[str, float]:
     """Validate a ``{name: number}`` mapping of at most ``limit`` finite scalars."""
     if not isinstance(metrics, Mapping):
         raise WireError(f"{where}: metrics must be an object")

@@ -1,0 +1,66 @@
+"""Replay memory: a party refuses a request it has seen before, and a round that goes back.
+
+CURVE drops a replayed frame inside one connection, but not a recorded request sent again on
+a new one. So a party remembers, per coordinator identity (the ZAP User-Id), the ids of the
+last ``ids`` requests it accepted and, per training run id, the last round it accepted. A
+request id seen before, or a ``train`` whose round is not greater than the last one of its
+run, is refused. A new run (or a resumed one, which gets a run id of its own) starts fresh.
+
+Memory is bounded: ``ids`` ids and ``runs`` runs per identity, ``identities`` identities
+(least recently heard from forgotten first). The memory lives as long as the party process.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from fednb.wire import Message
+
+MAX_IDS = 4096
+MAX_RUNS = 64
+MAX_IDENTITIES = 256
+
+
+@dataclass
+class _Memory:
+    ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    runs: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+
+class Replays:
+    """What each coordinator sent lately; :meth:`check` refuses what would replay it."""
+
+    def __init__(self, *, ids: int = MAX_IDS, runs: int = MAX_RUNS, identities: int = MAX_IDENTITIES) -> None:
+        if min(ids, runs, identities) < 1:
+            raise ValueError("replay memory sizes must be at least 1")
+        self.ids, self.runs, self.identities = ids, runs, identities
+        self._memory: OrderedDict[str, _Memory] = OrderedDict()
+
+    def check(self, identity: str, message: Message) -> str | None:
+        """Why ``message`` is a replay (and it is not remembered), or None (and it is)."""
+        memory = self._memory.get(identity)
+        if memory is None:
+            memory = self._memory[identity] = _Memory()
+            if len(self._memory) > self.identities:
+                self._memory.popitem(last=False)
+        self._memory.move_to_end(identity)
+        if message.id in memory.ids:
+            return f"request {message.id[:8]} was received before: a replayed message is not run again"
+        run = message.content.get("run") if message.type == "train" else None
+        if message.type == "train":
+            if not isinstance(run, str) or message.round is None:
+                return "a train request must carry its run id and round"
+            last = memory.runs.get(run)
+            if last is not None and message.round <= last:
+                return (f"round {message.round} of run {run[:8]} does not move forward: round {last} of that run "
+                        "was already received (start a new run to train again)")
+        memory.ids[message.id] = None
+        if len(memory.ids) > self.ids:
+            memory.ids.popitem(last=False)
+        if isinstance(run, str) and message.round is not None:
+            memory.runs[run] = message.round
+            memory.runs.move_to_end(run)
+            if len(memory.runs) > self.runs:
+                memory.runs.popitem(last=False)
+        return None
