@@ -9,9 +9,19 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fednb.errors import FederationError, FednbError, PartyError, RoundError, WireError  # noqa: E402
-from fednb.federation import Evaluation, Federation, History, PartyResults, connect  # noqa: E402
-from fednb.sim import simulate  # noqa: E402
+
+if TYPE_CHECKING:
+    from fednb.federation import Evaluation, Federation, History, PartyResults, connect
+    from fednb.sim import simulate
+
+# The coordinator's names load on first use, so that a party process (which imports
+# fednb.party) never imports the coordinator, and `import fednb` stays cheap.
+_LAZY = {"Evaluation": "fednb.federation", "Federation": "fednb.federation", "History": "fednb.federation",
+         "PartyResults": "fednb.federation", "connect": "fednb.federation", "simulate": "fednb.sim"}
 
 __all__ = [
     "Evaluation",
@@ -41,3 +51,16 @@ def unload_ipython_extension(ipython: object) -> None:
     from fednb.notebook import unload_ipython_extension as unload
 
     unload(ipython)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fednb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

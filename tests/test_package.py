@@ -52,6 +52,14 @@ def test_importing_fednb_stays_light():
     assert loaded == "", f"import fednb loaded: {loaded}"
 
 
+def test_a_party_process_does_not_import_the_coordinator():
+    """The party's modules (its server, CLI entry, worker) load without fednb.federation or fednb.sim."""
+    code = ("import sys, fednb, fednb.party.server, fednb.party.host, fednb.party.worker; "
+            "print(','.join(m for m in ('fednb.federation', 'fednb.sim', 'fednb.notebook') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "", f"a party process loaded: {loaded}"
+
+
 def test_the_readme_python_quickstart_runs():
     """The first Python block of the README, exactly as a user would paste it."""
     text = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")

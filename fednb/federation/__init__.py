@@ -9,7 +9,8 @@ from typing import Any
 from fednb.federation.config import PartySpec, load_parties
 from fednb.federation.connection import Connections
 from fednb.federation.events import EventBus
-from fednb.federation.federation import Evaluation, Federation, PartyInfo, PartyResults
+from fednb.federation.federation import Federation, PartyInfo, PartyResults
+from fednb.federation.rounds import Evaluation
 from fednb.federation.history import History, PartyRound, RoundRecord
 from fednb.transport import Keypair, load_keypair
 

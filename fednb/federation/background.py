@@ -39,7 +39,7 @@ class TrainingRun:
             self.history = self._train()
         except BaseException as exc:  # noqa: BLE001 - kept for wait()/result(), which re-raise it
             self.error = exc
-            log.warning("background training ended with %s: %s", type(exc).__name__, exc)
+            log.info("background training ended with %s: %s", type(exc).__name__, exc)
         finally:
             self._done.set()
 

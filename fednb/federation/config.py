@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ def load_parties(parties: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) 
         if not isinstance(endpoint, str):
             raise ValueError(f"party {name!r} needs an endpoint")
         scheme, _ = parse_endpoint(endpoint)
+        check_target(endpoint, f"party {name!r}")
         key_spec = entry.get("public_key")
         key = None
         if key_spec:
@@ -80,3 +83,51 @@ def load_parties(parties: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) 
     if not specs:
         raise ValueError("no parties given")
     return specs
+
+
+def check_target(endpoint: str, who: str) -> None:
+    """ValueError at once for an endpoint that no connection could reach: a port out of
+    range, a wildcard host, a host name that does not resolve."""
+    scheme, address = parse_endpoint(endpoint)
+    if scheme != "tcp":
+        return
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{who}: endpoint {endpoint!r} needs a host and a port in 1..65535, like tcp://10.0.0.5:7410")
+    if host == "*":
+        raise ValueError(f"{who}: endpoint {endpoint!r} has the wildcard host *, which a party listens on but "
+                         "nobody can connect to; give the party's address")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"{who}: the host {host!r} of {endpoint} cannot be resolved ({exc.strerror})") from None
+
+
+def probe(endpoint: str, timeout: float = 0.5) -> str | None:
+    """Why nothing answers at ``endpoint`` (refused, unreachable, no socket file), or None when
+    something accepts a connection there or the probe cannot tell (a slow network)."""
+    scheme, address = parse_endpoint(endpoint)
+    target: Any
+    if scheme == "ipc":
+        if not os.path.exists(address):
+            return f"nobody listens at {address} (no such socket file)"
+        family, target = socket.AF_UNIX, address
+    else:
+        host, _, port = address.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        try:
+            family, _, _, _, target = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+        except (socket.gaierror, ValueError) as exc:
+            return f"the host of {endpoint} cannot be resolved ({exc})"
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(target)
+        except ConnectionRefusedError:
+            return f"connection refused: nothing listens on {address}"
+        except OSError as exc:
+            if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+                return f"{address} is unreachable ({exc.strerror})"
+            return None  # a timeout or something the probe cannot judge: let the handshake decide
+    return None

@@ -4,12 +4,7 @@ All socket I/O of a federation happens here. Callers on any thread (a notebook c
 running asyncio loop, a background training thread) hand in requests and get
 :class:`concurrent.futures.Future` objects back; no event loop is nested or shared.
 
-A party is ``connecting`` until it answers ``hello``, then ``online``; it goes ``offline``
-when its connection drops or it stays silent past the heartbeat timeout (its pending
-requests fail at once), and ``refused`` when its ZAP handler rejects our key. A party whose
-owner must approve a request's code first answers it with a ``status`` message; that is
-published as ``PartyStatus(party, "awaiting approval", detail)``, and ``online`` follows once
-nothing waits any more.
+Each party's own state and message handling live in :mod:`fednb.federation.link`.
 """
 
 from __future__ import annotations
@@ -19,53 +14,25 @@ import os
 import queue
 import threading
 import time
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
-from fednb import __version__
 from fednb.errors import FederationError
-from fednb.federation.config import PartySpec
-from fednb.federation.events import EventBus, PartyStatus
+from fednb.federation.config import PartySpec, probe
+from fednb.federation.events import EventBus
+from fednb.federation.link import MONITORED, Link, resolve
 from fednb.transport import Keypair, client_socket
-from fednb.transport.channel import receive, send
-from fednb.wire import DEFAULT_LIMITS, Limits, Message
+from fednb.wire import DEFAULT_LIMITS, Limits, Message, encode
 
 log = logging.getLogger(__name__)
 
-_MONITORED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-
-
-@dataclass
-class Link:
-    """Everything the socket thread knows about one party."""
-
-    spec: PartySpec
-    socket: zmq.Socket
-    monitor: zmq.Socket
-    status: str = "connecting"
-    detail: str = ""
-    last_seen: float = 0.0
-    info: dict[str, Any] = field(default_factory=dict)
-    pending: dict[str, Future[Message]] = field(default_factory=dict)
-    #: Requests the party holds for its owner's approval: message id -> the party's words.
-    awaiting: dict[str, str] = field(default_factory=dict)
-    next_hello: float = 0.0
-
-
-def _resolve(future: Future[Message], result: Message | None = None, error: BaseException | None = None) -> None:
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-    except InvalidStateError:  # the waiter cancelled it first: nothing to deliver
-        log.debug("dropped an answer to a request that was cancelled")
-
+#: When connecting, ask a silent endpoint ourselves after this long, this often, and call it
+#: unreachable after this many refusals in a row (a party that is just starting gets a moment).
+PROBE_AFTER = 0.5
+PROBE_EVERY = 0.5
+PROBE_REFUSALS = 2
 
 class Connections:
     """Links to every party, served by one thread; see the module docstring."""
@@ -97,8 +64,8 @@ class Connections:
                 sock = client_socket(self._context, spec.endpoint, keypair if spec.public_key else None,
                                      spec.public_key, limits=limits, heartbeat_ms=int(heartbeat * 1000),
                                      timeout_ms=int(timeout * 1000))
-                monitor = sock.get_monitor_socket(_MONITORED)
-                self._links[spec.name] = Link(spec, sock, monitor)
+                monitor = sock.get_monitor_socket(MONITORED)
+                self._links[spec.name] = Link(spec, sock, monitor, bus, self._changed, limits)
         except BaseException:
             self._close_sockets()
             raise
@@ -108,13 +75,26 @@ class Connections:
     def start(self, timeout: float = 30.0, require_all: bool = True) -> None:
         """Start the socket thread and wait until every party answered (or failed)."""
         self._thread.start()
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
+        started = time.monotonic()
+        deadline = started + timeout
+        refusals: dict[str, int] = {}
+        next_probe = started + PROBE_AFTER
+        while True:
+            with self._changed:
                 waiting = [link for link in self._links.values() if link.status == "connecting"]
                 if not waiting or time.monotonic() >= deadline:
                     break
                 self._changed.wait(max(0.0, min(0.1, deadline - time.monotonic())))
+            if time.monotonic() >= next_probe:
+                # libzmq retries a refused connection silently: ask the endpoint ourselves, so that
+                # nobody listening is said at once instead of as "no answer" after the timeout
+                next_probe = time.monotonic() + PROBE_EVERY
+                for link in waiting:
+                    why = probe(link.spec.endpoint)
+                    refusals[link.spec.name] = refusals.get(link.spec.name, 0) + 1 if why else 0
+                    if why and refusals[link.spec.name] >= PROBE_REFUSALS:
+                        self._command("unreachable", (link.spec.name, why))
+        with self._changed:
             failed = {name: link for name, link in self._links.items() if link.status != "online"}
         if failed and require_all:
             reasons = "; ".join(f"{name}: {link.detail or 'no answer within %.0f s' % timeout}" for name, link in failed.items())
@@ -125,11 +105,23 @@ class Connections:
         """Send ``message`` to ``party``; the future holds its reply (result or error message)."""
         if self._closed:
             raise FederationError("the federation is closed")
-        if party not in self._links:
-            raise FederationError(f"unknown party {party!r}", party=party)
-        future: Future[Message] = Future()
-        self._command("send", (party, message, future))
-        return future
+        return self.broadcast([party], message)[party]
+
+    def broadcast(self, parties: list[str], message: Message) -> dict[str, Future[Message]]:
+        """Send one ``message`` to each of ``parties``, encoded once here; a future per party.
+
+        The frames are encoded on the calling thread (tensor buffers are zero-copy views) and
+        the socket thread sends the same frames to every party.
+        """
+        if self._closed:
+            raise FederationError("the federation is closed")
+        unknown = [party for party in parties if party not in self._links]
+        if unknown:
+            raise FederationError(f"unknown party {unknown[0]!r}", party=unknown[0])
+        frames = encode(message, self.limits)
+        futures: dict[str, Future[Message]] = {party: Future() for party in parties}
+        self._command("send", (message.id, frames, futures))
+        return futures
 
     def cancel(self, party: str, message_id: str) -> None:
         """Ask ``party`` to drop a queued request; its reply, if any, will be ignored."""
@@ -207,10 +199,11 @@ class Connections:
             except queue.Empty:
                 break
             if kind == "send":
-                _resolve(payload[2], error=FederationError("the federation was closed", party=payload[0]))
+                for party, future in payload[2].items():
+                    resolve(future, error=FederationError("the federation was closed", party=party))
         for link in self._links.values():
             for future in link.pending.values():
-                _resolve(future, error=FederationError("the federation was closed", party=link.spec.name))
+                resolve(future, error=FederationError("the federation was closed", party=link.spec.name))
             link.pending.clear()
             link.monitor.close(linger=0)
             link.socket.close(linger=0)
@@ -241,9 +234,9 @@ class Connections:
                 self._run_commands()
                 for sock in events:
                     if sock in by_socket:
-                        self._receive(by_socket[sock])
+                        by_socket[sock].receive()
                     elif sock in by_monitor:
-                        self._monitor(by_monitor[sock])
+                        by_monitor[sock].watch()
                 now = time.monotonic()
                 self._say_hello(now)
                 if now >= next_beat:
@@ -269,140 +262,22 @@ class Connections:
             except queue.Empty:
                 return
             if kind == "send":
-                party, message, future = payload
-                self._send_request(self._links[party], message, future)
+                message_id, frames, futures = payload
+                for party, future in futures.items():
+                    self._links[party].request(message_id, frames, future)
+            elif kind == "unreachable":
+                party, why = payload
+                link = self._links[party]
+                if link.status == "connecting":
+                    link.set_status("unreachable", why)
             elif kind == "cancel":
                 party, message_id = payload
-                link = self._links[party]
-                future = link.pending.pop(message_id, None)
-                self._settled(link, message_id)
-                if future is not None:
-                    future.cancel()
-                    self._send(link, Message("cancel", {"target": message_id}))
-
-    def _send(self, link: Link, message: Message) -> bool:
-        try:
-            send(link.socket, message, limits=self.limits, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
-
-    def _send_request(self, link: Link, message: Message, future: Future[Message]) -> None:
-        if link.status != "online":
-            _resolve(future, error=FederationError(f"{link.spec.name} is {link.status}" + (f": {link.detail}" if link.detail else ""),
-                                                   party=link.spec.name))
-            return
-        link.pending[message.id] = future
-        try:
-            sent = self._send(link, message)
-        except (zmq.ZMQError, ValueError) as exc:
-            link.pending.pop(message.id, None)
-            _resolve(future, error=FederationError(f"could not send to {link.spec.name}: {exc}", party=link.spec.name))
-            return
-        if not sent:
-            link.pending.pop(message.id, None)
-            _resolve(future, error=FederationError(f"{link.spec.name} is not reachable (send would block)", party=link.spec.name))
-
-    def _receive(self, link: Link) -> None:
-        for _ in range(256):
-            try:
-                received = receive(link.socket, router=False, limits=self.limits)
-            except zmq.Again:
-                return
-            link.last_seen = time.monotonic()
-            message = received.message
-            if message is None:
-                log.warning("%s sent a malformed message: %s", link.spec.name, received.error)
-                continue
-            if message.type == "welcome":
-                self._welcomed(link, message)
-            elif message.type == "heartbeat":
-                if link.status == "offline":
-                    link.next_hello = 0.0
-            elif message.reply_to is not None and message.reply_to in link.pending:
-                if message.type == "status":
-                    self._request_status(link, message)
-                    continue
-                self._settled(link, message.reply_to)
-                _resolve(link.pending.pop(message.reply_to), message)
-            elif message.type == "error":
-                log.warning("%s reported: %s: %s", link.spec.name, message.content["error_type"], message.content["message"])
-            else:
-                log.debug("%s: ignored a late or unsolicited %s", link.spec.name, message.type)
-
-    def _request_status(self, link: Link, message: Message) -> None:
-        """A party's word on a request it holds: it awaits its owner's approval, or now runs."""
-        state = message.content["state"]
-        detail = message.content.get("detail") or state
-        if state == "awaiting approval":
-            with self._lock:
-                link.awaiting[message.reply_to or ""] = detail
-            log.warning("%s: %s", link.spec.name, detail)
-            self.bus.publish(PartyStatus(link.spec.name, "awaiting approval", detail))
-        else:
-            log.info("%s: %s", link.spec.name, detail)
-            self._settled(link, message.reply_to or "")
-
-    def _settled(self, link: Link, message_id: str) -> None:
-        """A request no longer waits for the party's owner; when none does, the party is plain online again."""
-        with self._lock:
-            was = link.awaiting.pop(message_id, None)
-            idle = not link.awaiting
-        if was is not None and idle and link.status == "online":
-            self.bus.publish(PartyStatus(link.spec.name, "online", ""))
-
-    def _welcomed(self, link: Link, message: Message) -> None:
-        info = dict(message.content)
-        if info.get("version") != __version__:
-            log.info("%s runs fednb %s (here: %s)", link.spec.name, info.get("version"), __version__)
-        self._set_status(link, "online", "", info)
-
-    def _set_status(self, link: Link, status: str, detail: str, info: dict[str, Any] | None = None) -> None:
-        with self._changed:
-            changed = (link.status, link.detail) != (status, detail)
-            link.status, link.detail = status, detail
-            if info is not None:
-                link.info = info
-            self._changed.notify_all()
-        if status != "online":
-            for future in link.pending.values():
-                _resolve(future, error=FederationError(f"{link.spec.name} went {status}: {detail}", party=link.spec.name))
-            link.pending.clear()
-            with self._lock:
-                link.awaiting.clear()
-        if changed:
-            log.info("%s is %s%s", link.spec.name, status, f" ({detail})" if detail else "")
-            self.bus.publish(PartyStatus(link.spec.name, status, detail))
-
-    def _monitor(self, link: Link) -> None:
-        while link.monitor.poll(0):
-            event = recv_monitor_message(link.monitor)
-            kind = event["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                link.next_hello = 0.0
-            elif kind == zmq.EVENT_DISCONNECTED and link.status in ("online", "connecting"):
-                self._set_status(link, "offline" if link.status == "online" else "connecting", "connection lost")
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._set_status(link, "refused", "the party refused our key (is it in the party's authorized keys?)")
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                self._set_status(link, "refused" if link.status != "online" else "offline",
-                                 "the secure handshake failed (is the party's public key right?)")
+                self._links[party].cancel(message_id)
 
     def _say_hello(self, now: float) -> None:
         for link in self._links.values():
-            if link.status != "online" and now >= link.next_hello:
-                link.next_hello = now + min(self.heartbeat, 0.25)
-                self._send(link, Message("hello", {"coordinator": self.coordinator, "version": __version__}))
+            link.hello(now, self.heartbeat, self.coordinator)
 
     def _beat(self, now: float) -> None:
         for link in self._links.values():
-            if link.status != "online":
-                continue
-            # While a reply is due, a party may be silent for longer: its heartbeats queue
-            # behind its update, and libzmq's one I/O thread may spend seconds decrypting the
-            # updates of every party. Then the ZMTP pings (any traffic counts) and the
-            # request's own deadline decide, not the application heartbeat.
-            if now - link.last_seen > self.timeout and not link.pending:
-                self._set_status(link, "offline", f"silent for {now - link.last_seen:.1f} s")
-            else:
-                self._send(link, Message("heartbeat"))
+            link.beat(now, self.timeout)

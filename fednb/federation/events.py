@@ -46,6 +46,16 @@ class PartyDone:
     examples: int
     metrics: dict[str, float]
     seconds: float
+    stage: str = "train"
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    """A stage of a round's protocol began: plain FedAvg has one ("train"); secure aggregation several."""
+
+    round: int
+    stage: str
+    parties: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -67,13 +77,23 @@ class RoundAggregated:
 
 
 @dataclass(frozen=True)
+class RoundEvaluated:
+    """The evaluation of round ``round``'s global model, which may arrive after its ``RoundAggregated``."""
+
+    round: int
+    evaluation: dict[str, float]
+    party_evaluation: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TrainingFinished:
     rounds_done: int
     stopped: bool
     error: str | None = None
 
 
-Event = Union[PartyStatus, TrainingStarted, RoundStarted, PartyDone, PartyDropped, RoundAggregated, TrainingFinished]
+Event = Union[PartyStatus, TrainingStarted, RoundStarted, StageStarted, PartyDone, PartyDropped, RoundAggregated,
+              RoundEvaluated, TrainingFinished]
 Subscriber = Callable[[Event], Any]
 
 

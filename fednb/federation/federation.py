@@ -19,14 +19,16 @@ import numpy as np
 from fednb.errors import FederationError, PartyError, RoundError, WireError
 from fednb.federation.background import TrainingRun
 from fednb.federation.connection import Connections
-from fednb.federation.events import (EventBus, RoundAggregated, RoundStarted, Subscriber, TrainingFinished,
-                                     TrainingStarted)
+from fednb.federation.events import (EventBus, RoundAggregated, RoundEvaluated, RoundStarted, Subscriber,
+                                     TrainingFinished, TrainingStarted)
 from fednb.federation.history import History, RoundRecord
-from fednb.federation.rounds import broadcast, train_round
-from fednb.federation.source import model_source
-from fednb.strategies import Strategy, get_strategy, weighted_metrics
-from fednb.tensors import load_arrays, state_arrays, template_of
-from fednb.wire import Message
+from fednb.federation.protocol import Stage, drive, gather
+from fednb.federation.rounds import Evaluation, evaluate_round, train_round
+from fednb.federation.source import check_code, model_source
+from fednb.strategies import Strategy, get_strategy
+from fednb.tensors import load_arrays, state_arrays
+from fednb.wire import Message, new_id
+from fednb.wire.config import check_config
 from fednb.wire.values import unpack_value
 
 if TYPE_CHECKING:
@@ -45,18 +47,8 @@ class PartyInfo:
     examples: int | None
     last_round: int | None
     last_error: str
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Per-party and example-weighted global metrics of one model."""
-
-    parties: dict[str, dict[str, float]]
-    metrics: dict[str, float]
-    dropped: dict[str, str]
-
-    def __getitem__(self, key: str) -> float:
-        return self.metrics[key]
+    #: Seconds since the party was last heard from (heartbeats included); None if never.
+    silent_for: float | None = None
 
 
 class PartyResults(dict):  # type: ignore[type-arg]
@@ -105,7 +97,7 @@ class Federation:
             if status == "online" and link.get("awaiting"):
                 status, detail = "awaiting approval", str(link["awaiting"])
             rows.append(PartyInfo(name, link["endpoint"], status, train.get("examples"), self._last_round.get(name),
-                                  detail))
+                                  detail, link["silent_for"]))
         return rows
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
@@ -125,11 +117,11 @@ class Federation:
         *,
         rounds: int = 1,
         strategy: str | Strategy = "fedavg",
-        lr: float = 0.01,
+        lr: float = 0.05,
         epochs: int = 1,
-        batch_size: int = 32,
+        batch_size: int = 16,
         optimizer: str = "sgd",
-        momentum: float = 0.0,
+        momentum: float = 0.9,
         loss: str = "cross_entropy",
         train_cell: str | None = None,
         min_parties: int | None = None,
@@ -194,8 +186,8 @@ class Federation:
         self._abort.clear()
 
     def _plan(self, model: torch.nn.Module, source: str | None = None, *, rounds: int = 1,
-              strategy: str | Strategy = "fedavg", lr: float = 0.01, epochs: int = 1, batch_size: int = 32,
-              optimizer: str = "sgd", momentum: float = 0.0, loss: str = "cross_entropy", train_cell: str | None = None,
+              strategy: str | Strategy = "fedavg", lr: float = 0.05, epochs: int = 1, batch_size: int = 16,
+              optimizer: str = "sgd", momentum: float = 0.9, loss: str = "cross_entropy", train_cell: str | None = None,
               min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
               parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
               **strategy_options: Any) -> Callable[[], History]:
@@ -214,9 +206,12 @@ class Federation:
         if not isinstance(evaluate_every, int) or evaluate_every < 0:
             raise ValueError("evaluate_every must be a non-negative integer (0: never)")
         chosen_strategy = get_strategy(strategy, **strategy_options)
-        code = model_source(model, source)
+        code = self._source_of(model, source)
+        if train_cell is not None:
+            check_code(train_cell, "train cell")
         base = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "momentum": momentum,
                 "loss": loss, "seed": seed, **dict(config or {})}
+        check_config(chosen_strategy.configure_train(self.history.last_round + 1, base))
 
         def run() -> History:
             self.model, self.source = model, code
@@ -228,56 +223,69 @@ class Federation:
     def _train_rounds(self, model: torch.nn.Module, code: str, chosen: list[str], rounds: int, strategy: Strategy,
                       base: dict[str, Any], train_cell: str | None, min_parties: int, round_timeout: float | None,
                       evaluate_every: int) -> History:
+        """The round loop. Round r's request also asks each party to evaluate the weights it
+        carries (round r-1's model) when that round is due an evaluation; the last round's
+        model is evaluated by a request of its own."""
         weights = {name: np.array(array) for name, array in state_arrays(model).items()}
-        template = template_of(weights)
+        run_id = new_id()
         first = self.history.last_round + 1
         last = first + rounds - 1
         self.events.publish(TrainingStarted(rounds, getattr(strategy, "name", type(strategy).__name__), tuple(chosen), first))
-        done, error = 0, None
+        done, error, unevaluated = 0, None, None
         try:
             for round_ in range(first, last + 1):
                 online = [p for p in chosen if p in self._connections.online()]
                 self.events.publish(RoundStarted(round_, last, tuple(online)))
                 started = time.monotonic()
-                content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base)}
+                content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base),
+                           "run": run_id}
                 links = self._connections.snapshot()
                 offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
                            for p in chosen if p not in online}
                 try:
-                    weights, contributions, dropped, metrics = train_round(
-                        self._connections, self.events, strategy, round=round_, parties=online, weights=weights,
-                        template=template, content=content, min_parties=min_parties, timeout=round_timeout,
-                        unavailable=offline,
-                    )
+                    outcome = drive(self._connections, self.events, round_, train_round(
+                        self.events, strategy, round=round_, parties=online, weights=weights,
+                        content=content, min_parties=min_parties, timeout=round_timeout,
+                        evaluate_incoming=unevaluated is not None, unavailable=offline))
                 except RoundError:
                     if self._abort.is_set():  # stop(now=True) cancelled this round's work at the parties
                         log.info("training stopped during round %d; the model keeps round %d's weights",
                                  round_, round_ - 1)
                         break
                     raise
+                if unevaluated is not None and outcome.evaluation is not None:
+                    self._record_evaluation(unevaluated, outcome.evaluation)
+                unevaluated = None
+                weights = outcome.weights
                 load_arrays(model, weights)
-                evaluation, per_party = None, {}
-                if evaluate_every and (round_ % evaluate_every == 0 or round_ == last):
-                    result = self._evaluate_weights(weights, code, base, online, round_timeout)
-                    evaluation, per_party = result.metrics, result.parties
-                for party in contributions:
+                for party in outcome.contributions:
                     self._last_round[party] = round_
                     self._last_error.pop(party, None)
-                self._last_error.update(dropped)
-                record = RoundRecord(round_, contributions, dropped, metrics, evaluation, per_party,
+                self._last_error.update(outcome.dropped)
+                record = RoundRecord(round_, outcome.contributions, outcome.dropped, outcome.metrics, None, {},
                                      time.monotonic() - started)
                 self.history.append(record)
                 done += 1
-                self.events.publish(RoundAggregated(round_, last, metrics, evaluation, per_party, record.seconds))
+                self.events.publish(RoundAggregated(round_, last, outcome.metrics, None, {}, record.seconds))
+                if evaluate_every and (round_ % evaluate_every == 0 or round_ == last):
+                    unevaluated = round_
                 if self._stop.is_set():
                     log.info("training stopped after round %d", round_)
                     break
+            if unevaluated is not None and not self._abort.is_set():
+                online = [p for p in chosen if p in self._connections.online()]
+                self._record_evaluation(unevaluated, self._evaluate_weights(weights, code, base, online, round_timeout,
+                                                                            round=unevaluated))
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
             self.events.publish(TrainingFinished(done, self._stop.is_set() or (error is not None and done < rounds), error))
         return self.history
+
+    def _record_evaluation(self, round_: int, evaluation: Evaluation) -> None:
+        self.history.set_evaluation(round_, evaluation.metrics, evaluation.parties)
+        self.events.publish(RoundEvaluated(round_, evaluation.metrics, evaluation.parties))
 
     def stop(self, *, now: bool = False) -> None:
         """End training after the round in progress (thread-safe).
@@ -294,34 +302,40 @@ class Federation:
 
     def evaluate(self, model: torch.nn.Module, source: str | None = None, *, parties: Iterable[str] | None = None,
                  loss: str = "cross_entropy", batch_size: int = 256, timeout: float | None = 300.0) -> Evaluation:
-        """Loss (and accuracy) of ``model`` on each party's test split, and their weighted mean."""
-        code = model_source(model, source)
+        """Loss (and accuracy) of ``model`` on each party's test split, and their weighted mean.
+
+        ``source`` defaults to the source this federation last trained ``model`` with.
+        """
+        code = self._source_of(model, source)
         weights = {name: np.array(array) for name, array in state_arrays(model).items()}
         return self._evaluate_weights(weights, code, {"loss": loss, "batch_size": batch_size}, self._choose(parties), timeout)
 
+    def _source_of(self, model: torch.nn.Module, source: str | None) -> str:
+        """``source``, else the one ``model`` was trained with here, else the model's captured class source."""
+        if source is None and model is self.model and self.source is not None:
+            return self.source
+        return model_source(model, source)
+
     def _evaluate_weights(self, weights: Mapping[str, np.ndarray], code: str, base: Mapping[str, Any],
-                          parties: list[str], timeout: float | None) -> Evaluation:
+                          parties: list[str], timeout: float | None, round: int | None = None) -> Evaluation:
         config = {k: base[k] for k in ("loss", "batch_size", "seed") if k in base}
-        gathered = broadcast(self._connections, parties,
-                             lambda party: Message("evaluate", {"source": code, "config": config}, arrays=weights),
-                             timeout=timeout)
-        replies = {p: r for p, r in gathered.replies.items() if r is not None}
-        per_party = {p: dict(r.content.get("metrics") or {}) for p, r in replies.items()}
-        examples = {p: int(r.content.get("examples") or 0) for p, r in replies.items()}
-        for party, metrics in per_party.items():
-            metrics["examples"] = float(examples[party])
-        global_metrics = weighted_metrics([(examples[p], {k: v for k, v in m.items() if k != "examples"})
-                                           for p, m in per_party.items() if examples[p] > 0])
-        return Evaluation(per_party, global_metrics, gathered.dropped)
+        return drive(self._connections, self.events, round, evaluate_round(
+            round=round, parties=parties, weights=weights, source=code, config=config, timeout=timeout))
 
     def run(self, source: str, *, parties: Iterable[str] | None = None, timeout: float | None = 300.0) -> PartyResults:
-        """Run ``source`` at each party; its last expression's value comes back per party."""
+        """Run ``source`` at each party; its last expression's value comes back per party.
+
+        A party whose reply cannot be read (a malformed value) gets a :class:`PartyError` in
+        the results; the other parties' results are kept.
+        """
         if not isinstance(source, str):
             raise ValueError("source must be a string of Python code")
-        gathered = broadcast(self._connections, self._choose(parties), lambda party: Message("run", {"source": source}),
-                             timeout=timeout)
+        check_code(source, "cell")
+        chosen = self._choose(parties)
+        gathered = gather(self._connections, Stage("run", tuple(chosen), request=Message("run", {"source": source}),
+                                                   timeout=timeout))
         results = PartyResults()
-        for party in self._choose(parties):
+        for party in chosen:
             reply = gathered.replies.get(party)
             if reply is not None:
                 try:

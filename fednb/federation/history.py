@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -41,6 +41,14 @@ class History:
 
     def append(self, record: RoundRecord) -> None:
         self.rounds.append(record)
+
+    def set_evaluation(self, round: int, evaluation: dict[str, float], party_evaluation: dict[str, dict[str, float]]) -> None:
+        """Fill in a round's evaluation, which arrives with the next round's replies (or after the last)."""
+        for index in range(len(self.rounds) - 1, -1, -1):
+            if self.rounds[index].round == round:
+                self.rounds[index] = replace(self.rounds[index], evaluation=evaluation, party_evaluation=party_evaluation)
+                return
+        raise KeyError(f"no round {round} in the history")
 
     def __len__(self) -> int:
         return len(self.rounds)

@@ -14,6 +14,7 @@ import inspect
 import linecache
 import math
 import textwrap
+import traceback
 import types
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -27,10 +28,20 @@ _ASK = ("pass source= (code that defines a variable `model`), or define the mode
 
 
 def model_source(model: torch.nn.Module, source: str | None = None) -> str:
-    """The code that builds ``model`` at a party; ValueError when it cannot be found."""
+    """The code that builds ``model`` at a party; ValueError when it cannot be found.
+
+    Given source is checked here before any party sees it: it must compile, run, and build
+    a model with ``model``'s parameter names, shapes and dtypes (each distinct source and
+    architecture is checked once per process).
+    """
     if source is not None:
         if not isinstance(source, str) or not source.strip():
             raise ValueError("source must be Python code that defines `model`")
+        key = (hash(source), tuple(template_of(state_arrays(model)).items()))
+        if key not in _CHECKED:
+            check_code(source, "model source")
+            _check_rebuilds(model, source, given=True)
+            _CHECKED.add(key)
         return source
     cls = type(model)
     if cls.__module__.split(".")[0] == "torch":
@@ -88,21 +99,39 @@ def _class_source(cls: type) -> tuple[list[str], str] | None:
     return None
 
 
-def _check_rebuilds(model: torch.nn.Module, code: str) -> None:
+_CHECKED: set[tuple[int, tuple[Any, ...]]] = set()
+
+
+def check_code(code: str, what: str) -> None:
+    """ValueError naming the line when ``code`` (a train cell, a run cell, model source) does not compile."""
+    try:
+        compile(code, f"<{what}>", "exec")
+    except SyntaxError as exc:
+        where = f"line {exc.lineno}" + (f", column {exc.offset}" if exc.offset else "")
+        text = f": {exc.text.strip()}" if exc.text and exc.text.strip() else ""
+        raise ValueError(f"the {what} does not compile: {exc.msg} ({where}){text}") from None
+    except ValueError as exc:  # null bytes
+        raise ValueError(f"the {what} does not compile: {exc}") from None
+
+
+def _check_rebuilds(model: torch.nn.Module, code: str, *, given: bool = False) -> None:
+    what = "the model source" if given else f"the captured source of {type(model).__name__}"
     namespace: dict[str, object] = {"__name__": "__fednb_check__"}
     try:
         exec(compile(code, "<fednb model source>", "exec"), namespace)  # noqa: S102 - the user's own code
     except Exception as exc:
-        raise ValueError(f"the captured source of {type(model).__name__} does not run on its own ({exc}); {_ASK}") from None
+        line = next((frame.lineno for frame in traceback.extract_tb(exc.__traceback__)
+                     if frame.filename == "<fednb model source>"), None)
+        at = f" at line {line}" if line else ""
+        raise ValueError(f"{what} fails{at} ({type(exc).__name__}: {exc})" + ("" if given else f"; {_ASK}")) from None
     import torch
 
     rebuilt = namespace.get("model")
-    if isinstance(rebuilt, torch.nn.Module):
-        problem = mismatch(template_of(state_arrays(model)), state_arrays(rebuilt))
-    else:
-        problem = "it defines no torch module named `model`"
+    if not isinstance(rebuilt, torch.nn.Module):
+        raise ValueError(f"{what} defines no torch.nn.Module named `model`" + ("" if given else f"; {_ASK}"))
+    problem = mismatch(template_of(state_arrays(model)), state_arrays(rebuilt))
     if problem:
-        raise ValueError(f"the captured source builds a different model ({problem}); {_ASK}")
+        raise ValueError(f"{what} builds a different model than the one given ({problem})" + ("" if given else f"; {_ASK}"))
 
 
 def cell_source(cell: str, namespace: Mapping[str, Any], name: str = "model") -> str:

@@ -26,8 +26,6 @@ from fednb.wire.values import pack_value
 
 log = logging.getLogger(__name__)
 
-MAX_METRICS = 16
-
 
 class Report:
     """``report(**metrics)`` inside a training cell: keeps the last value of each scalar."""
@@ -46,8 +44,6 @@ class Report:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"report({key}=…) needs a number, got {type(value).__name__}")
             self.metrics[key] = float(value)
-        if len(self.metrics) > MAX_METRICS:
-            raise ValueError(f"report() keeps at most {MAX_METRICS} metrics")
 
 
 def label_counts(data: Any) -> dict[int, int]:
@@ -153,6 +149,9 @@ class Kernel:
         config = training.check_config(request.content["config"])
         model = self._receive_weights(session, request)
         template = template_of(state_arrays(model))
+        evaluation = None
+        if request.content.get("evaluate"):  # the incoming weights are the last round's global model
+            evaluation = self._test_metrics(model, config)
         seed = config["seed"] + (request.round or 0)
         torch.manual_seed(seed)
         loader = self._loader("train", config["batch_size"], shuffle=True, seed=seed)
@@ -171,18 +170,23 @@ class Kernel:
         if problem:  # the cell changed the cached model itself: build it afresh next time
             session.models.pop(code_hash(request.content["source"]), None)
             raise ValueError(f"after training the model no longer matches its architecture ({problem})")
-        for name, array in arrays.items():
-            if array.dtype.kind == "f" and not np.isfinite(array).all():
-                raise FloatingPointError(f"training produced non-finite values in {name}; try a smaller lr")
-        metrics = check_metrics(metrics, where="report()", limit=MAX_METRICS)
-        return {"examples": len(self._tensors["train"]), "metrics": metrics}, arrays
+        # finite values are checked once per hop: by the egress guard where one guards, and by the
+        # coordinator's aggregation (fednb.tensors.check_update) on receipt
+        metrics = check_metrics(metrics, where="report()")
+        content: dict[str, Any] = {"examples": len(self._tensors["train"]), "metrics": metrics}
+        if evaluation is not None:
+            content["evaluation"] = evaluation
+        return content, arrays
+
+    def _test_metrics(self, model: torch.nn.Module, config: dict[str, Any]) -> dict[str, Any]:
+        loader = self._loader("test", max(config["batch_size"], 256), shuffle=False, seed=0)
+        metrics, examples = training.evaluate(model, loader, config["loss"])
+        return {"examples": examples, "metrics": metrics}
 
     def _evaluate(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         config = training.check_config(request.content["config"])
         model = self._receive_weights(session, request)
-        loader = self._loader("test", max(config["batch_size"], 256), shuffle=False, seed=0)
-        metrics, examples = training.evaluate(model, loader, config["loss"])
-        return {"examples": examples, "metrics": metrics}, {}
+        return self._test_metrics(model, config), {}
 
     def _run(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         namespace = session.namespace
