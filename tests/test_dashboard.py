@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from fednb.federation.events import (EventBus, PartyDone, PartyDropped, PartyStatus, RoundAggregated, RoundStarted,
-                                     TrainingFinished, TrainingStarted)
+from fednb.federation.events import (EventBus, PartyDone, PartyDropped, PartyStatus, RoundAggregated, RoundEvaluated,
+                                     RoundStarted, StageStarted, TrainingFinished, TrainingStarted)
 from fednb.notebook.dashboard import Dashboard
 
 PARTIES = ("alpha", "beta", "gamma")
@@ -151,6 +151,33 @@ def test_stopped_and_failed_runs_end_in_their_own_states(dashboard: Dashboard) -
     assert dashboard.state == "error" and dashboard.error.startswith("RoundError")
     assert statuses(dashboard) == {"alpha": "done", "beta": "dropped", "gamma": "dropped"}  # no reply will come
     assert rows(dashboard)["beta"]["detail"] == "round cancelled: training ended"
+
+
+def test_an_evaluation_that_comes_a_round_later_replaces_the_train_numbers(dashboard: Dashboard) -> None:
+    dashboard.handle(TrainingStarted(2, "fedavg", PARTIES))
+    dashboard.handle(RoundStarted(1, 2, PARTIES))
+    for party in PARTIES:
+        dashboard.handle(PartyDone(1, party, 100, {"loss": 0.9, "accuracy": 0.6}, 0.5))
+    dashboard.handle(RoundAggregated(1, 2, {"loss": 0.9, "accuracy": 0.6}, None, {}, 1.0))
+    assert dashboard.history[0]["evaluated"] is False and dashboard.history[0]["accuracy"] == 0.6
+    dashboard.handle(RoundStarted(2, 2, PARTIES))
+    dashboard.handle(RoundEvaluated(1, evaluation(1), party_evaluation(1)))
+    first = dashboard.history[0]
+    assert first["evaluated"] is True and first["accuracy"] == pytest.approx(0.6) and first["loss"] == 1.0
+    assert set(first["parties"]) == set(PARTIES) and statuses(dashboard) == dict.fromkeys(PARTIES, "training")
+    dashboard.handle(StageStarted(2, "masked", PARTIES))  # a stage of a protocol round shows by name
+    assert set(statuses(dashboard).values()) == {"masked"}
+
+
+def test_a_dashboard_whose_error_is_shown_below_says_so() -> None:
+    widget = Dashboard(error_below=True)
+    try:
+        widget.handle(TrainingStarted(1, "fedavg", PARTIES))
+        widget.handle(TrainingFinished(0, stopped=True, error="RoundError: round 1: only 0 of 3 parties replied"))
+        assert widget.state == "error" and widget.error == "see the error below"
+        assert "only 0 of 3" not in widget.summary_text() and "see the error below" in widget.summary_text()
+    finally:
+        widget.close()
 
 
 def test_metrics_that_json_cannot_carry_become_none(dashboard: Dashboard) -> None:

@@ -140,3 +140,40 @@ def test_a_mistake_in_an_awaited_fed_train_is_still_a_one_line_usage_error(kerne
     shown = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
     assert "rounds must be a positive integer" in shown and "Traceback" not in shown
     assert not [m for m in outputs if m["msg_type"] == "error"]  # no traceback block either
+
+
+def shown_text(outputs: list[dict[str, Any]]) -> str:
+    """Everything a cell showed as text: its streams, error outputs and displays' text/plain."""
+    parts = []
+    for msg in outputs:
+        content = msg["content"]
+        if msg["msg_type"] == "stream":
+            parts.append(content["text"])
+        elif msg["msg_type"] == "error":
+            parts.append(f"{content['ename']}: {content['evalue']}")
+        elif msg["msg_type"] in ("display_data", "update_display_data", "execute_result"):
+            parts.append(content.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def test_a_failed_foreground_fed_train_shows_its_error_once(kernel):
+    outputs: list[dict[str, Any]] = []
+    reply = kernel.execute("%%fed_train --rounds 1   # fails at every party\nraise RuntimeError('no GPU here')\n",
+                           on_iopub=outputs.append)
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "UsageError"
+    shown = shown_text(outputs)
+    assert shown.count("only 0 of 2 parties replied") == 1, shown
+    assert "background" not in shown and "Traceback" not in shown
+    assert "see the error below" in shown  # the dashboard's final summary points at it
+    # each party's reason is in its dashboard row, not repeated as log lines
+    assert "party-0 dropped" not in "".join(m["content"].get("text", "") for m in outputs)
+
+
+def test_magic_lines_in_a_kernel_take_trailing_comments(kernel):
+    outputs: list[dict[str, Any]] = []
+    reply = kernel.execute("%fed_parties   # or: %fed_connect parties.toml --key ~/.fednb/me\n"
+                           "%fed_train --rounds 1 --lr 0.05   # or: --lr 0.1\n", on_iopub=outputs.append)
+    assert reply["content"]["status"] == "ok", shown_text(outputs)
+    reply = kernel.execute("%%fed_run -o tags   # runs at every party\n'#' + 'x'\n")
+    assert reply["content"]["status"] == "ok"
+    assert kernel.value("sorted(tags.values())") == ["#x", "#x"]

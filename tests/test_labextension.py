@@ -77,6 +77,34 @@ def test_the_run_tracker_counts_rounds_within_the_run() -> None:
     json.dumps(snapshot(1, parties=[], run=run, background=False, approvals=None), allow_nan=False)
 
 
+def test_the_sidebar_reads_the_session_not_the_magics() -> None:
+    """The bridge and the magics share one Session; the bridge never reaches into FedMagics."""
+    from fednb.notebook.session import Session
+    from fednb.notebook.sidebar import SidebarBridge
+
+    source = (ROOT / "fednb" / "notebook" / "sidebar.py").read_text()
+    assert "magics" not in source.lower()
+
+    class Manager:
+        def register_target(self, *args: Any) -> None: ...
+        def unregister_target(self, *args: Any) -> None: ...
+
+    class Comm:
+        def on_msg(self, callback: Any) -> None: ...
+        def on_close(self, callback: Any) -> None: ...
+        def close(self) -> None: ...
+
+    session = Session(shell=None)
+    bridge = SidebarBridge(session, Manager(), lambda **kw: Comm())
+    bridge.start()
+    try:
+        assert bridge._act(parse_request({"type": "stop"})) == (False, "nothing is training")
+        assert len(session._listeners) == 1  # it follows the session's changes
+    finally:
+        bridge.close()
+    assert session._listeners == []
+
+
 # -- the TypeScript model, with node's own test runner ---------------------------------------------
 
 def test_typescript_model_and_type_check() -> None:

@@ -39,7 +39,7 @@ def test_fed_sim_binds_fed_and_lists_the_parties(ip, capsys):
 def test_fed_model_records_a_self_contained_source(ip, capsys):
     define_model(ip)
     magics = ip.magics_manager.registry["FedMagics"]
-    source = magics.sources["model"]
+    source = magics.session.sources["model"]
     assert "from torch import nn" in source and "HIDDEN = 32" in source  # what the cell used from the notebook
     assert "2,410 parameters" in capsys.readouterr().out
 
@@ -54,7 +54,7 @@ def test_fed_train_trains_and_leaves_the_global_weights_in_the_model(ip, capsys)
     fed = ip.user_ns["fed"]
     assert len(fed.history) >= 3 and fed.history.metric("accuracy")[-1] > 0.8
     assert not np.array_equal(before.numpy(), model[0].weight.detach().numpy())
-    evaluation = fed.evaluate(model, ip.magics_manager.registry["FedMagics"].sources["model"])
+    evaluation = fed.evaluate(model, ip.magics_manager.registry["FedMagics"].session.sources["model"])
     assert evaluation["accuracy"] == pytest.approx(fed.history.metric("accuracy")[-1])
     frame = fed.history.to_frame()
     assert set(frame["party"]) >= {"(global)", "party-0", "party-1", "party-2"}
@@ -89,7 +89,7 @@ def test_background_training_and_fed_stop(ip, capsys):
     trained = len(fed.history) - done
     assert 2 <= trained < 200 and not fed.training
     # the model holds exactly the weights of the last completed round
-    source = ip.magics_manager.registry["FedMagics"].sources["model"]
+    source = ip.magics_manager.registry["FedMagics"].session.sources["model"]
     assert fed.evaluate(ip.user_ns["model"], source)["accuracy"] == pytest.approx(fed.history.metric("accuracy")[-1])
     ip.run_line_magic("fed_stop", "")
     assert "nothing is training" in capsys.readouterr().out
@@ -136,10 +136,13 @@ def test_user_errors_are_one_line_usage_errors(ip, magic, line, cell, match):
     assert "\n" not in str(info.value)
 
 
-def test_a_failing_round_is_a_usage_error_not_a_traceback(ip):
+def test_a_failing_round_is_a_usage_error_not_a_traceback(ip, capsys):
     define_model(ip)
     with pytest.raises(UsageError, match="min_parties"):
         ip.run_cell_magic("fed_train", "--rounds 1 --min-parties 3", "raise RuntimeError('no GPU here')")
+    captured = capsys.readouterr()
+    # the error is the UsageError's alone; the progress lines say where it is
+    assert "only 0 of 3" not in captured.out + captured.err and "see the error below" in captured.out
 
 
 def test_magics_have_real_help():
@@ -196,7 +199,50 @@ def test_fed_connect_reaches_real_parties_from_a_toml_file(start_party, tmp_path
         table = shell.run_line_magic("fed_connect", f"{toml} --key {tmp_path / 'me'}")
         assert "clinic" in repr(table) and "online" in repr(table)
         assert shell.user_ns["fed"].run("6 * 7") == {"clinic": 42}
-        with pytest.raises(UsageError, match="CURVE"):
+        with pytest.raises(UsageError, match="CURVE") as info:
             shell.run_line_magic("fed_connect", str(toml))  # no key for a CURVE party: said in one line
+        assert "--key" in str(info.value) and "key=" not in str(info.value)  # in the magic's words
     finally:
         shell.run_line_magic("unload_ext", "fednb")
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("4 --dataset digits   # or: %fed_connect parties.toml --key ~/.fednb/me", "4 --dataset digits"),
+    ("# only a comment", ""),
+    ("--name 'a # b' --data train=x.npz", "--name 'a # b' --data train=x.npz"),
+    ('--name "a #b" # why', '--name "a #b"'),
+    ("--name a#b", "--name a#b"),  # a # inside a word, as in a shell
+    (r"--name a\ \#b # c", r"--name a\ \#b"),
+    ("--rounds 5", "--rounds 5"),
+])
+def test_a_trailing_comment_is_not_an_argument(line, expected):
+    from fednb.notebook.arguments import strip_comment
+
+    assert strip_comment(line) == expected
+
+
+def test_magic_lines_accept_trailing_comments(ip, capsys):
+    define_model(ip)
+    ip.run_line_magic("fed_parties", "   # the parties")
+    ip.run_line_magic("fed_train", "--rounds 1 --lr 0.05   # or: --lr 0.1")
+    ip.run_cell_magic("fed_run", "-o where   # runs at every party", "'#' + str(len(train))")
+    assert all(value.startswith("#") for value in ip.user_ns["where"].values())
+    with pytest.raises(UsageError, match="unrecognized arguments: --nope"):
+        ip.run_line_magic("fed_train", "--nope # a comment after a mistake")
+
+
+def test_the_magics_training_defaults_are_the_apis():
+    """%fed_train and Federation.train train alike when given nothing (rounds aside: one API call
+    trains one round, one magic line trains ten)."""
+    import inspect
+
+    from fednb.federation import Federation
+    from fednb.notebook.magics import FedMagics
+
+    parameters = inspect.signature(Federation.train).parameters
+    defaults = {action.dest: action.default for action in FedMagics.fed_train.parser._actions}
+    shared = {name for name in defaults if name in parameters} - {"rounds", "model"}  # --model: a variable name
+    assert {"lr", "epochs", "batch_size", "optimizer", "momentum", "loss", "strategy"} <= shared
+    assert {name: defaults[name] for name in shared} == {name: parameters[name].default for name in shared}
+    for shown in ("--lr", "default: 0.05", "default: 16", "default: 0.9"):
+        assert shown in FedMagics.fed_train.__doc__

@@ -15,7 +15,9 @@ def load_ipython_extension(ipython: Any) -> None:
     from fednb.notebook.sidebar import install
 
     ipython.register_magics(FedMagics)
-    install(ipython, ipython.magics_manager.registry[FedMagics.__name__])
+    session = ipython.magics_manager.registry[FedMagics.__name__].session
+    session.quiet_logs(True)
+    install(ipython, session)
     if getattr(ipython, "kernel", None) is not None:
         from fednb.notebook.transform import await_training
 
@@ -35,5 +37,6 @@ def unload_ipython_extension(ipython: Any) -> None:
         ipython.input_transformers_cleanup.remove(await_training)
     magics = ipython.magics_manager.registry.get(FedMagics.__name__)
     if magics is not None:
-        magics.close_federation()
-        magics.stop_serving()
+        magics.session.close_federation()
+        magics.session.stop_serving()
+        magics.session.quiet_logs(False)

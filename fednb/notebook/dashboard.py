@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import anywidget
 import traitlets as t
 
-from fednb.federation.events import (Event, PartyDone, PartyDropped, PartyStatus, RoundAggregated, RoundStarted,
-                                     TrainingFinished, TrainingStarted)
+from fednb.federation.events import Event, RoundStarted, TrainingStarted
+from fednb.federation.runstate import ROUND_STATUSES, STATES, RunState
 from fednb.notebook.display import Table
 
 if TYPE_CHECKING:
@@ -31,11 +31,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Row statuses the round loop drives. Any other status (connecting, offline, refused,
-#: "awaiting approval", ...) arrives through PartyStatus and is shown as it is.
-ROUND_STATUSES = ("waiting", "training", "done", "late", "dropped")
-#: Values of :attr:`Dashboard.state`.
-STATES = ("idle", "training", "stopping", "stopped", "done", "error")
+__all__ = ["ROUND_STATUSES", "STATES", "Dashboard"]  # the statuses and states are RunState's
+#: What a dashboard whose run's error is shown under it says instead of the error.
+ERROR_BELOW = "see the error below"
 #: Rounds listed in the text/HTML summaries; older ones are counted, not shown.
 SUMMARY_ROUNDS = 20
 
@@ -54,11 +52,6 @@ def _number(value: Any) -> float | None:
 def _loss_accuracy(metrics: Mapping[str, Any] | None) -> dict[str, float | None]:
     metrics = metrics or {}
     return {"loss": _number(metrics.get("loss")), "accuracy": _number(metrics.get("accuracy"))}
-
-
-def _new_row(name: str, status: str = "waiting", examples: int | None = None, detail: str = "") -> dict[str, Any]:
-    return {"name": name, "status": status, "examples": examples, "loss": None, "accuracy": None, "seconds": None,
-            "detail": detail}
 
 
 def _duration(seconds: float | None) -> str:
@@ -101,153 +94,59 @@ class Dashboard(anywidget.AnyWidget):
     history = t.List(t.Dict()).tag(sync=True)  # per round: round, loss, accuracy, seconds, evaluated, parties
     error = t.Unicode("").tag(sync=True)
 
-    def __init__(self, *, title: str = "", on_stop: Callable[[], None] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, title: str = "", on_stop: Callable[[], None] | None = None, error_below: bool = False,
+                 **kwargs: Any) -> None:
+        """``error_below``: the run's error is shown under the dashboard (a foreground ``%fed_train``
+        raises it), so the dashboard says where instead of repeating it."""
         super().__init__(title=title, **kwargs)
         self._on_stop = on_stop
-        # One lock orders every read-modify-write of the traits: events arrive from the round
+        self._error_below = error_below
+        # One lock orders every read-modify-write of the state: events arrive from the round
         # loop's thread and the connection thread, the Stop message from the kernel's thread.
         self._lock = threading.RLock()
         self._clock: float | None = None  # monotonic time of TrainingStarted
-        self._in_round: set[str] = set()  # asked this round, not yet done or dropped
-        self._round_train: dict[str, dict[str, float | None]] = {}  # this round's train metrics per party
+        self._run = RunState()  # what the traits show
         self.on_msg(self._on_message)
 
     # -- following a federation ---------------------------------------------------------------
 
     def attach(self, federation: Federation) -> Callable[[], None]:
         """Show ``federation``'s parties and follow its events; returns the unsubscribe function."""
-        rows = [_new_row(info.name, "waiting" if info.status == "online" else info.status, info.examples,
-                         "" if info.status == "online" else info.last_error or "")
-                for info in federation.status()]
+        seeded = RunState.of_parties((info.name, info.status, info.examples, info.last_error or "")
+                                     for info in federation.status())
         with self._lock, self.hold_sync():
-            self.parties = rows
+            self._run = seeded
+            self._render()
         return federation.subscribe(self.handle)
 
     def handle(self, event: Event) -> None:
         """Apply one federation event to the traits, as one batch of changes; thread-safe."""
         with self._lock, self.hold_sync():
-            if isinstance(event, TrainingStarted):
-                self._training_started(event)
-            elif isinstance(event, RoundStarted):
-                self._round_started(event)
-            elif isinstance(event, PartyDone):
-                self._party_done(event)
-            elif isinstance(event, PartyDropped):
-                self._party_dropped(event)
-            elif isinstance(event, RoundAggregated):
-                self._round_aggregated(event)
-            elif isinstance(event, TrainingFinished):
-                self._training_finished(event)
-            elif isinstance(event, PartyStatus):
-                self._party_status(event)
-            else:
+            run = self._run.apply(event)
+            if run is self._run:
                 log.debug("dashboard ignores %s", type(event).__name__)
                 return
+            if isinstance(event, TrainingStarted) or self._clock is None and isinstance(event, RoundStarted):
+                self._clock = time.monotonic()  # attached after TrainingStarted: time from here
+                self.started_at = time.time()
+            self._run = run
+            self._render()
             if self._clock is not None:
                 self.elapsed = time.monotonic() - self._clock
 
-    def _rows(self) -> dict[str, dict[str, Any]]:
-        """Copies of the rows by name: the synced list is replaced, never changed in place."""
-        return {row["name"]: dict(row) for row in self.parties}
-
-    def _update_row(self, name: str, **changes: Any) -> None:
-        rows = self._rows()
-        rows[name] = {**rows.get(name, _new_row(name)), **changes}
-        self.parties = list(rows.values())
-
-    def _training_started(self, event: TrainingStarted) -> None:
-        rows = self._rows()
-        fresh = []
-        for name in event.parties:
-            row = rows.get(name, _new_row(name))
-            # Connection trouble (offline, refused, ...) outlives runs; round results do not.
-            keep = row["status"] not in (*ROUND_STATUSES, "online")
-            fresh.append({**row, "status": row["status"] if keep else "waiting", "detail": row["detail"] if keep else "",
-                          "loss": None, "accuracy": None, "seconds": None})
-        self._clock = time.monotonic()
-        self._in_round, self._round_train = set(), {}
-        self.parties = fresh
-        self.strategy = event.strategy
-        self.first_round = event.first_round
-        self.last_round = event.first_round + event.rounds - 1
-        self.round = 0
-        self.rounds_done = 0
-        self.history = []
-        self.started_at = time.time()
-        self.elapsed = 0.0
-        self.eta = None
-        self.error = ""
-        self.state = "training"
-
-    def _round_started(self, event: RoundStarted) -> None:
-        if self._clock is None:  # attached after TrainingStarted: time from here
-            self._clock = time.monotonic()
-            self.started_at = time.time()
-        rows = self._rows()
-        for name in event.parties:
-            rows[name] = {**rows.get(name, _new_row(name)), "status": "training", "detail": "", "seconds": None}
-        self._in_round, self._round_train = set(event.parties), {}
-        self.parties = list(rows.values())
-        self.round = event.round
-        self.last_round = event.rounds
-        if self.state == "idle":
-            self.state = "training"
-
-    def _party_done(self, event: PartyDone) -> None:
-        self._in_round.discard(event.party)
-        self._round_train[event.party] = _loss_accuracy(event.metrics)
-        self._update_row(event.party, status="done", examples=event.examples, seconds=_number(event.seconds),
-                         detail="", **self._round_train[event.party])
-
-    def _party_dropped(self, event: PartyDropped) -> None:
-        self._in_round.discard(event.party)
-        self._update_row(event.party, status="late" if event.late else "dropped", detail=event.reason)
-
-    def _round_aggregated(self, event: RoundAggregated) -> None:
-        # Curves use the global model's evaluation where the round had one; otherwise the
-        # train metrics, for the global curve and the per-party curves alike, so that one
-        # round never mixes the two.
-        evaluated = event.evaluation is not None
-        glob = _loss_accuracy(event.evaluation if evaluated else event.metrics)
-        per_party = ({name: _loss_accuracy(m) for name, m in event.party_evaluation.items()} if evaluated
-                     else dict(self._round_train))
-        entry = {"round": event.round, **glob, "seconds": _number(event.seconds), "evaluated": evaluated,
-                 "parties": per_party}
-        history = [*self.history, entry]
-        self.history = history
-        self.rounds_done = len(history)
-        self.round = event.round
-        self.last_round = event.rounds
-        times = [h["seconds"] for h in history if h["seconds"] is not None]
-        left = max(event.rounds - event.round, 0)
-        self.eta = (sum(times) / len(times)) * left if times else None
-
-    def _training_finished(self, event: TrainingFinished) -> None:
-        if self._in_round:  # an error or Ctrl-C cancelled their requests: no reply will come
-            rows = self._rows()
-            for name in self._in_round & rows.keys():
-                rows[name] = {**rows[name], "status": "dropped", "detail": "round cancelled: training ended"}
-            self.parties = list(rows.values())
-        self._in_round = set()
-        self.rounds_done = event.rounds_done
-        self.error = event.error or ""
-        self.state = "error" if event.error else "stopped" if event.stopped else "done"
-        self.eta = 0.0 if self.state == "done" else None
-
-    def _party_status(self, event: PartyStatus) -> None:
-        rows = self._rows()
-        if event.party not in rows and self.state != "idle":
-            return  # a party outside this run
-        row = rows.get(event.party, _new_row(event.party))
-        status = event.status
-        if status == "online":
-            if event.party in self._in_round:
-                status = "training"
-            elif row["status"] in ("done", "late", "dropped"):
-                status = row["status"]
-            else:
-                status = "waiting"
-        self._update_row(event.party, status=status, detail=event.detail)
+    def _render(self) -> None:
+        """Set the traits from the run state (unchanged values send nothing)."""
+        run = self._run
+        self.parties = [{"name": p.name, "status": p.status, "examples": p.examples, **_loss_accuracy(p.metrics),
+                         "seconds": _number(p.seconds), "detail": p.detail} for p in run.parties]
+        self.history = [{"round": r.round, **_loss_accuracy(r.shown()), "seconds": _number(r.seconds),
+                         "evaluated": r.evaluated,
+                         "parties": {name: _loss_accuracy(m) for name, m in r.shown_parties().items()}}
+                        for r in run.history()]
+        self.strategy, self.first_round, self.last_round = run.strategy, run.first_round, run.last_round
+        self.error = ERROR_BELOW if run.error and self._error_below else run.error
+        self.round, self.rounds_done, self.eta = run.round, run.rounds_done, run.eta()
+        self.state = run.state
 
     # -- the Stop button ------------------------------------------------------------------------
 
@@ -259,14 +158,14 @@ class Dashboard(anywidget.AnyWidget):
 
     def _request_stop(self) -> None:
         with self._lock:
-            if self.state != "training":
+            if self._run.state != "training":
                 return
         # on_stop runs outside the lock: it may publish events, which take the lock.
         if self._on_stop is not None:
             self._on_stop()
-        with self._lock:
-            if self.state == "training":  # training may have ended meanwhile
-                self.state = "stopping"
+        with self._lock, self.hold_sync():
+            self._run = self._run.stopping()  # a no-op when training ended meanwhile
+            self._render()
 
     # -- without a browser ----------------------------------------------------------------------
 

@@ -10,55 +10,37 @@
     label_counts(train)
 
 Mistakes a user can make (bad arguments, no federation yet, a party error ending a round)
-become :class:`~IPython.core.error.UsageError`: one line, no traceback.
+become :class:`~IPython.core.error.UsageError`: one line, no traceback. A ``# comment`` may
+end any magic line. What the magics set up lives in the shell's
+:class:`~fednb.notebook.session.Session`, which the JupyterLab sidebar reads too.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from fednb.errors import FednbError
 from fednb.federation import Federation
 from fednb.federation.background import TrainingRun
-from fednb.federation.events import TrainingFinished
+from fednb.notebook.arguments import TRAIN_DEFAULTS as DEFAULTS
+from fednb.notebook.arguments import no_arguments, parse, parties, usage_errors
 from fednb.notebook.display import PartyOutputs, evaluation_table, parties_table
-
-
-@contextmanager
-def _usage_errors() -> Iterator[None]:
-    """Turn the API's errors for bad input into one-line UsageErrors."""
-    try:
-        yield
-    except (ValueError, FednbError) as exc:
-        raise UsageError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-
-
-def _parties(text: str | None) -> list[str] | None:
-    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+from fednb.notebook.session import Session
 
 
 @magics_class
 class FedMagics(Magics):
-    """The session's federation, its model definitions and its training run, driven by magics."""
+    """The ``%fed_*`` magics; what they set up is the shell's :class:`Session`."""
 
     shell: Any  # the IPython shell, set by Magics.__init__
 
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
-        self.federation: Federation | None = None
-        self.sources: dict[str, str] = {}
-        self.training: TrainingRun | None = None
-        self.background = False  # whether self.training runs with --background (the sidebar's Stop needs to know)
-        self.listeners: list[Callable[[], None]] = []  # told when the federation or training run changes
-        self.served: list[Any] = []  # parties this kernel serves (%fed_serve), stopped on unload
+        self.session = Session(shell)
 
     # -- the federation ---------------------------------------------------------------------
 
@@ -73,13 +55,13 @@ class FedMagics(Magics):
     @line_magic
     def fed_sim(self, line: str) -> Any:
         """Start N local party processes on a bundled dataset; they become this session's `fed`."""
-        args = parse_argstring(self.fed_sim, line)
+        args = parse(self.fed_sim, line)
         import fednb
 
-        with _usage_errors():
+        with usage_errors(self.fed_sim):
             federation = fednb.simulate(args.n, dataset=args.dataset, partition=args.partition, alpha=args.alpha,
                                         seed=args.seed, secure=args.secure, contained=args.contained)
-        self._adopt(federation)
+        self.session.adopt(federation)
         return parties_table(federation.status())
 
     @magic_arguments()
@@ -89,12 +71,12 @@ class FedMagics(Magics):
     @line_magic
     def fed_connect(self, line: str) -> Any:
         """Connect to the parties listed in a TOML file; they become this session's `fed`."""
-        args = parse_argstring(self.fed_connect, line)
+        args = parse(self.fed_connect, line)
         import fednb
 
-        with _usage_errors():
+        with usage_errors(self.fed_connect):
             federation = fednb.connect(args.parties.strip("'\""), key=args.key, timeout=args.timeout)
-        self._adopt(federation)
+        self.session.adopt(federation)
         return parties_table(federation.status())
 
     @magic_arguments()
@@ -111,7 +93,7 @@ class FedMagics(Magics):
     @line_magic
     def fed_serve(self, line: str) -> Any:
         """Serve this notebook's data as a party in the background; shows requests awaiting your approval."""
-        args = parse_argstring(self.fed_serve, line)
+        args = parse(self.fed_serve, line)
         from fednb.notebook.serve import serve_in_notebook
 
         data = {}
@@ -120,11 +102,11 @@ class FedMagics(Magics):
             if not sep or split not in ("train", "test") or not path:
                 raise UsageError(f"--data expects train=FILE or test=FILE, got {spec!r}")
             data[split] = path
-        with _usage_errors():
+        with usage_errors(self.fed_serve):
             server, widget = serve_in_notebook(args.name, args.listen, data, key=args.key,
                                                authorized_keys=args.authorized_keys, policy=args.policy,
                                                label=args.label, directory=args.dir)
-        self.served.append(server)
+        self.session.served.append(server)
         from fednb.notebook.sidebar import show_approvals
 
         show_approvals(widget, server=server, shell=self.shell)  # the JupyterLab panel too, where there is one
@@ -133,22 +115,23 @@ class FedMagics(Magics):
     @line_magic
     def fed_close(self, line: str) -> None:
         """Stop any training, close the connections and stop local parties."""
-        if line.strip():
-            raise UsageError("%fed_close takes no arguments")
-        if self.federation is None:
+        no_arguments("fed_close", line)
+        if self.session.federation is None:
             print("no federation to close")
             return
-        self.close_federation()
+        self.session.close_federation()
         print("federation closed")
 
     @line_magic
     def fed_parties(self, line: str) -> Any:
         """A table of the parties: endpoint, status, examples, last round, last error."""
+        no_arguments("fed_parties", line)
         return parties_table(self._require().status())
 
     @line_magic
     def fed_status(self, line: str) -> Any:
         """The parties' table and what the federation is doing now."""
+        no_arguments("fed_status", line)
         federation = self._require()
         history = federation.history
         if federation.training:
@@ -165,7 +148,7 @@ class FedMagics(Magics):
     @cell_magic
     def fed_model(self, line: str, cell: str) -> None:
         """Run the cell here and record it as the model definition the parties will build."""
-        args = parse_argstring(self.fed_model, line)
+        args = parse(self.fed_model, line)
         from fednb.federation.source import _check_rebuilds, cell_source
 
         if not args.name.isidentifier():
@@ -179,27 +162,29 @@ class FedMagics(Magics):
 
         if model is before or not isinstance(model, torch.nn.Module):
             raise UsageError(f"the cell must bind a torch.nn.Module to `{args.name}` (use --name for another variable)")
-        with _usage_errors():
+        with usage_errors(self.fed_model):
             source = cell_source(cell, self.shell.user_ns, args.name)
             _check_rebuilds(model, source)
-        self.sources[args.name] = source
+        self.session.record_model(args.name, source)
         count = sum(p.numel() for p in model.parameters())
         print(f"{args.name}: {type(model).__name__} with {count:,} parameters; parties will build it from this cell")
 
     # -- training ---------------------------------------------------------------------------
 
     @magic_arguments()
-    @argument("--rounds", type=int, default=10, help="rounds of training")
-    @argument("--strategy", default="fedavg", help="fedavg, fedprox or fedavgm")
-    @argument("--mu", type=float, default=None, help="FedProx proximal weight")
-    @argument("--lr", type=float, default=0.05, help="learning rate of the local optimizer")
-    @argument("--epochs", type=int, default=1, help="local epochs per round")
-    @argument("--batch-size", type=int, default=32, help="local batch size")
-    @argument("--optimizer", default="sgd", help="sgd or adam (built-in loop)")
-    @argument("--momentum", type=float, default=0.0, help="SGD momentum (built-in loop)")
-    @argument("--loss", default="cross_entropy", help="cross_entropy or mse (built-in loop)")
+    @argument("--rounds", type=int, default=10, help="rounds of training (default: %(default)s)")
+    @argument("--strategy", default=DEFAULTS["strategy"], help="fedavg, fedprox or fedavgm (default: %(default)s)")
+    @argument("--mu", type=float, default=None, help="FedProx proximal weight (default: FedProx's, 0.01)")
+    @argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate of the local optimizer (default: %(default)s)")
+    @argument("--epochs", type=int, default=DEFAULTS["epochs"], help="local epochs per round (default: %(default)s)")
+    @argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="local batch size (default: %(default)s)")
+    @argument("--optimizer", default=DEFAULTS["optimizer"], help="sgd or adam (built-in loop; default: %(default)s)")
+    @argument("--momentum", type=float, default=DEFAULTS["momentum"],
+              help="SGD momentum (built-in loop; default: %(default)s)")
+    @argument("--loss", default=DEFAULTS["loss"], help="cross_entropy or mse (built-in loop; default: %(default)s)")
     @argument("--min-parties", type=int, default=None, help="replies a round needs (default: a majority)")
-    @argument("--round-timeout", type=float, default=300.0, help="seconds before a silent party is dropped")
+    @argument("--round-timeout", type=float, default=DEFAULTS["round_timeout"],
+              help="seconds before a silent party is dropped (default: %(default)s)")
     @argument("--parties", default=None, help="comma-separated parties to train with (default: all)")
     @argument("--model", default="model", help="the notebook variable holding the model")
     @argument("--background", action="store_true", help="return at once; %%fed_stop ends training")
@@ -222,16 +207,16 @@ class FedMagics(Magics):
             while not run.done:
                 await asyncio.sleep(0.1)
         except BaseException:  # an interrupt or a cancelled cell: cancel the parties' work, then re-raise
-            self._interrupted()
+            self.session.interrupted()
             raise
-        with _usage_errors():
+        with usage_errors(self.fed_train):
             run.result()
 
     def _start_training(self, line: str, cell: str | None) -> TrainingRun | None:
         """Check the arguments, show the dashboard, start the run; None when it goes on in the background."""
-        args = parse_argstring(self.fed_train, line)
+        args = parse(self.fed_train, line)
         federation = self._require()
-        if self.training is not None and not self.training.done:
+        if self.session.is_training:
             raise UsageError("training is already running; %fed_stop ends it")
         model = self.shell.user_ns.get(args.model)
         import torch
@@ -243,17 +228,9 @@ class FedMagics(Magics):
         options = {"rounds": args.rounds, "strategy": args.strategy, "lr": args.lr, "epochs": args.epochs,
                    "batch_size": args.batch_size, "optimizer": args.optimizer, "momentum": args.momentum,
                    "loss": args.loss, "min_parties": args.min_parties, "round_timeout": args.round_timeout,
-                   "parties": _parties(args.parties), "train_cell": cell, "mu": args.mu}
-        follow = self._follow(federation)
-        self.background = args.background
-        try:
-            with _usage_errors():
-                run = federation.train_in_background(model, self.sources.get(args.model), **options)
-        except BaseException:
-            follow(False)
-            raise
-        self.training = run
-        follow(True)
+                   "parties": parties(args.parties), "train_cell": cell, "mu": args.mu}
+        with usage_errors(self.fed_train):
+            run = self.session.start_training(federation, model, args.model, options, background=args.background)
         if args.background:
             print(f"training {args.rounds} rounds in the background; `{args.model}` gets the global weights after "
                   "each round; %fed_stop ends it after the round in progress")
@@ -266,12 +243,12 @@ class FedMagics(Magics):
     @line_magic
     def fed_stop(self, line: str) -> None:
         """End training after the round in progress (--now: cancel the parties' running work too)."""
-        args = parse_argstring(self.fed_stop, line)
-        run = self.training
+        args = parse(self.fed_stop, line)
+        run = self.session.training
         if run is None or run.done:
             print("nothing is training")
             return
-        self._require().stop(now=args.now)
+        self.session.stop_training(now=args.now)
         if args.no_wait:
             print("training will stop after the round in progress")
             return
@@ -288,12 +265,12 @@ class FedMagics(Magics):
     @cell_magic
     def fed_run(self, line: str, cell: str) -> None:
         """Run the cell at each party; show each party's result (or error) under its name."""
-        args = parse_argstring(self.fed_run, line)
+        args = parse(self.fed_run, line)
         federation = self._require()
         if args.out is not None and not args.out.isidentifier():
             raise UsageError(f"-o needs a variable name, got {args.out!r}")
-        with _usage_errors():
-            results = federation.run(cell, parties=_parties(args.parties), timeout=args.timeout)
+        with usage_errors(self.fed_run):
+            results = federation.run(cell, parties=parties(args.parties), timeout=args.timeout)
         if args.out is not None:
             self.shell.user_ns[args.out] = results
         display(PartyOutputs(results))
@@ -305,106 +282,30 @@ class FedMagics(Magics):
     @line_magic
     def fed_eval(self, line: str) -> Any:
         """Loss and accuracy of the model on each party's test split, and their weighted mean."""
-        args = parse_argstring(self.fed_eval, line)
+        args = parse(self.fed_eval, line)
         federation = self._require()
         model = self.shell.user_ns.get(args.model)
         if model is None:
             raise UsageError(f"no model named `{args.model}`: define it in a %%fed_model cell first")
-        with _usage_errors():
-            evaluation = federation.evaluate(model, self.sources.get(args.model), parties=_parties(args.parties),
-                                             loss=args.loss)
+        with usage_errors(self.fed_eval):
+            evaluation = federation.evaluate(model, self.session.sources.get(args.model),
+                                             parties=parties(args.parties), loss=args.loss)
         return evaluation_table(evaluation)
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _require(self) -> Federation:
-        if self.federation is None:
+        if self.session.federation is None:
             raise UsageError("no federation yet: start one with %fed_sim N or %fed_connect parties.toml")
-        return self.federation
-
-    def _adopt(self, federation: Federation) -> None:
-        self.close_federation()
-        self.federation = federation
-        self.shell.user_ns["fed"] = federation
-        self._changed()
-
-    def close_federation(self) -> None:
-        """Stop training and close the session's federation (a new one replaces it, or unload)."""
-        run, federation = self.training, self.federation
-        self.training, self.federation = None, None
-        self._changed()
-        if run is not None and not run.done:
-            run.stop()
-        if federation is not None:
-            federation.close()
-            if self.shell.user_ns.get("fed") is federation:
-                del self.shell.user_ns["fed"]
-        if run is not None:
-            run.wait(10)
-
-    def stop_serving(self) -> None:
-        """Stop the parties this kernel serves through %fed_serve."""
-        while self.served:
-            self.served.pop().stop()
-
-    def _interrupted(self) -> None:
-        """Ctrl-C during training: cancel the work running at the parties; the model keeps the
-        last completed round's weights."""
-        if self.federation is not None:
-            self.federation.stop(now=True)
-        print("training interrupted: work at the parties cancelled; the model keeps the last completed round",
-              file=sys.stderr, flush=True)
-
-    def _changed(self) -> None:
-        for listener in list(self.listeners):
-            listener()
-
-    def _follow(self, federation: Federation) -> Callable[[bool], None]:
-        """Subscribe a display to the next training run; call the result with whether it started.
-
-        In a kernel the display is the dashboard widget, shown once the run has started and
-        shown again (with its final summary) when it ends; in a terminal, one line per round.
-        """
-        handle: Any = None
-        if getattr(self.shell, "kernel", None) is None:
-            from fednb.federation.progress import RoundLines
-
-            widget = None
-            detach = federation.subscribe(RoundLines(sys.stdout))
-        else:
-            from fednb.notebook.dashboard import Dashboard
-
-            widget = Dashboard(title=f"{len(federation.parties)} parties", on_stop=federation.stop)
-            detach = widget.attach(federation)
-
-        def on_finished(event: Any) -> None:
-            if isinstance(event, TrainingFinished):
-                stop_following()
-                if handle is not None:
-                    handle.update(widget)  # static outputs (nbconvert, papermill) keep the final summary
-
-        unsubscribe = federation.subscribe(on_finished)
-
-        def stop_following() -> None:
-            detach()
-            unsubscribe()
-
-        def started(ok: bool) -> None:
-            nonlocal handle
-            if not ok:
-                stop_following()
-            elif widget is not None:
-                handle = display(widget, display_id=True)
-
-        return started
+        return self.session.federation
 
     def _wait(self, run: TrainingRun) -> None:
         """Block until training ends; Ctrl-C (interrupt) cancels the parties' work and ends it at once."""
         try:
             run.wait()
         except KeyboardInterrupt:
-            self._interrupted()
+            self.session.interrupted()
             run.wait(30)
             raise
-        with _usage_errors():
+        with usage_errors(self.fed_train):
             run.result()

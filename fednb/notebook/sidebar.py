@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fednb.errors import FednbError
+from fednb.notebook.session import Session
 from fednb.notebook.sidebar_state import (TARGET, VERSION, Request, RunTracker, approval_rows, parse_request,
                                           party_rows, snapshot)
 
@@ -36,9 +37,10 @@ MAX_COMMS = 16  # comms of front ends that went away (page reloads) are never cl
 class SidebarBridge:
     """Sends the session's federation, training run and pending approvals to JupyterLab panels."""
 
-    def __init__(self, magics: Any, comm_manager: Any, create_comm: Callable[..., Any], *, interval: float = 0.15,
-                 refresh_every: float = 5.0) -> None:
-        self._magics = magics
+    def __init__(self, session: Session, comm_manager: Any, create_comm: Callable[..., Any], *,
+                 interval: float = 0.15, refresh_every: float = 5.0) -> None:
+        self._session = session
+        self._unwatch: Callable[[], None] | None = None
         self._manager = comm_manager
         self._create_comm = create_comm
         self._interval = interval
@@ -60,7 +62,7 @@ class SidebarBridge:
 
     def start(self) -> SidebarBridge:
         self._manager.register_target(TARGET, self._opened)
-        self._magics.listeners.append(self.changed)
+        self._unwatch = self._session.subscribe(self.changed)
         self._thread.start()
         self.changed()
         return self
@@ -74,8 +76,8 @@ class SidebarBridge:
             comms, doorbell = list(self._comms), self._doorbell
             self._comms, self._doorbell = [], None
             self._lock.notify_all()
-        if self.changed in self._magics.listeners:
-            self._magics.listeners.remove(self.changed)
+        if self._unwatch is not None:
+            self._unwatch()
         self._follow(None)
         self.serve_approvals(None)
         self._manager.unregister_target(TARGET, self._opened)
@@ -88,8 +90,8 @@ class SidebarBridge:
     # -- what changed -------------------------------------------------------------------------
 
     def changed(self) -> None:
-        """The session's federation or training run changed (FedMagics calls this)."""
-        self._follow(self._magics.federation)
+        """The session's federation or training run changed (the session calls this)."""
+        self._follow(self._session.federation)
         with self._lock:
             ring = self._doorbell is None and not self._closed
         if ring:
@@ -197,12 +199,7 @@ class SidebarBridge:
         return True, f"{request.type}d {str(request.id)[:12]}"
 
     def _stop(self) -> tuple[bool, str]:
-        run, federation = self._magics.training, self._magics.federation
-        if run is not None and not run.done:
-            run.stop()
-        elif federation is not None and federation.training:
-            federation.stop()
-        else:
+        if not self._session.stop_training():
             return False, "nothing is training"
         self._tracker.stopping()
         return True, "training will stop after the round in progress"
@@ -241,20 +238,13 @@ class SidebarBridge:
         run, activity = self._tracker.view()
         parties = None
         if federation is not None:
-            parties = party_rows(federation.status(), _silent_for(federation), activity)
+            status = federation.status()
+            parties = party_rows(status, {row.name: row.silent_for for row in status}, activity)
         approvals = None
         if self._approvals is not None:
             approvals = approval_rows(self._approvals.pending())
-        return snapshot(seq, parties=parties, run=run, background=getattr(self._magics, "background", False),
+        return snapshot(seq, parties=parties, run=run, background=self._session.background,
                         approvals=approvals)
-
-
-def _silent_for(federation: Any) -> dict[str, float | None]:
-    """Seconds since each party was last heard from (heartbeats included)."""
-    connections = getattr(federation, "_connections", None)
-    if connections is None:
-        return {}
-    return {name: link.get("silent_for") for name, link in connections.snapshot().items()}
 
 
 # -- one bridge per shell -------------------------------------------------------------------------
@@ -262,13 +252,13 @@ def _silent_for(federation: Any) -> dict[str, float | None]:
 _bridges: dict[int, SidebarBridge] = {}
 
 
-def install(shell: Any, magics: Any) -> SidebarBridge | None:
+def install(shell: Any, session: Session) -> SidebarBridge | None:
     """Start the sidebar bridge in a kernel (nothing in a terminal IPython)."""
     if getattr(shell, "kernel", None) is None or id(shell) in _bridges:
         return _bridges.get(id(shell))
     from comm import create_comm, get_comm_manager
 
-    bridge = SidebarBridge(magics, get_comm_manager(), create_comm).start()
+    bridge = SidebarBridge(session, get_comm_manager(), create_comm).start()
     _bridges[id(shell)] = bridge
     return bridge
 

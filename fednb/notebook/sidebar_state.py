@@ -1,7 +1,7 @@
 """What the JupyterLab sidebar is told, and what it may ask: the snapshot and request formats.
 
-Pure data, no IPython: :class:`RunTracker` folds the federation's events into the
-current (or last) training run, :func:`snapshot` builds the one message the kernel sends
+Pure data, no IPython: :class:`RunTracker` keeps the current (or last) training run
+(a :class:`~fednb.federation.runstate.RunState`) with its times, :func:`snapshot` builds the one message the kernel sends
 (``{"type": "snapshot", "version": 1, ...}``, plain JSON, never NaN), and
 :func:`parse_request` checks what the panel sends back before anything acts on it::
 
@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fednb.federation.events import (Event, PartyDone, PartyDropped, RoundAggregated, RoundStarted, TrainingFinished,
-                                     TrainingStarted)
+from fednb.federation.events import Event, TrainingFinished, TrainingStarted
+from fednb.federation.runstate import RunState
 
 VERSION = 1
 TARGET = "fednb.sidebar"
@@ -75,7 +75,7 @@ def text(value: Any, limit: int = MAX_TEXT) -> str:
 
 
 class RunTracker:
-    """The current or last training run, as the panel shows it, folded from federation events.
+    """The current or last training run, as the panel shows it: a :class:`RunState` and the times.
 
     Thread-safe: events arrive on the federation's threads, snapshots are read on another.
     Round numbers are counted within the run (round 1 of ``--rounds 5`` is ``1/5`` even when
@@ -85,57 +85,36 @@ class RunTracker:
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._run: dict[str, Any] | None = None
+        self._run = RunState()
         self._started = 0.0
         self._ended: float | None = None
-        self._first = 1
-        self._activity: dict[str, str] = {}
 
     def __call__(self, event: Event) -> None:
         with self._lock:
-            self._apply(event)
-
-    def _apply(self, event: Event) -> None:
-        if isinstance(event, TrainingStarted):
-            self._started, self._ended, self._first = self._clock(), None, event.first_round
-            self._activity = {}
-            self._run = {"state": "training", "strategy": event.strategy, "round": 0, "rounds": event.rounds,
-                         "rounds_done": 0, "accuracy": None, "loss": None, "error": None}
-            return
-        run = self._run
-        if run is None:
-            return
-        if isinstance(event, RoundStarted):
-            run["round"] = event.round - self._first + 1
-            self._activity = {party: "training" for party in event.parties}
-        elif isinstance(event, PartyDone):
-            self._activity[event.party] = "done"
-        elif isinstance(event, PartyDropped):
-            self._activity[event.party] = "late" if event.late else "dropped"
-        elif isinstance(event, RoundAggregated):
-            run["rounds_done"] = event.round - self._first + 1
-            metrics = event.evaluation or event.metrics
-            run["accuracy"], run["loss"] = finite(metrics.get("accuracy")), finite(metrics.get("loss"))
-        elif isinstance(event, TrainingFinished):
-            self._ended = self._clock()
-            self._activity = {}
-            run["rounds_done"] = event.rounds_done
-            run["error"] = text(event.error) if event.error else None
-            run["state"] = "error" if event.error else "stopped" if event.stopped else "done"
+            if isinstance(event, TrainingStarted):
+                self._started, self._ended = self._clock(), None
+            elif isinstance(event, TrainingFinished) and self._run.started:
+                self._ended = self._clock()
+            self._run = self._run.apply(event)
 
     def stopping(self) -> None:
         """Mark the running training as asked to stop (it ends after the round in progress)."""
         with self._lock:
-            if self._run is not None and self._run["state"] == "training":
-                self._run["state"] = "stopping"
+            self._run = self._run.stopping()
 
     def view(self) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """The run as JSON (with ``elapsed`` seconds) and each party's part in the round in progress."""
         with self._lock:
-            if self._run is None:
+            run, started, ended = self._run, self._started, self._ended
+            if not run.started:
                 return None, {}
-            end = self._ended if self._ended is not None else self._clock()
-            return {**self._run, "elapsed": round(end - self._started, 3)}, dict(self._activity)
+            end = ended if ended is not None else self._clock()
+        _, metrics = run.latest()
+        view = {"state": run.state, "strategy": run.strategy, "round": max(run.round - run.first_round + 1, 0),
+                "rounds": run.total_rounds, "rounds_done": run.rounds_done, "accuracy": finite(metrics.get("accuracy")),
+                "loss": finite(metrics.get("loss")), "error": text(run.error) if run.error else None,
+                "elapsed": round(end - started, 3)}
+        return view, run.activity()
 
 
 def party_rows(status: Iterable[Any], seen: Mapping[str, float | None],
