@@ -10,6 +10,10 @@
     fednb audit ~/.fednb/clinic-a                        # every request; is the hash chain intact?
     fednb sim 4 --dataset digits --partition dirichlet --alpha 0.5   # local parties until Ctrl-C
     fednb demo                                           # federated vs centralized, one line per round
+
+An error is one line on stderr, ``fednb COMMAND: error: …``, with exit status 2 (the party's
+full tracebacks go to its party.log); output into a pipe whose reader left (``| head``) ends
+quietly with status 141, as a tool killed by SIGPIPE does.
 """
 
 from __future__ import annotations
@@ -19,13 +23,30 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import threading
 from pathlib import Path
+
+import zmq
 
 from fednb import __version__
 from fednb.errors import FednbError
 
 log = logging.getLogger("fednb")
+
+
+def _authorized_keys_help() -> str:
+    """The authorized-keys format, for ``fednb party --help`` (the text the party's errors quote)."""
+    from fednb.transport.auth import AUTHORIZED_KEYS_FORMAT
+
+    return "\n\n".join([
+        textwrap.fill(f"An authorized-keys file (--authorized-keys FILE) lists, as ssh's does, "
+                      f"{AUTHORIZED_KEYS_FORMAT}.", 90),
+        "    # coordinators allowed to connect\n"
+        "    6U:afnnRP+-q/<u.BMx=}y&J3RdL!xjzS/Cez2O+ alice@lab\n"
+        "    -tZ%84uS=d<vQ.4xJs^bNGPmZSH.eQkPYn[bHhq/ bob",
+        textwrap.fill("Or a directory (--authorized-keys DIR) of coordinators' .key files, labelled by file name. "
+                      "The list is read again when it changes: a removed key's sessions end.", 90)])
 
 
 def _data_spec(text: str) -> tuple[str, str]:
@@ -64,11 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     show = key_commands.add_parser("show", help="print the public key of PATH.key")
     show.add_argument("path")
 
-    party = commands.add_parser("party", help="serve this silo's data to authorized coordinators")
+    party = commands.add_parser("party", help="serve this silo's data to authorized coordinators",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_authorized_keys_help())
     party.add_argument("--name", required=True, help="the party's name, as coordinators will see it")
     party.add_argument("--listen", required=True, help="endpoint to bind: tcp://HOST:PORT or ipc:///PATH")
     party.add_argument("--key", help="base path of this party's keypair (fednb keys new); required for tcp")
-    party.add_argument("--authorized-keys", help="file (one Z85 key per line) or directory of .key files")
+    party.add_argument("--authorized-keys", metavar="FILE_OR_DIR",
+                       help="who may connect: a file, one coordinator's public key per line (format below), "
+                            "or a directory of .key files")
     party.add_argument("--data", action="append", type=_data_spec, required=True, metavar="SPLIT=FILE",
                        help="train=FILE (required) and test=FILE: .npz with arrays x and y, or .csv with --label")
     party.add_argument("--label", help="label column of .csv data (or label array of .npz data)")
@@ -79,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     party.add_argument("--time-limit", type=float, default=3600.0, help="seconds one request may run")
     party.add_argument("--memory-limit", type=_size, default="4G",
                        help="memory one request may allocate, e.g. 4G or 512M (0: no limit)")
+    party.add_argument("--max-message-bytes", type=_size, default="1G",
+                       help="largest message accepted, e.g. 1G (the default: models up to 256M float32 parameters, "
+                            "as much as --memory-limit 4G trains); larger frames drop the sender")
     party.add_argument("--max-values", type=int, default=1000, help="most numbers a %%%%fed_run result may hold")
     party.add_argument("--min-group", type=int, default=5, help="counts below this leave as None (review, allowlist)")
     party.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
@@ -103,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="print a party's audit log and check its hash chain")
     audit.add_argument("dir", help="the party's directory (fednb party --dir)")
+    audit.add_argument("--new-chain", action="store_true",
+                       help="the way out of a broken chain: set the log aside (kept, with its SHA-256 recorded) and "
+                            "start a new chain; the party refuses to serve until then")
 
     demo = commands.add_parser("demo", help="federated vs centralized training on a local federation")
     demo.add_argument("--parties", type=int, default=4)
@@ -119,7 +149,15 @@ def _keys(args: argparse.Namespace) -> int:
     if args.keys_command == "new":
         keypair = write_keypair(args.path, overwrite=args.force)
         public, secret = key_paths(args.path)
-        print(f"public key  {keypair.public.decode()}\nwritten to  {public} (share it)\n            {secret} (mode 0600, keep it)")
+        key = keypair.public.decode()
+        print(f"public key  {key}\n"
+              f"written to  {public} (the public key: give it to the peers that must trust you)\n"
+              f"            {secret} (mode 0600: keep it private)\n"
+              f"a coordinator's key: each party lets it in with this line in its authorized-keys file\n"
+              f"            {key} {public.stem}\n"
+              f"            (or the content of {public.name} pasted as it is, or {public.name} copied into an "
+              f"authorized-keys directory)\n"
+              f'a party\'s key: coordinators pin it in their parties.toml as  public_key = "{key}"')
     else:
         print(load_public_key(args.path).decode())
     return 0
@@ -146,7 +184,7 @@ def _party(args: argparse.Namespace) -> int:
     server = PartyServer(args.name, args.listen, datasets, keypair=keypair, allow=allow, policy=args.policy,
                          directory=directory, egress=egress, time_limit=args.time_limit,
                          memory_limit=args.memory_limit, threads=args.threads,
-                         heartbeat=args.heartbeat, timeout=args.timeout)
+                         heartbeat=args.heartbeat, timeout=args.timeout, max_message_bytes=args.max_message_bytes)
     del datasets  # the server keeps its data in shared read-only memory once it starts: hold no second copy
 
     def on_signal(signum: int, frame: object) -> None:
@@ -156,7 +194,10 @@ def _party(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    listening = threading.Event()
+
     def on_ready(endpoint: str) -> None:
+        listening.set()
         key = f" public key {keypair.public.decode()}" if keypair else ""
         print(f"party {args.name} listening on {endpoint}{key}", flush=True)
         if args.policy == "review":
@@ -166,7 +207,16 @@ def _party(args: argparse.Namespace) -> int:
         else:
             print("policy OPEN: every authorized coordinator's code runs here unreviewed", file=sys.stderr, flush=True)
 
-    server.serve_forever(on_ready)
+    try:
+        server.serve_forever(on_ready)
+    except zmq.ZMQError as exc:
+        if listening.is_set():
+            raise  # not a bind error: main() reports it
+        reasons: dict[int | None, str] = {
+            zmq.EADDRINUSE: "the address is in use (another party or program has it; choose another port)",
+            zmq.EADDRNOTAVAIL: "this machine has no such address"}
+        why = reasons.get(exc.errno, str(exc.strerror))
+        raise OSError(f"cannot listen on {args.listen}: {why}") from None
     return 0
 
 
@@ -214,7 +264,7 @@ def _approve(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from fednb.party.owner import audit_command
 
-    return audit_command(args.dir, out=sys.stdout)
+    return audit_command(args.dir, out=sys.stdout, new_chain=args.new_chain)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -233,12 +283,33 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("fednb").setLevel(logging.WARNING)
     handlers = {"keys": _keys, "party": _party, "approve": _approve, "audit": _audit, "sim": _sim, "demo": _demo}
     try:
-        return handlers[args.command](args)
-    except (FednbError, ValueError) as exc:
-        print(f"fednb {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # here, not at exit: a reader that went away (| head) is handled below
+        return status
+    except BrokenPipeError:
+        # The reader of our output stopped (`fednb audit DIR | head`): not an error, so be
+        # quiet, as a C tool killed by SIGPIPE is; point stdout at /dev/null so that the
+        # flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         return 130
+    except (FednbError, ValueError, OSError, zmq.ZMQError) as exc:
+        first, *more = _describe(exc).splitlines() or [type(exc).__name__]
+        print(f"fednb {args.command}: error: {first}", file=sys.stderr)
+        if more:
+            log.debug("%s", "\n".join(more))
+        return 2
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as a user reads it: an OSError names its file, a ZMQError says what libzmq said."""
+    if isinstance(exc, zmq.ZMQError):
+        return str(exc.strerror)
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return str(exc).strip()
 
 
 if __name__ == "__main__":

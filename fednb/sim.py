@@ -5,7 +5,8 @@
 ``ipc://`` socket in a fresh 0700 directory, and connects to them. The parties are the same
 code a deployment runs; only the data and the endpoints are local. ``secure=True`` adds
 CURVE with generated keys. ``close()``, interpreter exit, and a killed kernel all stop the
-parties: the host holds the read end of a pipe from this process and stops when it closes.
+parties and remove the private directory: the host holds the read end of a pipe from this
+process, and when it closes the host stops its parties, removes the directory and exits.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from fednb.transport import generate
 log = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[SimHost] = weakref.WeakSet()
-
 
 @dataclass(eq=False)
 class SimHost:
@@ -100,29 +100,47 @@ def _kill_if_alive(pid: int) -> None:
             return
 
 
+def check_arguments(n: int, dataset: str, partition: str, alpha: float) -> None:
+    """ValueError for a simulation that cannot start, before anything is started."""
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512:
+        raise ValueError("n must be an integer between 1 and 512")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; bundled: {', '.join(DATASETS)}")
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
+    if not alpha > 0:
+        raise ValueError("alpha must be positive")
+
+
 def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
                shards_per_party: int = 2, test_fraction: float = 0.2, authorized: bytes | None = None,
                heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, threads: int | None = None,
                tcp: bool = False, contained: bool = False, timeout: float = 120.0) -> SimHost:
     """Start the host and wait until all ``n`` parties listen; raise with their log otherwise."""
-    directory = Path(tempfile.mkdtemp(prefix="fednb-sim-"))  # mode 0700: the ipc sockets' privacy
-    log_file = open(directory / "parties.log", "wb")  # noqa: SIM115 - closed by SimHost.stop
+    check_arguments(n, dataset, partition, alpha)
+    if tcp and authorized is None:
+        raise ValueError("TCP endpoints always use CURVE: a simulation over tcp needs secure=True")
     threads = threads or max(1, (os.cpu_count() or 1) // n)
-    command = [sys.executable, "-m", "fednb.party.host", "--dir", str(directory), "--n", str(n), "--dataset", dataset,
-               "--partition", partition, "--alpha", repr(alpha), "--seed", str(seed), "--shards", str(shards_per_party),
-               "--test-fraction", repr(test_fraction), "--threads", str(threads), "--heartbeat", repr(heartbeat),
-               "--timeout", repr(heartbeat_timeout)]
+    options = ["--n", str(n), "--dataset", dataset, "--partition", partition, "--alpha", repr(alpha), "--seed",
+               str(seed), "--shards", str(shards_per_party), "--test-fraction", repr(test_fraction), "--threads",
+               str(threads), "--heartbeat", repr(heartbeat), "--timeout", repr(heartbeat_timeout)]
     if authorized is not None:
-        command.append(f"--authorized={authorized.decode()}")  # a Z85 key may start with '-'
-    if tcp:
-        if authorized is None:
-            raise ValueError("TCP endpoints always use CURVE: a simulation over tcp needs secure=True")
-        command.append("--tcp")
-    if contained:
-        command.append("--contained")
+        options.append(f"--authorized={authorized.decode()}")  # a Z85 key may start with '-'
+    options += ["--tcp"] * tcp + ["--contained"] * contained
+    directory = Path(tempfile.mkdtemp(prefix="fednb-sim-"))  # mode 0700: the ipc sockets' privacy
     started = time.monotonic()
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
-                               start_new_session=True)
+    try:
+        log_file = open(directory / "parties.log", "wb")  # noqa: SIM115 - closed by SimHost.stop
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "fednb.party.host", "--dir", str(directory), *options],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                                       start_new_session=True)
+        except BaseException:
+            log_file.close()
+            raise
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     host = SimHost(process, directory, log_file)
     _LIVE.add(host)
     try:
@@ -179,14 +197,7 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
     and data owner); ``contained=True`` runs it in worker processes with time and memory
     limits, as real parties do, at the cost of two more copies of every tensor.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512:
-        raise ValueError("n must be an integer between 1 and 512")
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; bundled: {', '.join(DATASETS)}")
-    if partition not in PARTITIONS:
-        raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
-    if not alpha > 0:
-        raise ValueError("alpha must be positive")
+    check_arguments(n, dataset, partition, alpha)
     if transport not in ("ipc", "tcp"):
         raise ValueError("transport must be 'ipc' or 'tcp'")
     secure = secure or transport == "tcp"

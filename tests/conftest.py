@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,13 +74,33 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool
 
 @pytest.fixture(scope="session", autouse=True)
 def no_processes_left_behind() -> Iterator[None]:
+    def sim_dirs() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("fednb-sim-*"))
+
+    def orphaned_dirs() -> list[Path]:
+        """New simulation directories that no live process names (another run's live hosts do)."""
+        named = b""
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    named += handle.read()
+            except OSError:
+                continue
+        return [d for d in sim_dirs() - dirs_before if d.exists() and str(d).encode() not in named]
+
     before = set(fednb_processes())
+    dirs_before = sim_dirs()
     yield
     wait_until(lambda: not [p for p in fednb_processes() if p not in before], timeout=10)
     leftover = [pid for pid in fednb_processes() if pid not in before]
     for pid in leftover:
         os.kill(pid, signal.SIGKILL)
     assert not leftover, f"fednb processes left behind: {leftover}"
+    wait_until(lambda: not orphaned_dirs(), timeout=5, interval=0.2)
+    left_dirs = orphaned_dirs()
+    for directory in left_dirs:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert not left_dirs, f"simulation directories left behind: {sorted(map(str, left_dirs))}"
 
 
 @pytest.fixture

@@ -43,11 +43,14 @@ def test_keys_new_writes_a_private_secret_and_show_prints_the_public_key(tmp_pat
 def test_party_cli_and_connect_over_tcp_with_curve(tmp_path, cli_parties, data_files):
     npz, csv, part = data_files
     cli("keys", "new", str(tmp_path / "party"))
-    cli("keys", "new", str(tmp_path / "coordinator"))
+    made = cli("keys", "new", str(tmp_path / "coordinator")).stdout
+    cli("keys", "new", str(tmp_path / "other"))
     cli("keys", "new", str(tmp_path / "stranger"))
+    # the authorized-keys line that `fednb keys new` prints, and another coordinator's .key file pasted as it is
+    key = cli("keys", "show", str(tmp_path / "coordinator")).stdout.strip()
+    assert f"\n            {key} coordinator\n" in made and "authorized-keys file" in made
     authorized = tmp_path / "authorized_keys"
-    authorized.write_text(f"# who may connect\n{cli('keys', 'show', str(tmp_path / 'coordinator')).stdout.strip()} "
-                          "coordinator@lab\n")
+    authorized.write_text(f"# who may connect\n{key} coordinator\n{(tmp_path / 'other.key').read_text()}")
     party = cli_parties("--name", "clinic-a", "--listen", "tcp://127.0.0.1:*", "--key", str(tmp_path / "party"),
                     "--authorized-keys", str(authorized), "--data", f"train={npz}", "--data", f"test={csv}",
                     "--label", "digit", "--threads", "1", "--policy", "open", "--dir", str(tmp_path / "clinic-a"))
@@ -63,6 +66,8 @@ def test_party_cli_and_connect_over_tcp_with_curve(tmp_path, cli_parties, data_f
         assert history[-1].evaluation["accuracy"] > 0.7
         assert history[-1].party_evaluation["clinic-a"]["examples"] == len(part.y_test)  # the CSV test split
 
+    with fednb.connect(toml, key=tmp_path / "other", timeout=20) as fed:  # the pasted .key file
+        assert [row.status for row in fed.status()] == ["online"]
     # a key the party does not list is refused, and said so
     with pytest.raises(fednb.FederationError, match="refused our key"):
         fednb.connect(toml, key=tmp_path / "stranger", timeout=5)
@@ -102,7 +107,9 @@ def test_demo_runs_end_to_end():
     rounds = [line for line in lines if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+s$", line)]
     assert len(rounds) == 3
     assert any(line.startswith("federated accuracy") for line in lines)
-    assert any(line.startswith("centralized accuracy") for line in lines)
+    announced = [i for i, line in enumerate(lines) if line.startswith("training the same model centrally")]
+    result = [i for i, line in enumerate(lines) if line.startswith("centralized accuracy")]
+    assert announced and result and announced[0] < result[0], done.stdout  # no silent minute after the last round
 
 
 def test_module_entry_point_matches_the_console_script():
@@ -129,3 +136,129 @@ def test_fednb_sim_serves_parties_that_connect_can_reach(secure):
             process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+def one_error_line(done: subprocess.CompletedProcess[str], command: str) -> str:
+    """The CLI's error contract: exit status 2, no traceback, one `fednb COMMAND: error: …` line last."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1].startswith(f"fednb {command}: error: ") and len(done.stderr.split("error:")) == 2, done.stderr
+    return lines[-1]
+
+
+def test_a_party_on_a_port_in_use_says_so_in_one_line(tmp_path, data_files):
+    import socket
+
+    npz, _, _ = data_files
+    cli("keys", "new", str(tmp_path / "party"))
+    cli("keys", "new", str(tmp_path / "coordinator"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["party", "--name", "p", "--listen", f"tcp://127.0.0.1:{port}", "--key", str(tmp_path / "party"),
+                "--authorized-keys", str(tmp_path / "coordinator.key"), "--data", f"train={npz}", "--label", "digit",
+                "--dir", str(tmp_path / "p")]
+        done = cli(*args, check=False)
+    line = one_error_line(done, "party")
+    assert line.endswith(f"cannot listen on tcp://127.0.0.1:{port}: the address is in use (another party or "
+                         "program has it; choose another port)")
+    logged = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ fednb[.\w]* (INFO|WARNING) ")
+    assert all(logged.match(other) for other in done.stderr.splitlines()[:-1]), done.stderr  # the rest: log records
+
+
+@pytest.mark.parametrize("args, message", [
+    (["audit", "NOWHERE"], "is not a party directory"),
+    (["approve", "NOWHERE"], "is not a party directory"),
+    (["keys", "show", "NOWHERE/k"], "neither a 40-character Z85 key nor a key file"),
+    (["keys", "new", "/proc/fednb/k"], "/proc/fednb"),  # an OSError: the file it names, and why
+    (["sim", "0"], "n must be an integer"),
+])
+def test_every_subcommand_reports_errors_in_one_line(tmp_path, args, message):
+    args = [a.replace("NOWHERE", str(tmp_path / "nowhere")) for a in args]
+    assert message in one_error_line(cli(*args, check=False), args[0])
+
+
+def test_audit_into_a_closed_pipe_is_quiet(tmp_path):
+    """`fednb audit DIR | head`: the reader leaving is no error, and no BrokenPipeError is printed."""
+    from fednb.party.audit import AuditLog
+    from fednb.party.directory import open_directory
+
+    directory = open_directory(tmp_path / "party", create=True)
+    audit = AuditLog(directory)
+    for number in range(300):  # more than a pipe holds
+        audit.append({"coordinator": "alice", "type": "run", "request": f"{number:032x}", "decision": "run",
+                      "outcome": "ok"})
+    # the reader is gone before fednb writes a byte: every write fails with EPIPE
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        done = subprocess.run([*FEDNB, "audit", str(directory)], stdout=writer,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(writer)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == ""
+    # as a user types it
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {' '.join(FEDNB)} audit {directory} | head -n 2"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stderr == "" and len(done.stdout.splitlines()) == 2 and done.returncode in (0, 128 + signal.SIGPIPE)
+
+
+def test_approve_without_a_match_lists_what_is_pending(tmp_path):
+    from fednb.party.approvals import Approvals
+    from fednb.party.directory import open_directory
+    from fednb.party.policy import request_code
+
+    directory = open_directory(tmp_path / "clinic", create=True)
+    line = one_error_line(cli("approve", str(directory), "--approve", "deadbeef", check=False), "approve")
+    assert line.endswith(f"no pending request matches deadbeef: nothing is pending in {directory}")
+    code = request_code("run", {"source": "label_counts(train)"})
+    assert Approvals(directory).add_pending(code, "alice@lab", "numbers")
+    line = one_error_line(cli("approve", str(directory), "--approve", "deadbeef", check=False), "approve")
+    assert line.endswith(f"no pending request matches deadbeef: pending in {directory}: {code.hash[:12]} "
+                         "(run from alice@lab)")
+    assert "give more digits" not in line
+    assert cli("approve", str(directory), "--approve", code.hash[:12]).stdout.startswith(f"approved {code.hash}")
+
+
+def test_a_mistyped_key_path_names_the_key_that_exists(tmp_path, data_files):
+    npz, _, _ = data_files
+    cli("keys", "new", str(tmp_path / "keys" / "clinic-a"))
+    base = ["party", "--name", "p", "--listen", "tcp://127.0.0.1:*", "--authorized-keys",
+            str(tmp_path / "keys" / "clinic-a.key"), "--data", f"train={npz}", "--label", "digit"]
+    typo = one_error_line(cli(*base, "--key", str(tmp_path / "keys" / "clinci-a"), check=False), "party")
+    assert typo.endswith(f"{tmp_path}/keys/clinci-a.key_secret does not exist; did you mean {tmp_path}/keys/clinic-a?")
+    assert "keys new" not in typo
+    nowhere = one_error_line(cli(*base, "--key", str(tmp_path / "kyes" / "clinic-a"), check=False), "party")
+    assert "nor does the directory" in nowhere and "keys new" not in nowhere
+    (tmp_path / "fresh").mkdir()
+    fresh = one_error_line(cli(*base, "--key", str(tmp_path / "fresh" / "party"), check=False), "party")
+    assert fresh.endswith(f"to make a keypair there: fednb keys new {tmp_path}/fresh/party")
+
+
+def test_the_party_help_documents_the_authorized_keys_format():
+    text = " ".join(cli("party", "--help").stdout.split())
+    assert "An authorized-keys file (--authorized-keys FILE) lists, as ssh's does, one coordinator per line" in text
+    assert "may be pasted as it is" in text and "directory (--authorized-keys DIR)" in text
+
+
+def test_a_build_without_node_says_what_to_do_in_one_line(tmp_path):
+    """The wheel's build hook, run with a PATH that has no node: install Node.js, or FEDNB_SKIP_JS=1."""
+    hook = Path(__file__).resolve().parents[1] / "labextension" / "build_hook.py"
+    call = f"import runpy; runpy.run_path({str(hook)!r})['build']('wheel', '0.1.0')"
+    env = {k: v for k, v in os.environ.items() if k != "FEDNB_SKIP_JS"}
+    done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=60,
+                          env={**env, "PATH": str(tmp_path)}, cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines() == ["fednb: building the JupyterLab extension needs Node.js >= 18, and node is "
+                                        "not on PATH: install it (e.g. apt-get install nodejs), or set "
+                                        "FEDNB_SKIP_JS=1 to build fednb without its JupyterLab extension"]
+    skipped = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=60,
+                             env={**env, "PATH": str(tmp_path), "FEDNB_SKIP_JS": "1"}, cwd=tmp_path)
+    assert skipped.returncode == 0 and "not built" in skipped.stderr
+    old = tmp_path / "node"  # a node too old for JupyterLab 4
+    old.write_text("#!/bin/sh\necho v16.20.0\n")
+    old.chmod(0o755)
+    done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True, timeout=60,
+                          env={**env, "PATH": str(tmp_path)}, cwd=tmp_path)
+    assert done.returncode == 1 and "is v16.20.0: upgrade it, or set FEDNB_SKIP_JS=1" in done.stderr

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,7 @@ SCRIPT = """
 import json, sys, time
 import fednb
 fed = fednb.simulate(2, dataset="synthetic", partition="iid")
-print(json.dumps(fed.simulation.pids), flush=True)
+print(json.dumps({"pids": fed.simulation.pids, "dir": str(fed.simulation.directory)}), flush=True)
 if sys.argv[1] == "exit":
     sys.exit(0)          # no close(): interpreter exit must stop the parties
 time.sleep(60)           # killed from outside, like a kernel restart
@@ -54,16 +55,20 @@ time.sleep(60)           # killed from outside, like a kernel restart
 
 @pytest.mark.parametrize("how", ["exit", "kill"])
 def test_parties_die_with_their_coordinator(how):
+    """Parties and the private fednb-sim-* directory end with the coordinator, SIGKILL included."""
     coordinator = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SCRIPT), how], stdout=subprocess.PIPE,
                                    cwd=os.getcwd())
     try:
         assert coordinator.stdout is not None
-        pids = json.loads(coordinator.stdout.readline())
-        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+        started = json.loads(coordinator.stdout.readline())
+        pids, directory = started["pids"], Path(started["dir"])
+        assert len(pids) == 3 and all(alive(pid) for pid in pids) and directory.name.startswith("fednb-sim-")
+        assert directory.is_dir()
         if how == "kill":
             coordinator.send_signal(signal.SIGKILL)
         coordinator.wait(30)
         assert wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10), [p for p in pids if alive(p)]
+        assert wait_until(lambda: not directory.exists(), timeout=5), f"{directory} outlived its simulation"
     finally:
         if coordinator.poll() is None:
             coordinator.kill()

@@ -114,3 +114,39 @@ def test_security_rules_for_endpoints(tmp_path):
     for bad in ["inproc://x", "tcp:/x", "udp://1.2.3.4:5", "tcp://"]:
         with pytest.raises(ValueError, match="endpoint"):
             check_security(bad, secure=True)
+
+
+def test_authorized_keys_accept_a_pasted_key_file_and_refuse_a_secret(tmp_path):
+    """The format `fednb party --help` documents: KEY [LABEL] lines, comments, a .key file's content pasted."""
+    a, b, c = generate(), generate(), generate()
+    write_keypair(tmp_path / "bob", b)
+    pasted = key_paths(tmp_path / "bob")[0].read_text()
+    listing = tmp_path / "authorized_keys"
+    listing.write_text(f"# coordinators\n{a.public.decode()}\talice@lab\n\n{pasted}\n#{c.public.decode()} carol\n")
+    assert read_authorized_keys(listing) == {a.public: "alice@lab", b.public: b.public.decode()[:8]}
+    listing.write_text(key_paths(tmp_path / "bob")[1].read_text())  # the secret file, pasted by mistake
+    with pytest.raises(KeyFileError, match=r"authorized_keys:\d+: a secret key; list public keys only"):
+        read_authorized_keys(listing)
+    listing.write_text('curve\n    public-key = "short"\n')
+    with pytest.raises(KeyFileError, match="authorized_keys:2: not a public key.*one coordinator per line"):
+        read_authorized_keys(listing)
+
+
+def test_a_missing_key_file_names_the_keys_beside_it(tmp_path):
+    """A typo points at the nearest key files; `fednb keys new PATH` only where making one is right."""
+    write_keypair(tmp_path / "keys" / "clinic-a")
+    write_keypair(tmp_path / "keys" / "coordinator")
+    (tmp_path / "empty").mkdir()
+    for path, match in [("keys/clinci-a", r"clinci-a.key_secret does not exist; did you mean .*keys/clinic-a\?$"),
+                        ("keys/zzz", "the .key_secret files in .*keys: clinic-a, coordinator$"),
+                        ("nokeys/clinic-a", "nor does the directory"),
+                        ("empty/party", r"to make a keypair there: fednb keys new .*empty/party$")]:
+        with pytest.raises(KeyFileError, match=match) as missing:
+            load_keypair(tmp_path / path)
+        assert ("keys new" in str(missing.value)) == (path == "empty/party")
+    os.remove(key_paths(tmp_path / "keys" / "coordinator")[1])
+    with pytest.raises(KeyFileError, match="is a public key alone"):
+        load_keypair(tmp_path / "keys" / "coordinator")
+    with pytest.raises(KeyFileError, match="did you mean .*keys/clinic-a") as public:
+        load_public_key(tmp_path / "keys" / "clinic")
+    assert "keys new" not in str(public.value)  # a peer's key is the peer's to make

@@ -270,10 +270,18 @@ class Approvals:
             return prefix
         if not re.fullmatch(r"[0-9a-f]{8,63}", prefix):
             raise ValueError(f"{prefix!r} is not a code hash (64 hex digits, or a unique prefix of at least 8)")
-        known = {p.hash for p in self.pending()} | set(self.approved()) | set(self.denied())
+        pending = self.pending()
+        known = {p.hash for p in pending} | set(self.approved()) | set(self.denied())
         matches = sorted(h for h in known if h.startswith(prefix))
-        if len(matches) != 1:
-            raise ValueError(f"{prefix} matches {len(matches) or 'no'} known hashes; give more digits")
+        if len(matches) > 1:
+            raise ValueError(f"{prefix} matches {len(matches)} code hashes ({', '.join(h[:16] for h in matches[:4])}"
+                             f"{', …' if len(matches) > 4 else ''}); give more digits")
+        if not matches:
+            waiting = "; ".join(f"{p.hash[:12]} ({p.kind} from {p.coordinator})" for p in pending[:8])
+            more = f" and {len(pending) - 8} more" if len(pending) > 8 else ""
+            raise ValueError(f"no pending request matches {prefix}: " +
+                             (f"pending in {self.directory}: {waiting}{more}" if pending
+                              else f"nothing is pending in {self.directory}"))
         return matches[0]
 
     # -- pending requests -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import sys
 import time
@@ -113,7 +114,23 @@ def _stop_children(children: dict[int, int], grace: float = 3.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (the host's death signal) must run the clean-up below from the very start
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     args = _parse(argv)
+    try:
+        return _host(args)
+    finally:
+        if not _STARTUP_FAILED:
+            # however the coordinator ended (close(), exit, SIGKILL), its simulation's private
+            # directory goes with it; after a failed start-up the coordinator reads the log first
+            shutil.rmtree(args.dir, ignore_errors=True)
+
+
+_STARTUP_FAILED = False
+
+
+def _host(args: argparse.Namespace) -> int:
+    global _STARTUP_FAILED
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s")
     _die_with_parent()
     from fednb.data import federated_split, load_dataset
@@ -157,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         _wait_for_lifeline(children, lambda: stopping)
         return 0
     except RuntimeError as exc:
+        _STARTUP_FAILED = True
         print(json.dumps({"error": str(exc)}), flush=True)
         return 1
     finally:

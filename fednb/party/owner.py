@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TextIO
 
 from fednb.party.approvals import Approvals, Pending, parse_until
-from fednb.party.audit import verify
+from fednb.party.audit import new_chain as start_new_chain
+from fednb.party.audit import verify, who
 from fednb.party.directory import open_directory
 
 
@@ -90,13 +91,20 @@ def _size(n: object) -> str:
     return f"{n} B"
 
 
-def audit_command(directory: str | os.PathLike[str], *, out: TextIO) -> int:
-    """``fednb audit``: print the log, one line per request, and whether its chain is intact (exit 1 if not)."""
+def audit_command(directory: str | os.PathLike[str], *, out: TextIO, new_chain: bool = False) -> int:
+    """``fednb audit``: print the log, one line per request, and whether its chain is intact (exit 1 if not).
+
+    ``new_chain`` sets a broken log aside and starts a new chain (GateError when the log is intact).
+    """
     path = open_directory(Path(directory), create=False)
+    if new_chain:
+        moved = start_new_chain(path)
+        print(f"set the broken audit log aside as {moved.name}; the new chain starts with its SHA-256", file=out)
+        return 0
     result = verify(path)
     for number, entry in enumerate(result.entries, 1):
         code = entry.get("code_hash")
-        print(f"{number:>5} {str(entry.get('time', '?')):<29} {str(entry.get('coordinator', '?'))[:12]:<12} "
+        print(f"{number:>5} {str(entry.get('time', '?')):<29} {who(entry):<28} "
               f"{str(entry.get('type', '?')):<8} r{entry.get('round') if entry.get('round') is not None else '-':<4} "
               f"{(code or '-')[:12]:<12} {str(entry.get('decision', '-')):<7} in {_size(entry.get('bytes_in')):>8} "
               f"out {_size(entry.get('bytes_out')):>8}  {entry.get('outcome', '')}", file=out)

@@ -1,17 +1,24 @@
 """Who may connect: the authorized-keys allow-list and the ZAP authenticator that enforces it.
 
 The allow-list fails closed: a missing or unreadable list stops the party from starting,
-an empty one lets nobody in. It is a file with one Z85 public key per line (a line
-starting with ``#`` is a comment; text after the key is a label, as in ssh's authorized_keys) or a directory of
-``*.key`` certificate files. The file is read again when it changes, so a key added or
-removed takes effect at the next handshake; sessions already open with a removed key are
-reported through :meth:`Authenticator.revoked` so that the party can drop them.
+an empty one lets nobody in. It is either a directory of ``*.key`` files (each labelled by
+its file name) or a file in the format of :data:`AUTHORIZED_KEYS_FORMAT`, as in ssh's
+``authorized_keys``::
+
+    # coordinators allowed to connect to clinic-a
+    6U:afnnRP+-q/<u.BMx=}y&J3RdL!xjzS/Cez2O+ alice@lab
+    -tZ%84uS=d<vQ.4xJs^bNGPmZSH.eQkPYn[bHhq/
+
+The file is read again when it changes, so a key added or removed takes effect at the next
+handshake; sessions already open with a removed key are reported through
+:meth:`Authenticator.revoked` so that the party can drop them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -24,6 +31,16 @@ from fednb.transport.keys import _read_certificate, check_z85, require_curve
 log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "fednb"
+
+AUTHORIZED_KEYS_FORMAT = (
+    "one coordinator per line: its 40-character public key (what `fednb keys show PATH` prints), "
+    "then optionally a space and a label for the logs and the audit; lines starting with # are comments; "
+    "the content of a .key file that `fednb keys new` wrote may be pasted as it is"
+)
+
+# A pasted certificate (pyzmq's format, as PATH.key holds it): section names, ``name = "value"`` lines.
+_CERTIFICATE_SECTION = re.compile(r"(metadata|curve)")
+_CERTIFICATE_ENTRY = re.compile(r'([\w-]+)\s*=\s*"(.*)"')
 
 
 def read_authorized_keys(path: str | os.PathLike[str]) -> dict[bytes, str]:
@@ -43,14 +60,30 @@ def read_authorized_keys(path: str | os.PathLike[str]) -> dict[bytes, str]:
         raise KeyFileError(f"cannot read authorized keys {source}: {exc}") from None
     for number, line in enumerate(lines, 1):
         text = line.strip()
-        if not text or text.startswith("#"):  # '#' is a Z85 digit: only whole lines are comments
+        if not text or text.startswith("#") or _CERTIFICATE_SECTION.fullmatch(text):
+            continue  # '#' is a Z85 digit, but no CURVE key starts with it (its first digit is at most '%')
+        words = text.split(maxsplit=1)
+        if _is_key(words[0]):
+            keys[words[0].encode()] = words[1] if len(words) > 1 else words[0][:8]
             continue
-        key, _, label = text.partition(" ")
-        try:
-            keys[check_z85(key)] = label.strip() or key[:8]
-        except KeyFileError:
-            raise KeyFileError(f"{source}:{number}: not a Z85 public key: {key[:50]!r}") from None
+        entry = _CERTIFICATE_ENTRY.fullmatch(text)
+        if entry is not None and entry.group(1) == "secret-key":
+            raise KeyFileError(f"{source}:{number}: a secret key; list public keys only (the .key file, never "
+                               ".key_secret), and treat that secret key as exposed")
+        if entry is not None and entry.group(1) == "public-key" and _is_key(entry.group(2)):
+            keys[entry.group(2).encode()] = entry.group(2)[:8]
+        elif entry is None or entry.group(1) == "public-key":  # other entries: a pasted certificate's metadata
+            raise KeyFileError(f"{source}:{number}: not a public key: {text[:50]!r}; expected "
+                               f"{AUTHORIZED_KEYS_FORMAT}")
     return keys
+
+
+def _is_key(word: str) -> bool:
+    try:
+        check_z85(word)
+    except KeyFileError:
+        return False
+    return True
 
 
 class AllowList:

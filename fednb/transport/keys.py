@@ -1,13 +1,16 @@
 """CURVE keypairs on disk: creation with safe permissions, loading with checks.
 
 Files use pyzmq's certificate format, so ``zmq.auth`` tools read them too:
-``PATH.key`` holds the public key (share it), ``PATH.key_secret`` the secret (mode 0600;
-a secret file that group or others can read is refused, as ssh refuses such keys).
+``PATH.key`` holds the public key (give it to peers: coordinators pin a party's key in their
+parties.toml, parties list a coordinator's key in their authorized keys, see
+:mod:`fednb.transport.auth`), ``PATH.key_secret`` the secret (mode 0600; a secret file that
+group or others can read is refused, as ssh refuses such keys).
 """
 
 from __future__ import annotations
 
 import datetime
+import difflib
 import os
 import stat
 from dataclasses import dataclass
@@ -91,9 +94,12 @@ def write_keypair(path: str | os.PathLike[str], keypair: Keypair | None = None, 
 
 def load_keypair(path: str | os.PathLike[str]) -> Keypair:
     """Load our own keypair from ``PATH.key_secret``; refuse one that others can read."""
-    _, secret_path = key_paths(path)
+    public_path, secret_path = key_paths(path)
     if not secret_path.exists():
-        raise KeyFileError(f"no secret key at {secret_path}; create one with `fednb keys new {Path(path)}`")
+        if public_path.exists():
+            raise KeyFileError(f"{secret_path} does not exist: {public_path} is a public key alone, and this needs "
+                               "its own keypair (the one `fednb keys new` wrote, with its .key_secret)")
+        raise KeyFileError(_missing(secret_path, create=True))
     mode = secret_path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyFileError(
@@ -116,9 +122,32 @@ def load_public_key(spec: str | bytes | os.PathLike[str]) -> bytes:
     if not path.exists() and path.suffix != ".key":
         path = path.with_name(path.name + ".key")
     if not path.exists():
-        raise KeyFileError(f"{spec!s} is neither a 40-character Z85 key nor a key file")
+        raise KeyFileError(f"{spec!s} is neither a 40-character Z85 key nor a key file: {_missing(path)}")
     public, _ = _read_certificate(path)
     return public
+
+
+def _missing(path: Path, *, create: bool = False) -> str:
+    """Why a key file is missing, naming the key files beside it that may have been meant.
+
+    ``fednb keys new BASE`` is suggested only where it is right: our own keypair (``create``)
+    in a directory that exists and holds no keypair yet; a peer's key is the peer's to make.
+    """
+    suffix = ".key_secret" if path.name.endswith(".key_secret") else ".key"
+    base = path.with_name(path.name[: -len(suffix)] if path.name.endswith(suffix) else path.name)
+    folder = base.parent
+    if not folder.is_dir():
+        return f"{path} does not exist, nor does the directory {folder}"
+    names = sorted(entry.name[: -len(suffix)] for entry in folder.glob(f"*{suffix}"))
+    if not names:
+        if create:
+            return f"{path} does not exist; to make a keypair there: fednb keys new {base}"
+        return f"{path} does not exist, and {folder} holds no {suffix} file"
+    close = difflib.get_close_matches(base.name, names, n=3, cutoff=0.6)
+    if close:
+        return f"{path} does not exist; did you mean {' or '.join(str(folder / name) for name in close)}?"
+    listed = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"{path} does not exist; the {suffix} files in {folder}: {listed}"
 
 
 def check_z85(text: str | bytes) -> bytes:
