@@ -1,0 +1,148 @@
+"""The cryptographic pieces of secure aggregation, all from ``cryptography``: keys, KDF, AEAD, PRG.
+
+As in Bonawitz et al. (CCS 2017) and Bell et al. (SecAgg+, CCS 2020):
+
+- key agreement: X25519; a pairwise key is HKDF-SHA256 of the shared point, with the purpose,
+  run, round and the (sorted) pair of parties as HKDF's info, so that every round and every
+  use gets a fresh key;
+- shares travel under ChaCha20-Poly1305 with a random 96-bit nonce, the associated data binding
+  (run, round, sender, receiver), so that a share replayed from another round or re-addressed
+  to another party fails to open;
+- the PRG expanding a 32-byte seed into a mask vector is the AES-256-CTR keystream under that
+  seed (a cryptographic PRG, unlike a Mersenne Twister seeded with 32 bits), written straight
+  into a numpy buffer and added or subtracted in place with wrapping unsigned arithmetic;
+- the model-hash statement is signed with Ed25519.
+
+Nothing here logs; the callers log party names and counts only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SEED = 32
+KEY = 32
+SIGNATURE = 64
+NONCE = 12
+TAG = 16
+
+__all__ = [
+    "InvalidSignature", "InvalidTag", "agree", "apply_masks", "commit", "context", "decode", "encode",
+    "fresh_seed", "open_sealed", "prg", "seal", "sign", "verify", "x25519_public", "x25519_private",
+]
+
+
+def fresh_seed() -> bytes:
+    """32 bytes from the operating system's CSPRNG: a self-mask seed."""
+    return os.urandom(SEED)
+
+
+def context(*parts: str | int) -> bytes:
+    """An unambiguous encoding of labelled fields (JSON of a list), for HKDF info, AEAD data and signatures."""
+    return json.dumps(list(parts), separators=(",", ":")).encode()
+
+
+def encode(data: bytes) -> str:
+    """Bytes as base64 text, for a JSON message."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def decode(text: object, length: int | None = None) -> bytes:
+    """Base64 text back to bytes; ValueError for anything but strict base64 of ``length`` bytes."""
+    if not isinstance(text, str) or len(text) > 4096:
+        raise ValueError("expected base64 text")
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError) as exc:
+        raise ValueError("malformed base64") from exc
+    if length is not None and len(data) != length:
+        raise ValueError(f"expected {length} bytes, got {len(data)}")
+    return data
+
+
+def x25519_private(raw: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def x25519_public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+def agree(private: X25519PrivateKey, public: bytes, info: bytes) -> bytes:
+    """The 32-byte key HKDF-SHA256 derives from X25519(private, public) for the purpose ``info``.
+
+    Raises ValueError for a public key of small order (the shared point would be all zeros).
+    """
+    shared = private.exchange(X25519PublicKey.from_public_bytes(public))
+    return HKDF(algorithm=hashes.SHA256(), length=KEY, salt=None, info=info).derive(shared)
+
+
+def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """nonce || ChaCha20-Poly1305(plaintext), authenticated with ``associated``."""
+    nonce = os.urandom(NONCE)
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, plaintext, associated)
+
+
+def open_sealed(key: bytes, sealed: bytes, associated: bytes) -> bytes:
+    """The plaintext of :func:`seal`'s output; raises InvalidTag if anything was altered."""
+    return ChaCha20Poly1305(key).decrypt(sealed[:NONCE], sealed[NONCE:], associated)
+
+
+def commit(seed: bytes, label: bytes) -> bytes:
+    """SHA-256 commitment to a 32-byte random seed (hiding because the seed is uniformly random)."""
+    return hashlib.sha256(label + seed).digest()
+
+
+def sign(key: Ed25519PrivateKey, statement: bytes) -> bytes:
+    return key.sign(statement)
+
+
+def verify(public: bytes, signature: bytes, statement: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s Ed25519 signature of ``statement``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, statement)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def prg(seed: bytes, length: int, dtype: type[np.unsignedinteger] = np.uint32) -> np.ndarray:
+    """``length`` uniformly random unsigned integers: the AES-256-CTR keystream under ``seed``."""
+    out = np.zeros(length, dtype=dtype)
+    apply_masks(out, [seed], [])
+    return out
+
+
+def apply_masks(vector: np.ndarray, plus: Iterable[bytes], minus: Iterable[bytes]) -> None:
+    """Add PRG(seed) for each seed in ``plus`` to ``vector`` and subtract it for each in ``minus``, in place.
+
+    ``vector`` is a contiguous uint32 or uint64 array; the arithmetic wraps modulo 2^32 or 2^64,
+    which is also correct modulo any smaller power of two. One keystream buffer serves all seeds.
+    """
+    if vector.dtype not in (np.uint32, np.uint64) or not vector.flags.c_contiguous:
+        raise ValueError("masks apply to a contiguous uint32 or uint64 vector")
+    nbytes = vector.nbytes
+    zeros = bytes(nbytes)
+    # update_into wants room for one block more than it writes
+    buffer = bytearray(nbytes + 16)
+    stream = np.frombuffer(buffer, dtype=vector.dtype.newbyteorder("<"), count=vector.size)
+    for seeds, operation in ((plus, np.add), (minus, np.subtract)):
+        for seed in seeds:
+            if len(seed) != SEED:
+                raise ValueError("a mask seed is 32 bytes")
+            Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update_into(zeros, buffer)
+            operation(vector, stream, out=vector)

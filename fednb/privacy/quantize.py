@@ -1,0 +1,140 @@
+"""Updates to integers and back: clipping, stochastic rounding, and a modular sum that cannot wrap.
+
+Secure aggregation sums integers modulo 2^bits (Bonawitz et al., CCS 2017); a float update
+must become an integer vector first, and the range must be chosen so that the sum of every
+party's vector never wraps around the modulus, or the de-quantized mean would be garbage with
+no error to say so.
+
+**The range.** A party clips its update x to L2 norm ``clip`` (a documented clip, never a
+tighter one: each coordinate then lies in [-clip, clip]) and weighs it by its example count
+e, capped at ``max_examples`` (E). It quantizes the vector ``e·x`` (each coordinate within
+±E·clip) and appends e itself, exactly, as one more coordinate, so that weighted FedAvg needs
+one masked vector per party: the coordinator divides the two sums.
+
+With n parties and modulus 2^bits, the signed sum must stay within R = 2^(bits-1) - 1, so each
+party gets L = ⌊R / n⌋ levels on either side of zero (at most 2^40, so that float64, which
+does the scaling and rounding, keeps a resolution far below one level), and the scale is
+s = (L - 2) / (E·clip); the 2 levels of slack absorb rounding up and float error. A configuration where L < 3 or n·E > R is refused with a clear
+error at round start; nothing is ever clipped to make a sum fit.
+
+**Stochastic rounding** maps a to ⌊a + U⌋ with U uniform on [0, 1): unbiased, and within one
+level of a (plus float64 rounding, below 2^-10 of a level). Summed over n parties and divided by
+the total example count W, each coordinate of the mean is therefore within 1.001·n / (s·W) of
+the exact weighted mean of the clipped updates (:meth:`Quantizer.error_bound`); the typical
+error is about √n / (2·s·W).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Levels beyond this buy no precision from float64 updates and would coarsen the rounding noise.
+MAX_LEVELS = 2**40
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """The integer encoding of one round: ``parties`` parties, L2 clip, example cap, modulus 2^bits."""
+
+    clip: float
+    max_examples: int
+    parties: int
+    bits: int
+    levels: int = field(init=False)
+    scale: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"clip must be a finite positive L2 norm, not {self.clip!r}")
+        if not isinstance(self.bits, int) or not 16 <= self.bits <= 62:
+            raise ValueError(f"bits must be an integer from 16 to 62, not {self.bits!r}")
+        if not isinstance(self.parties, int) or self.parties < 1:
+            raise ValueError("a round needs at least one party")
+        if not isinstance(self.max_examples, int) or self.max_examples < 1:
+            raise ValueError("max_examples must be a positive integer")
+        half = 2 ** (self.bits - 1) - 1
+        if self.parties * self.max_examples > half:
+            raise ValueError(
+                f"{self.parties} parties × max_examples {self.max_examples} exceed 2^{self.bits - 1}: "
+                f"the sum of example counts would wrap; raise bits or lower max_examples")
+        levels = min(half // self.parties, MAX_LEVELS)
+        if levels < 3:
+            raise ValueError(f"2^{self.bits} cannot hold the sum of {self.parties} parties' updates; raise bits")
+        object.__setattr__(self, "levels", levels)
+        object.__setattr__(self, "scale", (levels - 2) / (self.max_examples * float(self.clip)))
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger]:
+        """uint32 up to 32 bits, uint64 beyond: what travels, never wider than needed."""
+        return np.uint32 if self.bits <= 32 else np.uint64
+
+    @property
+    def modulus_mask(self) -> int:
+        return (1 << self.bits) - 1
+
+    def weight(self, examples: int) -> int:
+        """The weight a party with ``examples`` examples gets: its count, capped at max_examples."""
+        if not isinstance(examples, (int, np.integer)) or isinstance(examples, bool) or examples < 1:
+            raise ValueError(f"a party's example count is a positive integer, not {examples!r}")
+        if examples > self.max_examples:
+            # said aloud at the party (never sent): its weight in the mean is capped, its values are not
+            log.warning("%d examples exceed max_examples: this update is weighted as %d", examples, self.max_examples)
+        return min(int(examples), self.max_examples)
+
+    def quantize(self, update: np.ndarray, examples: int, rng: np.random.Generator,
+                 clip: float | None = None) -> np.ndarray:
+        """[q(e·clipped x)…, e] as unsigned integers mod 2^bits (length len(update) + 1).
+
+        ``clip`` lets a party clip tighter than the round's clip (the range stays the round's).
+        """
+        # one float64 working buffer, reused for every step: a 1M-value update costs a few passes
+        scaled = np.array(update, dtype=np.float64, copy=True).ravel()
+        bound = self.clip if clip is None else min(self.clip, clip)
+        weight = self.weight(examples)
+        # einsum, not dot: a BLAS call spins up threads that cost more than this one pass
+        norm = math.sqrt(float(np.einsum("i,i->", scaled, scaled)))
+        if not math.isfinite(norm):
+            raise ValueError("the update holds NaN or infinite values (or values too large to square)")
+        scaled *= self.scale * weight * (bound / norm if norm > bound else 1.0)
+        # shifted by L, every value is a non-negative float below 2^53 that converts straight to
+        # the unsigned type; taking L off again in unsigned arithmetic wraps negatives mod 2^32 or 2^64
+        scaled += self.levels
+        noise = np.empty_like(scaled)
+        rng.random(out=noise)
+        scaled += noise
+        np.floor(scaled, out=scaled)
+        if scaled.size and (float(scaled.min()) < 0 or float(scaled.max()) > 2 * self.levels):
+            raise AssertionError("a quantized value left its range: the scale is wrong")
+        out = np.empty(scaled.size + 1, dtype=self.dtype)
+        out[:-1] = scaled
+        out[:-1] -= self.dtype(self.levels)
+        out[-1] = weight
+        if self.bits not in (32, 64):
+            np.bitwise_and(out, self.dtype(self.modulus_mask), out=out)
+        return out
+
+    def decode(self, total: np.ndarray) -> tuple[np.ndarray, int]:
+        """The weighted mean of the updates and the total example count, from the modular sum."""
+        total = np.asarray(total)
+        if total.dtype != np.dtype(self.dtype) or total.ndim != 1 or total.size < 2:
+            raise ValueError(f"a modular sum is a vector of {np.dtype(self.dtype).name}")
+        if self.bits == 32:
+            signed = total.view(np.int32)  # two's complement is the centred lift
+        else:
+            # centred lift: values of 2^(bits-1) and above stand for negatives
+            signed = total.astype(np.int64) & self.modulus_mask
+            signed -= (signed >> (self.bits - 1)) << self.bits
+        examples = int(signed[-1])
+        if examples < 1:
+            raise ValueError("the sum holds no examples: nothing to average")
+        return signed[:-1] / (self.scale * examples), examples
+
+    def error_bound(self, parties: int, examples: int) -> float:
+        """Largest error of any coordinate of the mean of ``parties`` updates over ``examples`` examples."""
+        return 1.001 * parties / (self.scale * examples)
