@@ -1,0 +1,41 @@
+"""Vertical federated learning: parties that hold different columns of the same rows train one model.
+
+Pure code, no sockets: rows are aligned by private set intersection
+(:mod:`fednb.privacy.psi`), and :mod:`fednb.vertical.logistic` holds the roles of hetero
+logistic regression (Hardy et al., 2017) with one method per stage; the round loop carries
+their messages. :mod:`fednb.vertical.metrics` scores the joint predictions.
+"""
+
+from __future__ import annotations
+
+from fednb.vertical.logistic import (
+    Arbiter,
+    Fitted,
+    Guest,
+    Host,
+    HostForward,
+    LogisticConfig,
+    combine,
+    fit,
+    fit_one_vs_rest,
+    predict_one_vs_rest,
+)
+from fednb.vertical.metrics import accuracy, auc, evaluate, ks, logloss
+
+__all__ = [
+    "Arbiter",
+    "Fitted",
+    "Guest",
+    "Host",
+    "HostForward",
+    "LogisticConfig",
+    "accuracy",
+    "auc",
+    "combine",
+    "evaluate",
+    "fit",
+    "fit_one_vs_rest",
+    "ks",
+    "logloss",
+    "predict_one_vs_rest",
+]
