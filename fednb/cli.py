@@ -87,13 +87,13 @@ def _parser() -> argparse.ArgumentParser:
 
     party = commands.add_parser("party", help="serve this silo's data to authorized coordinators",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_authorized_keys_help())
-    party.add_argument("--name", required=True, help="the party's name, as coordinators will see it")
-    party.add_argument("--listen", required=True, help="endpoint to bind: tcp://HOST:PORT or ipc:///PATH")
+    party.add_argument("--name", help="the party's name, as coordinators will see it (required)")
+    party.add_argument("--listen", help="endpoint to bind: tcp://HOST:PORT or ipc:///PATH (required)")
     party.add_argument("--key", help="base path of this party's keypair (fednb keys new); required for tcp")
     party.add_argument("--authorized-keys", metavar="FILE_OR_DIR",
                        help="who may connect: a file, one coordinator's public key per line (format below), "
                             "or a directory of .key files")
-    party.add_argument("--data", action="append", type=_data_spec, required=True, metavar="SPLIT=FILE",
+    party.add_argument("--data", action="append", type=_data_spec, metavar="SPLIT=FILE",
                        help="train=FILE (required) and test=FILE: .npz with arrays x and y, or .csv with --label")
     party.add_argument("--label", help="label column of .csv data (or label array of .npz data)")
     party.add_argument("--policy", default="review", choices=["review", "allowlist", "open"],
@@ -111,6 +111,18 @@ def _parser() -> argparse.ArgumentParser:
     party.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats")
     party.add_argument("--timeout", type=float, default=10.0, help="seconds of silence before a peer counts as gone")
     party.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    party.add_argument("--device", action="append", default=[], metavar="PATH",
+                       help="a device workers may use, bound into their sandbox (e.g. /dev/nvidia0, /dev/nvidiactl, "
+                            "/dev/nvidia-uvm for a GPU); nothing else of /dev is there")
+    party.add_argument("--allow-weak-containment", action="store_true",
+                       help="serve under review or allowlist even where workers cannot be contained (no user "
+                            "namespaces): their code could then reach the network and the party's files")
+    party.add_argument("--check-containment", action="store_true",
+                       help="report what a worker can and cannot reach here (network, files, /proc), then exit")
+    party.add_argument("--require-secure-aggregation", action="store_true",
+                       help="refuse plain train requests: this party's update leaves only masked, in a secure sum")
+    party.add_argument("--min-aggregate", type=int, default=3, metavar="K",
+                       help="take part in a secure round only when at least K parties are in the sum (default 3)")
 
     sim = commands.add_parser("sim", help="run N local parties on bundled data until Ctrl-C")
     sim.add_argument("n", type=int)
@@ -168,6 +180,13 @@ def _party(args: argparse.Namespace) -> int:
     from fednb.party.directory import default_directory, open_directory
     from fednb.transport import AllowList, check_security, load_keypair
 
+    if args.check_containment:
+        return _check_containment(args)
+    missing = [flag for flag, value in (("--name", args.name), ("--listen", args.listen), ("--data", args.data))
+               if not value]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)}")
+
     if args.listen.startswith("tcp://") and not (args.key and args.authorized_keys):
         raise ValueError("a tcp endpoint needs --key and --authorized-keys: every TCP endpoint uses CURVE")
     if args.authorized_keys and not args.key:
@@ -184,7 +203,10 @@ def _party(args: argparse.Namespace) -> int:
     server = PartyServer(args.name, args.listen, datasets, keypair=keypair, allow=allow, policy=args.policy,
                          directory=directory, egress=egress, time_limit=args.time_limit,
                          memory_limit=args.memory_limit, threads=args.threads,
-                         heartbeat=args.heartbeat, timeout=args.timeout, max_message_bytes=args.max_message_bytes)
+                         heartbeat=args.heartbeat, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
+                         devices=tuple(args.device), allow_weak_containment=args.allow_weak_containment,
+                         private_paths=_private_paths(args),
+                         require_secure_aggregation=args.require_secure_aggregation, min_aggregate=args.min_aggregate)
     del datasets  # the server keeps its data in shared read-only memory once it starts: hold no second copy
 
     def on_signal(signum: int, frame: object) -> None:
@@ -259,6 +281,33 @@ def _approve(args: argparse.Namespace) -> int:
 
     return approve_command(args.dir, approve=args.approve, deny=args.deny, rounds=args.rounds, until=args.until,
                            out=sys.stdout)
+
+
+def _private_paths(args: argparse.Namespace) -> tuple[str, ...]:
+    """The party's own files that no worker may read: its secret key and its authorized keys."""
+    from fednb.transport import key_paths
+
+    paths = [str(key_paths(args.key)[1])] if args.key else []
+    return tuple(paths + ([args.authorized_keys] if args.authorized_keys else []))
+
+
+def _check_containment(args: argparse.Namespace) -> int:
+    """``fednb party --check-containment``: contain a throw-away worker and report what it reached."""
+    import tempfile
+
+    from fednb.party.directory import default_directory
+    from fednb.party.reach import probe
+
+    paths = list(_private_paths(args))
+    directory = args.dir or (default_directory(args.name) if args.name else None)
+    if directory is not None:
+        paths.append(str(Path(directory).expanduser()))
+    with tempfile.TemporaryDirectory(prefix="fednb-worker-root-") as mountpoint:
+        report = probe(mountpoint, paths, devices=tuple(args.device))
+    print(f"containment: {report.level}" + (f" ({report.reason})" if report.reason else ""))
+    for what, outcome in report.checks.items():
+        print(f"  {what:<40} {outcome}")
+    return 0 if report.level == "full" else 1
 
 
 def _audit(args: argparse.Namespace) -> int:

@@ -76,3 +76,17 @@ def _option_names(magic: Callable[..., Any] | None, message: str) -> str:
 def parties(text: str | None) -> list[str] | None:
     """``--parties a,b`` as a list (None: all)."""
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def secure_aggregation(on: bool, clip: float | None) -> Any:
+    """``--secure-aggregation [--clip C]`` as ``train``'s ``secure_aggregation=`` (False: plain rounds)."""
+    if not on:
+        if clip is not None:
+            raise UsageError("--clip applies to secure aggregation: add --secure-aggregation")
+        return False
+    from fednb.federation.secure import SecureAggregation
+
+    try:
+        return SecureAggregation() if clip is None else SecureAggregation(clip=clip)
+    except ValueError as exc:
+        raise UsageError(f"--clip: {exc}") from None

@@ -43,8 +43,9 @@ class Table:
 
 def parties_table(rows: Sequence[Any]) -> Table:
     """``Federation.status()`` rows as a table."""
-    return Table(["party", "endpoint", "status", "examples", "last round", "last error"],
-                 [[r.name, r.endpoint, r.status, r.examples, r.last_round, r.last_error] for r in rows])
+    return Table(["party", "endpoint", "status", "containment", "examples", "last round", "last error"],
+                 [[r.name, r.endpoint, r.status, getattr(r, "containment", "unknown"), r.examples, r.last_round,
+                   r.last_error] for r in rows])
 
 
 def evaluation_table(evaluation: Any) -> Table:

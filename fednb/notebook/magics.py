@@ -27,7 +27,7 @@ from IPython.display import display
 from fednb.federation import Federation
 from fednb.federation.background import TrainingRun
 from fednb.notebook.arguments import TRAIN_DEFAULTS as DEFAULTS
-from fednb.notebook.arguments import no_arguments, parse, parties, usage_errors
+from fednb.notebook.arguments import no_arguments, parse, parties, secure_aggregation, usage_errors
 from fednb.notebook.display import PartyOutputs, evaluation_table, parties_table
 from fednb.notebook.session import Session
 
@@ -90,6 +90,14 @@ class FedMagics(Magics):
     @argument("--policy", default="review", choices=["review", "allowlist", "open"],
               help="what coordinator code may run: review (you approve each new code), allowlist, open")
     @argument("--dir", default=None, help="approvals, pending requests and audit log (default ~/.fednb/NAME)")
+    @argument("--device", action="append", default=[], metavar="PATH",
+              help="a device coordinator code may use (e.g. /dev/nvidia0), bound into its sandbox")
+    @argument("--allow-weak-containment", action="store_true",
+              help="serve even where coordinator code cannot be contained (no user namespaces)")
+    @argument("--require-secure-aggregation", action="store_true",
+              help="release updates only under secure aggregation (plain training requests are refused)")
+    @argument("--min-aggregate", type=int, default=3,
+              help="take part in a secure round only with at least this many parties (default 3)")
     @line_magic
     def fed_serve(self, line: str) -> Any:
         """Serve this notebook's data as a party in the background; shows requests awaiting your approval."""
@@ -105,7 +113,10 @@ class FedMagics(Magics):
         with usage_errors(self.fed_serve):
             server, widget = serve_in_notebook(args.name, args.listen, data, key=args.key,
                                                authorized_keys=args.authorized_keys, policy=args.policy,
-                                               label=args.label, directory=args.dir)
+                                               label=args.label, directory=args.dir, devices=tuple(args.device),
+                                               allow_weak_containment=args.allow_weak_containment,
+                                               require_secure_aggregation=args.require_secure_aggregation,
+                                               min_aggregate=args.min_aggregate)
         self.session.served.append(server)
         from fednb.notebook.sidebar import show_approvals
 
@@ -188,6 +199,10 @@ class FedMagics(Magics):
     @argument("--parties", default=None, help="comma-separated parties to train with (default: all)")
     @argument("--model", default="model", help="the notebook variable holding the model")
     @argument("--background", action="store_true", help="return at once; %%fed_stop ends training")
+    @argument("--secure-aggregation", action="store_true",
+              help="secure aggregation: the coordinator learns only the sum of the parties' updates")
+    @argument("--clip", type=float, default=None,
+              help="with --secure-aggregation: L2 norm each party's update is clipped to (default 10.0)")
     @line_cell_magic
     def fed_train(self, line: str, cell: str | None = None) -> None:
         """Train the model across the parties; as a cell magic, the cell is each party's local training step."""
@@ -228,7 +243,8 @@ class FedMagics(Magics):
         options = {"rounds": args.rounds, "strategy": args.strategy, "lr": args.lr, "epochs": args.epochs,
                    "batch_size": args.batch_size, "optimizer": args.optimizer, "momentum": args.momentum,
                    "loss": args.loss, "min_parties": args.min_parties, "round_timeout": args.round_timeout,
-                   "parties": parties(args.parties), "train_cell": cell, "mu": args.mu}
+                   "parties": parties(args.parties), "train_cell": cell, "mu": args.mu,
+                   "secure_aggregation": secure_aggregation(args.secure_aggregation, args.clip)}
         with usage_errors(self.fed_train):
             run = self.session.start_training(federation, model, args.model, options, background=args.background)
         if args.background:

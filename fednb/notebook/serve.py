@@ -25,7 +25,7 @@ from fednb.party import Datasets, EgressRules, PartyServer
 from fednb.party.approvals import Approvals, Pending, check_hash, parse_until
 from fednb.party.directory import default_directory, open_directory
 from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT
-from fednb.transport import AllowList, check_security, load_keypair
+from fednb.transport import AllowList, check_security, key_paths, load_keypair
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +136,17 @@ def serve_in_notebook(name: str, listen: str, data: Mapping[str, str], *, key: s
                       authorized_keys: str | None = None, policy: str = "review", label: str | None = None,
                       directory: str | os.PathLike[str] | None = None, time_limit: float = DEFAULT_TIME_LIMIT,
                       memory_limit: int = DEFAULT_MEMORY_LIMIT, egress: EgressRules | None = None,
+                      devices: tuple[str, ...] = (), allow_weak_containment: bool = False,
+                      require_secure_aggregation: bool = False, min_aggregate: int = 3,
                       ) -> tuple[PartyServer, ApprovalsWidget]:
     """Serve this notebook's data as party ``name`` on ``listen`` in the background.
 
     ``data`` maps ``train`` (required) and ``test`` to .npz/.csv files; ``key`` and
     ``authorized_keys`` as for ``fednb party`` (a tcp endpoint needs both). Approvals, pending
     requests and the audit log live in ``directory`` (default ``~/.fednb/NAME``). Returns the
-    running server (``server.stop()`` ends it) and the widget to display.
+    running server (``server.stop()`` ends it) and the widget to display. Coordinator code runs
+    contained as with ``fednb party`` (``devices`` bound in; ``allow_weak_containment`` as its flag);
+    ``require_secure_aggregation`` and ``min_aggregate`` as ``fednb party``'s flags of those names.
     """
     if listen.startswith("tcp://") and not (key and authorized_keys):
         raise ValueError("a tcp endpoint needs key= and authorized_keys=: every TCP endpoint uses CURVE")
@@ -155,8 +159,11 @@ def serve_in_notebook(name: str, listen: str, data: Mapping[str, str], *, key: s
     allow = AllowList(authorized_keys) if authorized_keys else None
     datasets = Datasets.from_files(dict(data), label=label)
     where = open_directory(directory or default_directory(name), create=True)
+    private = tuple(str(p) for p in (*(key_paths(key)[1:] if key else ()), authorized_keys) if p)
     server = PartyServer(name, listen, datasets, keypair=keypair, allow=allow, policy=policy, directory=where,
-                         egress=egress, time_limit=time_limit, memory_limit=memory_limit)
+                         egress=egress, time_limit=time_limit, memory_limit=memory_limit, devices=tuple(devices),
+                         allow_weak_containment=allow_weak_containment, private_paths=private,
+                         require_secure_aggregation=require_secure_aggregation, min_aggregate=min_aggregate)
     server.start()
     try:
         widget = ApprovalsWidget(where, party=name, policy=policy, endpoint=server.endpoint)

@@ -128,6 +128,7 @@ def party_rows(status: Iterable[Any], seen: Mapping[str, float | None],
             "last_round": row.last_round if isinstance(row.last_round, int) else None,
             "last_seen": finite(seen.get(row.name)), "activity": activity.get(row.name),
             "error": text(row.last_error, 500),
+            "containment": text(getattr(row, "containment", "unknown"), 40),
         })
     return rows
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fednb.party.datasets import Datasets
+from fednb.party.reach import Report
 from fednb.wire import Message
 
 
@@ -25,6 +26,8 @@ class InProcess:
         self._datasets = datasets
         self._threads = threads
         self._kernel: Any = None
+        #: Coordinator code runs in this process: nothing contains it (a simulation only).
+        self.containment = Report("none", "a simulation runs party code in the party process")
 
     def start(self) -> Datasets:
         from fednb.party.kernel import Kernel

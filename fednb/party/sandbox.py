@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 from fednb.errors import GateError, WireError
 from fednb.party.datasets import Datasets
 from fednb.party.pipe import PipeClosed, receive_message, send_message
+from fednb.party.reach import Report
 from fednb.party.shared import close_specs, map_datasets, share_datasets, spec_fds
 from fednb.party.worker import MAX_CONTROL, zygote_main
 from fednb.wire import DEFAULT_LIMITS, Limits, Message
@@ -57,7 +59,8 @@ class Sandbox:
     """Worker processes for one party; :meth:`run` is called from one thread, :meth:`cancel` from any."""
 
     def __init__(self, name: str, datasets: Datasets, *, time_limit: float = DEFAULT_TIME_LIMIT,
-                 memory_limit: int = DEFAULT_MEMORY_LIMIT, threads: int = 0, limits: Limits = DEFAULT_LIMITS) -> None:
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT, threads: int = 0, limits: Limits = DEFAULT_LIMITS,
+                 contain: bool = True, devices: tuple[str, ...] = (), check_paths: tuple[str, ...] = ()) -> None:
         if not time_limit > 0:
             raise ValueError("time_limit must be positive (seconds)")
         if not isinstance(memory_limit, int) or memory_limit < 0:
@@ -81,21 +84,39 @@ class Sandbox:
         self._cancel_r, self._cancel_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._stopped = False
+        self.contain = contain
+        self.devices = tuple(devices)
+        self.check_paths = tuple(check_paths)
+        for device in self.devices:
+            if not os.path.exists(device):
+                raise ValueError(f"device {device} does not exist")
+        #: What a worker can reach (fednb.party.reach): known once the zygote is ready.
+        self.containment: Report = Report("unknown", "the workers have not started")
+        self._mountpoint: str | None = None
 
     # -- the zygote ---------------------------------------------------------------------------
 
     def start(self) -> Datasets:
-        """Share the datasets and start the zygote (forked when that is safe); returns the read-only data."""
+        """Share the datasets, start the zygote (forked when that is safe) and wait until it knows
+        how well it can contain workers (:attr:`containment`); returns the read-only data."""
         if self.datasets is None:
             self._specs = share_datasets(self._source)
             self.datasets = map_datasets(self._specs)
             self._source = self.datasets  # the caller's arrays need not stay alive for us
+        if self.contain and self._mountpoint is None:
+            # each worker's root is a tmpfs mounted here inside its own mount namespace
+            self._mountpoint = tempfile.mkdtemp(prefix="fednb-worker-root-")
         if self._control is None:
             self._launch()
+        self._ensure_ready()
         return self.datasets
 
     def _config(self) -> dict[str, Any]:
-        return {"name": self.name, "splits": self._specs}
+        containment = None
+        if self.contain and self._mountpoint is not None:
+            containment = {"mountpoint": self._mountpoint, "devices": list(self.devices),
+                           "check": list(self.check_paths)}
+        return {"name": self.name, "splits": self._specs, "containment": containment}
 
     def _launch(self) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -157,6 +178,10 @@ class Sandbox:
             if "error" in message:
                 self._zygote_gone()
                 raise GateError(f"the worker zygote of {self.name} failed: {message['error']}")
+            if "ready" in message:
+                found = message.get("containment") or {}
+                self.containment = Report(str(found.get("level", "unknown")), str(found.get("reason", "")),
+                                          {str(k): str(v) for k, v in dict(found.get("checks") or {}).items()})
             self._ready = "ready" in message or self._ready
 
     def _zygote_gone(self) -> None:
@@ -328,6 +353,12 @@ class Sandbox:
                 self._reap_zygote(3.0)
         close_specs(self._specs)
         self._specs = {}
+        if self._mountpoint is not None:
+            try:
+                os.rmdir(self._mountpoint)
+            except OSError as exc:
+                log.warning("could not remove the workers' mount point %s: %s", self._mountpoint, exc)
+            self._mountpoint = None
 
 
 def _drain(fd: int) -> None:

@@ -36,6 +36,7 @@ from fednb.party.datasets import Datasets
 from fednb.party.egress import EgressRules
 from fednb.party.gate import Gate, Ticket, who
 from fednb.party.inprocess import InProcess
+from fednb.party.reach import check_start
 from fednb.party.policy import POLICIES, check_policy
 from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT, Sandbox
 from fednb.transport import AllowList, Authenticator, Keypair, bound_endpoint, server_socket
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_MESSAGE_BYTES", "POLICIES", "PartyServer", "serve"]
 
-WORK = frozenset({"train", "evaluate", "run"})
+WORK = frozenset({"train", "secagg", "evaluate", "run"})
 #: The largest message a party accepts by default (``fednb party --max-message-bytes``): a model
 #: of up to 256M float32 parameters (1 GiB of weights) with its header, as the default worker
 #: memory limit (4 GiB: weights, gradients and optimizer state) can train.
@@ -83,6 +84,12 @@ class PartyServer:
     (default :data:`MAX_MESSAGE_BYTES`) bounds one message's tensors and each frame (ZeroMQ's
     ``MAXMSGSIZE`` drops a peer that sends a larger frame); ``max_held_bytes`` (default twice
     that) bounds the requests held while they wait for the owner, queue or run.
+
+    Workers are contained (:mod:`fednb.party.containment`): no network, nothing but their
+    datasets; ``devices`` are bound in (GPUs), ``private_paths`` (key files, the party
+    directory is always included) are what the start-up probe checks no worker can read.
+    Where the kernel refuses namespaces, policies ``review`` and ``allowlist`` refuse to
+    start unless ``allow_weak_containment``.
     """
 
     def __init__(
@@ -105,6 +112,11 @@ class PartyServer:
         max_message_bytes: int = MAX_MESSAGE_BYTES,
         max_held_bytes: int | None = None,
         contained: bool = True,
+        allow_weak_containment: bool = False,
+        devices: tuple[str, ...] = (),
+        private_paths: tuple[str, ...] = (),
+        require_secure_aggregation: bool = False,
+        min_aggregate: int = 3,
     ) -> None:
         check_policy(policy)
         if not contained and policy != "simulation":
@@ -121,6 +133,10 @@ class PartyServer:
         self.keypair = keypair
         self.allow = allow
         self.policy = policy
+        # secure aggregation, enforced by this party's gate: plain train requests refused, and no
+        # secure round of fewer than min_aggregate parties
+        self.require_secure_aggregation = require_secure_aggregation
+        self.min_aggregate = min_aggregate
         self.directory = directory
         self.egress = egress or EgressRules()
         self.heartbeat = heartbeat
@@ -131,9 +147,15 @@ class PartyServer:
                                           max_buffer_bytes=min(limits.max_buffer_bytes, max_message_bytes),
                                           max_header_bytes=min(limits.max_header_bytes, max_message_bytes))
         self.max_held_bytes = max_held_bytes if max_held_bytes is not None else 2 * max_message_bytes
-        runner = Sandbox if contained else InProcess
-        self.sandbox = runner(name, datasets, time_limit=time_limit, memory_limit=memory_limit, threads=threads,
-                              limits=self.limits)
+        self.allow_weak_containment = allow_weak_containment
+        self.sandbox: Sandbox | InProcess
+        if contained:
+            # the probe also tries to read the party's own files from a worker: none may be readable
+            check = tuple(str(p) for p in (directory, *private_paths) if p)
+            self.sandbox = Sandbox(name, datasets, time_limit=time_limit, memory_limit=memory_limit, threads=threads,
+                                   limits=self.limits, devices=tuple(devices), check_paths=check)
+        else:
+            self.sandbox = InProcess(name, datasets, threads=threads)
         self.gate: Gate | None = None
         self.admission: Admission | None = None
         self.state = State.NEW
@@ -170,11 +192,13 @@ class PartyServer:
         """
         if self.gate is not None:
             return
-        gate = Gate(self.name, self.policy, self.datasets, directory=self.directory, rules=self.egress)
+        gate = Gate(self.name, self.policy, self.datasets, directory=self.directory, rules=self.egress,
+                    require_secure_aggregation=self.require_secure_aggregation, min_aggregate=self.min_aggregate)
         try:
             self.datasets = self.sandbox.start()
             # the guard reads the shared copy the workers see; the caller's copy can then be freed
             gate.guard.datasets = self.datasets
+            self._check_containment()
         except BaseException:
             self.sandbox.stop()
             gate.close()
@@ -183,6 +207,14 @@ class PartyServer:
         hint = f"fednb approve {self.directory}" if self.directory is not None else "the owner's approval"
         self.admission = Admission(self.name, gate, self.sandbox, approve_hint=hint,
                                    max_held_bytes=self.max_held_bytes)
+
+    def _check_containment(self) -> None:
+        check_start(self.name, self.policy, self.sandbox.containment, allow_weak=self.allow_weak_containment)
+
+    @property
+    def containment(self) -> str:
+        """How coordinator code is contained here: full, weak or none (it runs in this process)."""
+        return self.sandbox.containment.level
 
     def start(self, timeout: float = 30.0) -> str:
         """Serve on a background thread; return the bound endpoint once it listens."""
@@ -306,7 +338,7 @@ class PartyServer:
         if message.type == "hello":
             self._reply(router, routing, message.reply("welcome", {
                 "party": self.name, "version": __version__, "policy": self.policy,
-                "datasets": self.datasets.describe(),
+                "datasets": self.datasets.describe(), "containment": self.containment,
             }))
         elif message.type in WORK:
             self.stats["requests"] += 1

@@ -75,7 +75,8 @@ def zygote_main(control_fd: int, config: dict[str, Any]) -> int:
         datasets = map_datasets(config["splits"])
         import fednb.party.kernel  # noqa: F401 - torch and the kernel, imported once for every worker
 
-        send_control(control, {"ready": os.getpid()})
+        report = _check_containment(config)
+        send_control(control, {"ready": os.getpid(), "containment": report})
     except Exception as exc:  # noqa: BLE001 - reported to the party, which refuses work with it
         log.exception("the party's zygote could not start")
         send_control(control, {"error": f"{type(exc).__name__}: {exc}"})
@@ -179,6 +180,7 @@ def worker_main(sock: socket.socket, config: dict[str, Any], datasets: Any, requ
     if threads > 0:
         torch.set_num_threads(threads)
     limit_memory(int(request.get("memory") or 0))
+    _enter_sandbox(config, sock.fileno())
     kernel = Kernel(str(config.get("name", "party")), datasets)
     identity = str(request.get("identity", ""))
     while True:
@@ -195,6 +197,37 @@ def worker_main(sock: socket.socket, config: dict[str, Any], datasets: Any, requ
         except ValueError as exc:  # the reply cannot be encoded (too large, not JSON)
             send_message(sock, message.reply("error", {"error_type": "ValueError", "origin": "party",
                                                        "message": f"the reply cannot be sent: {exc}"}))
+
+
+def _check_containment(config: dict[str, Any]) -> dict[str, Any]:
+    """What the workers will be: the probe's report, which the zygote remembers for its forks."""
+    from fednb.party.reach import probe
+
+    settings = config.get("containment")
+    if not settings:
+        return {"level": "none", "reason": "containment is off", "checks": {}}
+    report = probe(settings["mountpoint"], settings.get("check", ()), devices=settings.get("devices", ()))
+    settings["level"] = report.level
+    if report.level != "full":
+        log.warning("workers cannot be fully contained here: %s", report.reason)
+    return {"level": report.level, "reason": report.reason, "checks": report.checks}
+
+
+def _enter_sandbox(config: dict[str, Any], pipe: int) -> None:
+    """Contain this worker (no network, only its datasets) or, where the kernel refuses, weaken it."""
+    from fednb.party.containment import ContainmentUnavailable, Sandbox, contain, weaken
+
+    settings = config.get("containment")
+    if not settings:
+        return
+    sandbox = Sandbox(settings["mountpoint"], devices=tuple(settings.get("devices", ())), keep_fds=(pipe,))
+    if settings.get("level") == "full":
+        try:
+            contain(sandbox)
+            return
+        except ContainmentUnavailable as exc:  # the probe said yes; something changed since
+            log.error("this worker could not be contained (%s); it runs weakly contained", exc)
+    weaken(sandbox)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,13 @@ import { KernelBridge } from './connection.js';
 import { formatAgo, formatDuration, formatMetric } from './model.js';
 import { IApproval, IParty, IResult } from './protocol.js';
 
+/** What each containment level means, for the tooltip. */
+const CONTAINMENT: Record<string, string> = {
+  full: 'coordinator code runs with no network and sees nothing but its datasets',
+  weak: 'coordinator code runs with limits only: it could reach the network and the party\'s files',
+  none: 'a simulation: coordinator code runs in the party process itself'
+};
+
 type Attrs = Record<string, string>;
 
 function h(tag: string, attrs: Attrs = {}, ...children: (Node | string)[]): HTMLElement {
@@ -145,6 +152,15 @@ export class FederationPanel extends Widget {
           h('span', { class: 'fednb-Panel-seen', 'data-seen': party.name, title: 'last heard from' })
         ),
         h('div', { class: 'fednb-Panel-endpoint', title: party.endpoint }, party.endpoint),
+        h(
+          'div',
+          {
+            class: 'fednb-Panel-containment',
+            'data-containment': party.containment,
+            title: CONTAINMENT[party.containment] ?? 'the party did not say how it contains coordinator code'
+          },
+          `containment: ${party.containment}`
+        ),
         party.error ? h('div', { class: 'fednb-Panel-error', title: party.error }, party.error) : ''
       )
     );

@@ -22,6 +22,8 @@ export interface IParty {
   /** Its part in the round in progress: training, done, dropped or late. */
   activity: string | null;
   error: string;
+  /** How the party contains coordinator code: full, weak, none (a simulation) or unknown. */
+  containment: string;
 }
 
 export type RunState = 'training' | 'stopping' | 'done' | 'stopped' | 'error';
@@ -156,7 +158,8 @@ function parseParty(value: unknown, i: number): IParty {
     lastRound: optInt(value, 'last_round', where),
     lastSeen: optNum(value, 'last_seen', where),
     activity: optStr(value, 'activity', where),
-    error: optStr(value, 'error', where) ?? ''
+    error: optStr(value, 'error', where) ?? '',
+    containment: optStr(value, 'containment', where) ?? 'unknown'
   };
 }
 

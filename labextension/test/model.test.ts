@@ -22,6 +22,7 @@ function party(name: string, extra: Record<string, unknown> = {}) {
     last_seen: 0.5,
     activity: null,
     error: '',
+    containment: 'full',
     ...extra
   };
 }
@@ -79,10 +80,18 @@ test('a snapshot is parsed into parties, run and approvals', () => {
     lastRound: null,
     lastSeen: 0.5,
     activity: null,
-    error: ''
+    error: '',
+    containment: 'full'
   });
   assert.equal(message.run?.roundsDone, 6);
   assert.equal(message.approvals, null);
+});
+
+test('a party that does not say how it contains code shows as unknown', () => {
+  const bare = party('a');
+  delete (bare as Record<string, unknown>).containment;
+  const message = parseKernelMessage(snapshot({ federation: { parties: [bare] } }));
+  assert.equal(message.type === 'snapshot' ? message.parties?.[0].containment : null, 'unknown');
 });
 
 test('malformed messages are rejected whole', () => {
