@@ -16,12 +16,14 @@ from fednb.errors import FederationError, FednbError, PartyError, RoundError, Wi
 
 if TYPE_CHECKING:
     from fednb.federation import Evaluation, Federation, History, PartyResults, connect
+    from fednb.federation.secure import SecureAggregation
     from fednb.sim import simulate
 
 # The coordinator's names load on first use, so that a party process (which imports
 # fednb.party) never imports the coordinator, and `import fednb` stays cheap.
 _LAZY = {"Evaluation": "fednb.federation", "Federation": "fednb.federation", "History": "fednb.federation",
-         "PartyResults": "fednb.federation", "connect": "fednb.federation", "simulate": "fednb.sim"}
+         "PartyResults": "fednb.federation", "SecureAggregation": "fednb.federation.secure",
+         "connect": "fednb.federation", "simulate": "fednb.sim"}
 
 __all__ = [
     "Evaluation",
@@ -32,6 +34,7 @@ __all__ = [
     "PartyError",
     "PartyResults",
     "RoundError",
+    "SecureAggregation",
     "WireError",
     "__version__",
     "connect",

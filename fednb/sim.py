@@ -115,7 +115,8 @@ def check_arguments(n: int, dataset: str, partition: str, alpha: float) -> None:
 def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
                shards_per_party: int = 2, test_fraction: float = 0.2, authorized: bytes | None = None,
                heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, threads: int | None = None,
-               tcp: bool = False, contained: bool = False, timeout: float = 120.0) -> SimHost:
+               tcp: bool = False, contained: bool = False, timeout: float = 120.0,
+               require_secure_aggregation: bool = False) -> SimHost:
     """Start the host and wait until all ``n`` parties listen; raise with their log otherwise."""
     check_arguments(n, dataset, partition, alpha)
     if tcp and authorized is None:
@@ -126,7 +127,7 @@ def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet",
                str(threads), "--heartbeat", repr(heartbeat), "--timeout", repr(heartbeat_timeout)]
     if authorized is not None:
         options.append(f"--authorized={authorized.decode()}")  # a Z85 key may start with '-'
-    options += ["--tcp"] * tcp + ["--contained"] * contained
+    options += ["--tcp"] * tcp + ["--contained"] * contained + ["--require-secure-aggregation"] * require_secure_aggregation
     directory = Path(tempfile.mkdtemp(prefix="fednb-sim-"))  # mode 0700: the ipc sockets' privacy
     started = time.monotonic()
     try:
@@ -186,7 +187,8 @@ def _read_ready(process: subprocess.Popen[bytes], timeout: float) -> dict[str, A
 def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
              secure: bool = False, *, transport: str = "ipc", contained: bool = False, shards_per_party: int = 2,
              test_fraction: float = 0.2,
-             heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, timeout: float = 120.0) -> Federation:
+             heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, timeout: float = 120.0,
+             require_secure_aggregation: bool = False) -> Federation:
     """Start ``n`` local party processes on a partition of ``dataset`` and connect to them.
 
     ``partition`` is ``iid``, ``dirichlet`` (label skew with concentration ``alpha``; smaller
@@ -196,6 +198,8 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
     The parties run coordinator code in their own process (the local user is both coordinator
     and data owner); ``contained=True`` runs it in worker processes with time and memory
     limits, as real parties do, at the cost of two more copies of every tensor.
+    ``require_secure_aggregation=True`` makes every party refuse plain train requests (train
+    with ``secure_aggregation=True``) and secure rounds of fewer than 3 parties.
     """
     check_arguments(n, dataset, partition, alpha)
     if transport not in ("ipc", "tcp"):
@@ -205,7 +209,7 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
     host = start_host(n, dataset=dataset, partition=partition, alpha=alpha, seed=seed, shards_per_party=shards_per_party,
                       test_fraction=test_fraction, authorized=keypair.public if keypair else None,
                       heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, tcp=transport == "tcp",
-                      contained=contained,
+                      contained=contained, require_secure_aggregation=require_secure_aggregation,
                       timeout=timeout)
     specs = [{"name": p["name"], "endpoint": p["endpoint"], **({"public_key": p["public_key"]} if secure else {})}
              for p in host.parties]

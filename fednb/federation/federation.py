@@ -22,8 +22,9 @@ from fednb.federation.connection import Connections
 from fednb.federation.events import (EventBus, RoundAggregated, RoundEvaluated, RoundStarted, Subscriber,
                                      TrainingFinished, TrainingStarted)
 from fednb.federation.history import History, RoundRecord
-from fednb.federation.protocol import Stage, drive, gather
-from fednb.federation.rounds import Evaluation, evaluate_round, train_round
+from fednb.federation.protocol import Stage, Steps, drive, gather
+from fednb.federation.rounds import Evaluation, RoundOutcome, evaluate_round, train_round
+from fednb.federation.secure import SecureAggregation, secure_round
 from fednb.federation.source import check_code, model_source
 from fednb.strategies import Strategy, get_strategy
 from fednb.tensors import load_arrays, state_arrays
@@ -49,6 +50,9 @@ class PartyInfo:
     last_error: str
     #: Seconds since the party was last heard from (heartbeats included); None if never.
     silent_for: float | None = None
+    #: How the party contains coordinator code, as it said: "full" (no network, only its
+    #: datasets), "weak" (limits only), "none" (a simulation's own process), or "unknown".
+    containment: str = "unknown"
 
 
 class PartyResults(dict):  # type: ignore[type-arg]
@@ -97,7 +101,7 @@ class Federation:
             if status == "online" and link.get("awaiting"):
                 status, detail = "awaiting approval", str(link["awaiting"])
             rows.append(PartyInfo(name, link["endpoint"], status, train.get("examples"), self._last_round.get(name),
-                                  detail, link["silent_for"]))
+                                  detail, link["silent_for"], str(link["info"].get("containment") or "unknown")))
         return rows
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
@@ -130,6 +134,7 @@ class Federation:
         parties: Iterable[str] | None = None,
         seed: int = 0,
         config: Mapping[str, Any] | None = None,
+        secure_aggregation: bool | SecureAggregation = False,
         **strategy_options: Any,
     ) -> History:
         """Train ``model`` for ``rounds`` rounds; afterwards it holds the global weights.
@@ -141,11 +146,17 @@ class Federation:
         that fails or misses ``round_timeout`` is dropped for that round; the round completes
         if at least ``min_parties`` (default: a majority) replied, else :class:`RoundError`.
         Ctrl-C or :meth:`stop` end training after the current round with the weights so far.
+
+        ``secure_aggregation=True`` (or a :class:`~fednb.SecureAggregation` with its clip, bits,
+        threshold and neighbours) runs each round as the four stages of secure aggregation: the
+        coordinator learns only the weighted mean of the parties' updates, and per-party train
+        metrics and example counts stay at the parties.
         """
         plan = self._plan(model, source, rounds=rounds, strategy=strategy, lr=lr, epochs=epochs, batch_size=batch_size,
                           optimizer=optimizer, momentum=momentum, loss=loss, train_cell=train_cell,
                           min_parties=min_parties, round_timeout=round_timeout, evaluate_every=evaluate_every,
-                          parties=parties, seed=seed, config=config, **strategy_options)
+                          parties=parties, seed=seed, config=config, secure_aggregation=secure_aggregation,
+                          **strategy_options)
         self._claim()
         try:
             return plan()
@@ -190,6 +201,7 @@ class Federation:
               optimizer: str = "sgd", momentum: float = 0.9, loss: str = "cross_entropy", train_cell: str | None = None,
               min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
               parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
+              secure_aggregation: bool | SecureAggregation = False,
               **strategy_options: Any) -> Callable[[], History]:
         """Check :meth:`train`'s arguments; return the call that runs the rounds."""
         chosen = self._choose(parties)
@@ -206,6 +218,10 @@ class Federation:
         if not isinstance(evaluate_every, int) or evaluate_every < 0:
             raise ValueError("evaluate_every must be a non-negative integer (0: never)")
         chosen_strategy = get_strategy(strategy, **strategy_options)
+        secure = SecureAggregation.of(secure_aggregation)
+        if secure is not None and getattr(chosen_strategy, "individual_updates", False):
+            raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update, "
+                             "which secure aggregation hides; use fedavg, fedavgm or fedprox")
         code = self._source_of(model, source)
         if train_cell is not None:
             check_code(train_cell, "train cell")
@@ -216,13 +232,13 @@ class Federation:
         def run() -> History:
             self.model, self.source = model, code
             return self._train_rounds(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties,
-                                      round_timeout, evaluate_every)
+                                      round_timeout, evaluate_every, secure)
 
         return run
 
     def _train_rounds(self, model: torch.nn.Module, code: str, chosen: list[str], rounds: int, strategy: Strategy,
                       base: dict[str, Any], train_cell: str | None, min_parties: int, round_timeout: float | None,
-                      evaluate_every: int) -> History:
+                      evaluate_every: int, secure: SecureAggregation | None = None) -> History:
         """The round loop. Round r's request also asks each party to evaluate the weights it
         carries (round r-1's model) when that round is due an evaluation; the last round's
         model is evaluated by a request of its own."""
@@ -242,11 +258,18 @@ class Federation:
                 links = self._connections.snapshot()
                 offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
                            for p in chosen if p not in online}
+                protocol: Steps[RoundOutcome]
+                if secure is None:
+                    protocol = train_round(self.events, strategy, round=round_, parties=online, weights=weights,
+                                           content=content, min_parties=min_parties, timeout=round_timeout,
+                                           evaluate_incoming=unevaluated is not None, unavailable=offline)
+                else:
+                    protocol = secure_round(self.events, strategy, round=round_, parties=online, weights=weights,
+                                            content=content, min_parties=min_parties, timeout=round_timeout,
+                                            secure=secure, evaluate_incoming=unevaluated is not None,
+                                            unavailable=offline)
                 try:
-                    outcome = drive(self._connections, self.events, round_, train_round(
-                        self.events, strategy, round=round_, parties=online, weights=weights,
-                        content=content, min_parties=min_parties, timeout=round_timeout,
-                        evaluate_incoming=unevaluated is not None, unavailable=offline))
+                    outcome = drive(self._connections, self.events, round_, protocol)
                 except RoundError:
                     if self._abort.is_set():  # stop(now=True) cancelled this round's work at the parties
                         log.info("training stopped during round %d; the model keeps round %d's weights",
@@ -263,7 +286,9 @@ class Federation:
                     self._last_error.pop(party, None)
                 self._last_error.update(outcome.dropped)
                 record = RoundRecord(round_, outcome.contributions, outcome.dropped, outcome.metrics, None, {},
-                                     time.monotonic() - started)
+                                     time.monotonic() - started, dict(getattr(outcome, "stages", None) or
+                                                                      {"train": outcome.seconds}),
+                                     dict(getattr(outcome, "secure", None) or {}))
                 self.history.append(record)
                 done += 1
                 self.events.publish(RoundAggregated(round_, last, outcome.metrics, None, {}, record.seconds))

@@ -22,6 +22,9 @@ class RoundRecord:
 
     ``metrics`` are the example-weighted train metrics the parties reported; ``evaluation``
     the example-weighted metrics of the new global model on the parties' test splits.
+    ``stages`` holds each stage's seconds; ``secure``, for a round under secure aggregation,
+    what the coordinator saw ("sum of N parties", the examples behind it, the quantization
+    error bound of each coordinate, and the stage each dropped party missed).
     """
 
     round: int
@@ -31,6 +34,8 @@ class RoundRecord:
     evaluation: dict[str, float] | None
     party_evaluation: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    secure: dict[str, Any] = field(default_factory=dict)
 
 
 class History:

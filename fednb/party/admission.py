@@ -100,7 +100,8 @@ class Admission:
             return [Outgoing(routing, error, ticket, f"refused: {replay}")]
         full = self._full(ticket)  # before the gate, which may spend one of an approval's rounds
         if full:
-            ticket.code = request_code(message.type, message.content)  # for the audit line
+            if message.type != "secagg":  # a secure stage carries no code: its audit line has none
+                ticket.code = request_code(message.type, message.content)  # for the audit line
             ticket.decision = decision = Decision(Verdict.REFUSE, full)
         else:
             decision = self.gate.admit(ticket)

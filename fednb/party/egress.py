@@ -9,6 +9,13 @@ train     tensors whose names, shapes and dtypes match the approved model's stat
           train split's size); at most 16 scalar metrics with plain names; and, when the request
           asked for it, the evaluation of the weights it sent (as for evaluate, below).
 evaluate  the example count (at most the test split's size) and the scalar metrics.
+secure    the stages of a secure round (a ``train`` with a setup, then ``secagg`` requests), each
+          only what its stage implies: three public keys (base64 of 32 bytes each) and, when
+          asked, the evaluation of the weights sent; sealed shares addressed to parties that
+          advertised keys, a commitment, the model hash, transcript and signature; one masked
+          vector of unsigned integers of exactly the approved model's size + 1; shares of
+          unmasking secrets for exactly the survivors and dropped parties named. No update,
+          no example count, no metrics.
 run       numbers, and lists/dicts/arrays of numbers, at most ``max_values`` of them; integers
           from 1 to ``min_group - 1`` are treated as small counts and suppressed (sent as None,
           or NaN inside an integer array), as statistical disclosure control does; no strings
@@ -36,6 +43,8 @@ import numpy as np
 
 from fednb.errors import GateError, WireError
 from fednb.party.datasets import Datasets
+from fednb.privacy import masking
+from fednb.privacy.secagg import SEALED, SHARE
 from fednb.tensors import check_update
 from fednb.wire import MAX_METRICS, Message, check_metrics
 from fednb.wire.values import pack_value, unpack_value
@@ -46,7 +55,9 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]{0,63}")
 _BUILTIN_ERRORS = frozenset(name for name, value in vars(builtins).items()
                             if isinstance(value, type) and issubclass(value, BaseException))
 _PARTY_ERRORS = frozenset({"WireError", "GateError", "EgressBlocked", "Cancelled", "TimeLimit", "WorkerCrashed",
-                           "PolicyRefused", "ProtocolError", "FednbError"})
+                           "PolicyRefused", "ProtocolError", "FednbError", "SecAggError", "SecAggAbort",
+                           "SecAggMessageError"})
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class EgressBlocked(GateError):
@@ -101,6 +112,20 @@ def _examples(raw: Any, most: int) -> int:
 
 def _seconds(raw: Any) -> float:
     return float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw) else 0.0
+
+
+def _exactly(value: Any, names: set[str], what: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != names:
+        raise EgressBlocked(f"{what} must have exactly the fields {', '.join(sorted(names))}")
+    return value
+
+
+def _b64(text: Any, length: int, what: str) -> str:
+    """Base64 of exactly ``length`` bytes, re-encoded, so that nothing rides along in padding or spacing."""
+    try:
+        return masking.encode(masking.decode(text, length))
+    except ValueError as exc:
+        raise EgressBlocked(f"a {what} must be base64 of {length} bytes ({exc})") from None
 
 
 class RowIndex:
@@ -219,13 +244,18 @@ class Guard:
         info = datasets.describe()
         self._sizes = {name: int(split["examples"]) for name, split in info.items()}
 
-    def reply(self, request: Message, reply: Message) -> tuple[Message, str]:
-        """The reply that may leave, and a note for the audit log; EgressBlocked when none may."""
+    def reply(self, request: Message, reply: Message, *, masked: tuple[int, str] | None = None) -> tuple[Message, str]:
+        """The reply that may leave, and a note for the audit log; EgressBlocked when none may.
+
+        ``masked`` is (length, dtype name) of the masked vector the approved secure round allows.
+        """
         if reply.type == "error":
             return self.error(request, reply), ""
         if reply.type != "result":
             raise EgressBlocked(f"a {reply.type!r} reply may not leave")
         content = reply.content
+        if request.type == "secagg" or (request.type == "train" and request.content.get("secagg") is not None):
+            return self._secure(request, reply, masked), ""
         if request.type == "train":
             examples = content.get("examples")
             problem = check_update(request.arrays, reply.arrays, examples)
@@ -246,6 +276,61 @@ class Guard:
         if request.type == "run":
             return self._run(request, reply)
         raise EgressBlocked(f"no rule lets a reply to {request.type!r} out")
+
+    def _secure(self, request: Message, reply: Message, masked: tuple[int, str] | None) -> Message:
+        """A secure stage's reply, rebuilt from what its stage implies (see the module docstring)."""
+        content = reply.content
+        out: dict[str, Any] = {"seconds": _seconds(content.get("seconds"))}
+        stage = request.content.get("stage") if request.type == "secagg" else "keys"
+        answer = content.get("secagg")
+        if stage != "masked" and reply.arrays:
+            raise EgressBlocked(f"the {stage} stage of a secure round returns no tensors")
+        if stage == "keys":
+            keys = _exactly(answer, {"encryption_key", "masking_key", "signing_key"}, "advertised keys")
+            out["secagg"] = {name: _b64(value, masking.KEY, name) for name, value in keys.items()}
+            evaluation = content.get("evaluation")
+            if request.content.get("evaluate") and evaluation is not None:
+                out["evaluation"] = self._evaluation(evaluation)
+            return request.reply("result", out)
+        payload = request.content.get("request") or {}
+        if stage == "shares":
+            fields = _exactly(answer, {"shares", "commitment", "model_hash", "transcript", "signature"}, "shares")
+            advertised = set(payload.get("keys") or {}) - {self.party}
+            sealed = fields["shares"]
+            if not isinstance(sealed, dict) or not set(sealed) <= advertised:
+                raise EgressBlocked("shares may be addressed only to parties that advertised keys")
+            for name in ("model_hash", "transcript"):
+                if not isinstance(fields[name], str) or not _HEX64.fullmatch(fields[name]):
+                    raise EgressBlocked(f"the {name.replace('_', ' ')} must be a SHA-256 in hex")
+            out["secagg"] = {"shares": {peer: _b64(text, SEALED, "sealed share") for peer, text in sealed.items()},
+                             "commitment": _b64(fields["commitment"], 32, "commitment"),
+                             "model_hash": fields["model_hash"], "transcript": fields["transcript"],
+                             "signature": _b64(fields["signature"], masking.SIGNATURE, "signature")}
+            return request.reply("result", out)
+        if stage == "masked":
+            if answer or set(reply.arrays) != {"masked"} or masked is None:
+                raise EgressBlocked("the masked stage returns one masked vector and nothing else")
+            vector = reply.arrays["masked"]
+            length, dtype = masked
+            if vector.dtype != np.dtype(dtype) or vector.shape != (length,):
+                raise EgressBlocked(f"the masked vector must be {length} {dtype} values (the approved model's "
+                                    f"size + 1), not {vector.size} {vector.dtype}")
+            out["secagg"] = {}
+            return request.reply("result", out, {"masked": vector})
+        if stage == "unmask":
+            fields = _exactly(answer, {"self_mask_shares", "masking_key_shares"}, "unmasking shares")
+            survivors, dropped = set(payload.get("survivors") or ()), set(payload.get("dropped") or ())
+            tables = {}
+            allowed_by = {"self_mask_shares": survivors - dropped, "masking_key_shares": dropped - survivors}
+            for name, allowed in allowed_by.items():
+                table = fields[name]
+                if not isinstance(table, dict) or not set(table) <= allowed:
+                    raise EgressBlocked("unmasking shares may be only of the survivors' self masks and the dropped "
+                                        "parties' masking keys named, never both of one party")
+                tables[name] = {owner: _b64(text, SHARE, "share") for owner, text in table.items()}
+            out["secagg"] = tables
+            return request.reply("result", out)
+        raise EgressBlocked(f"no rule lets a reply to the secure stage {stage!r} out")
 
     def _evaluation(self, content: Any) -> dict[str, Any]:
         """The example count (at most the test split's size) and the metrics of one evaluation."""

@@ -3,6 +3,7 @@
 ::
 
     request ──> admit: code hash ──policy + approvals──> run | refuse | wait (for the owner)
+                secure stages: no code; covered by the approved train request that opened the round
     reply   <── release: egress guard (review/allowlist) ──< worker's reply
     every request ──> record: one audit line (who, what, decision, bytes, outcome)
 
@@ -27,6 +28,31 @@ from fednb.party.directory import open_directory
 from fednb.party.egress import EgressBlocked, EgressRules, Guard
 from fednb.party.policy import GUARDED, Decision, RequestCode, Verdict, check_policy, decide, request_code
 from fednb.wire import Message, check_content
+
+MIN_AGGREGATE = 3  # the fewest parties whose sum a party takes part in (``--min-aggregate``)
+
+
+@dataclass(frozen=True)
+class SecureGrant:
+    """A secure round one coordinator opened with an approved train request: what its later stages may do."""
+
+    run: str
+    round: int
+    code_hash: str
+    masked: tuple[int, str]  # the masked vector's length (the model's size + 1) and dtype
+
+
+def _secure_setup(message: Message) -> tuple[int, str] | str:
+    """(masked length, dtype) that a secure train request sets up, or why its setup does not fit its weights."""
+    setup = message.content["secagg"]
+    config = setup.get("config") or {}
+    size = sum(int(np.prod(a.shape)) for a in message.arrays.values())
+    dimension, bits = setup.get("dimension"), config.get("bits")
+    if dimension != size:
+        return f"the secure aggregation setup masks {dimension} values but the model sent has {size}"
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 16 <= bits <= 62:
+        return "the secure aggregation setup has no valid bits"
+    return size + 1, ("uint32" if bits <= 32 else "uint64")
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +90,15 @@ class Gate:
     """Policy, approvals, egress guard and audit log of one party."""
 
     def __init__(self, party: str, policy: str, datasets: Datasets, *, directory: str | os.PathLike[str] | None = None,
-                 rules: EgressRules | None = None) -> None:
+                 rules: EgressRules | None = None, require_secure_aggregation: bool = False,
+                 min_aggregate: int = MIN_AGGREGATE) -> None:
+        if isinstance(min_aggregate, bool) or not isinstance(min_aggregate, int) or min_aggregate < 2:
+            raise ValueError(f"min_aggregate must be an integer of at least 2, not {min_aggregate!r}")
         self.party = party
+        self.require_secure_aggregation = require_secure_aggregation
+        self.min_aggregate = min_aggregate
+        #: per coordinator identity, the secure round its last approved secure train request opened
+        self.secure: dict[str, SecureGrant] = {}
         self.policy = check_policy(policy)
         self.guarded = policy in GUARDED
         if self.guarded and directory is None:
@@ -122,6 +155,22 @@ class Gate:
 
     def _admit(self, ticket: Ticket, again: bool) -> Decision:
         message = ticket.message
+        if message.type == "secagg":
+            ticket.decision = self._secure_stage(ticket)
+            return ticket.decision
+        masked: tuple[int, str] | str | None = None
+        if message.type == "train":
+            if message.content.get("secagg") is None and self.require_secure_aggregation:
+                ticket.code = request_code(message.type, message.content)
+                ticket.decision = Decision(Verdict.REFUSE, f"{self.party} releases updates only under secure "
+                                                           "aggregation")
+                return ticket.decision
+            if message.content.get("secagg") is not None:
+                masked = _secure_setup(message)
+                if isinstance(masked, str):
+                    ticket.code = request_code(message.type, message.content)
+                    ticket.decision = Decision(Verdict.REFUSE, f"{self.party} refuses this round: {masked}")
+                    return ticket.decision
         if ticket.code is None:
             ticket.code = request_code(message.type, message.content)
         code = ticket.code
@@ -136,7 +185,33 @@ class Gate:
         if decision.verdict is Verdict.RUN and standing == "approved" and code.kind in ("train", "run"):
             assert self.approvals is not None
             self.approvals.use(code.hash)
+        if decision.verdict is Verdict.RUN and isinstance(masked, tuple):
+            # the later stages of this round are covered by this approval (and only they: a new
+            # secure train request from this coordinator replaces the grant)
+            self.secure[ticket.identity] = SecureGrant(message.content["run"], message.round or 0, code.hash, masked)
         return decision
+
+    def _secure_stage(self, ticket: Ticket) -> Decision:
+        """A later stage of a secure round: runs only within the round an approved train request opened."""
+        message = ticket.message
+        content = message.content
+        grant = self.secure.get(ticket.identity)
+        if grant is None or grant.run != content["run"] or grant.round != message.round:
+            return Decision(Verdict.REFUSE, f"{self.party} has no approved secure round {message.round} of this run "
+                                            "from this coordinator (its train request opens one)")
+        ticket.code = RequestCode(grant.code_hash, "secagg", None, None, None)
+        payload = content["request"]
+        stage = content["stage"]
+        named = {"shares": payload.get("keys"), "masked": payload.get("parties"), "unmask": payload.get("survivors")}
+        parties = named.get(stage)
+        count = len(parties) if isinstance(parties, (dict, list)) else 0
+        if count < self.min_aggregate:
+            self.secure.pop(ticket.identity, None)
+            what = {"shares": "advertised keys", "masked": "shared keys", "unmask": "survived"}[stage]
+            return Decision(Verdict.REFUSE, f"{self.party} takes part only in sums of at least {self.min_aggregate} "
+                                            f"parties; {count} {what} in round {message.round}")
+        return Decision(Verdict.RUN, f"covered by the approval of code {grant.code_hash[:12]} (secure round "
+                                     f"{message.round}, stage {stage})")
 
     def changed(self) -> bool:
         """Whether the owner's decisions changed since the last look (cheap: one stat)."""
@@ -150,6 +225,11 @@ class Gate:
             return (f"the model's weights ({len(message.arrays)} tensors, {values:,} values, names, shapes and dtypes "
                     f"as sent), the example count and at most {rules.max_metrics} scalar metrics, and when asked "
                     "the example count and metrics of the weights sent on the test split")
+        if message.type == "train" and message.content.get("secagg") is not None:
+            values = sum(int(np.prod(a.shape)) for a in message.arrays.values())
+            return (f"under secure aggregation: public keys, encrypted shares for the other parties, one masked "
+                    f"vector of {values + 1:,} integers and unmasking shares; no update, example count or metrics "
+                    "in the clear")
         if message.type == "evaluate":
             return "the example count and scalar metrics (loss, accuracy) of the model on the test split"
         return (f"numbers, or lists/dicts/arrays of numbers (at most {rules.max_values:,} values; counts from 1 to "
@@ -167,7 +247,9 @@ class Gate:
                         f"\n{trace}" if isinstance(trace, str) and trace else "")
         try:
             if self.guarded:
-                out, note = self.guard.reply(request, reply)
+                grant = self.secure.get(ticket.identity)
+                masked = grant.masked if grant is not None and request.type == "secagg" else None
+                out, note = self.guard.reply(request, reply, masked=masked)
             else:
                 out, note = self._plain(request, reply), ""
         except EgressBlocked as exc:

@@ -53,6 +53,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--authorized", default=None, help="coordinator public key (Z85): turns CURVE on")
     parser.add_argument("--tcp", action="store_true", help="bind tcp://127.0.0.1 ports instead of ipc sockets")
     parser.add_argument("--contained", action="store_true", help="run coordinator code in worker processes")
+    parser.add_argument("--require-secure-aggregation", action="store_true",
+                        help="every party refuses plain train requests")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -75,7 +77,7 @@ def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) 
     # The coordinator and every party are the local user: code is auto-approved ("simulation").
     server = PartyServer(part.name, endpoint, datasets, keypair=keypair, allow=allow, policy="simulation",
                          threads=max(1, args.threads), heartbeat=args.heartbeat, timeout=args.timeout,
-                         contained=args.contained)
+                         contained=args.contained, require_secure_aggregation=args.require_secure_aggregation)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(timeout=0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

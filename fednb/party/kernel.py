@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from fednb.party import training
 from fednb.party.datasets import Datasets, Split
 from fednb.party.execution import code_hash, describe_error, error_origin, run_cell
+from fednb.privacy import RoundSetup, SecAggParty
+from fednb.privacy.secagg import flat_update, model_hash
 from fednb.tensors import load_arrays, mismatch, state_arrays, template_of
 from fednb.wire import Message, check_metrics
 from fednb.wire.values import pack_value
@@ -57,8 +59,23 @@ def label_counts(data: Any) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
+class _SecureRound:
+    """A secure round in progress at this party: its protocol state and the update it will mask.
+
+    Kept in the coordinator's session, in the worker: the update and the secrets never leave it
+    except masked (see :mod:`fednb.privacy.secagg`).
+    """
+
+    def __init__(self, run: str, round: int, party: SecAggParty, update: np.ndarray, examples: int,
+                 model_hash: bytes) -> None:
+        self.run, self.round, self.party = run, round, party
+        self.update: np.ndarray | None = update
+        self.examples = examples
+        self.model_hash = model_hash
+
+
 class _Session:
-    """What the party keeps for one coordinator: its namespace and built models."""
+    """What the party keeps for one coordinator: its namespace, built models, and a secure round."""
 
     def __init__(self, kernel: Kernel) -> None:
         self.namespace: dict[str, Any] = {
@@ -71,13 +88,18 @@ class _Session:
         }
         self.models: dict[str, torch.nn.Module] = {}
         self.kernel = kernel
+        self.secure: _SecureRound | None = None
 
 
 class Kernel:
-    """Turns ``train``, ``evaluate`` and ``run`` requests into replies, one at a time."""
+    """Turns ``train`` (plain, or opening a secure round), ``secagg``, ``evaluate`` and ``run`` requests
+    into replies, one at a time."""
 
-    def __init__(self, name: str, datasets: Datasets) -> None:
+    def __init__(self, name: str, datasets: Datasets, *, min_aggregate: int = 2) -> None:
         self.name = name
+        # the party process's gate enforces the owner's --min-aggregate on every secure stage;
+        # this is the protocol's own floor, checked again here
+        self.min_aggregate = min_aggregate
         self.datasets = datasets
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
@@ -99,8 +121,12 @@ class Kernel:
         started = time.perf_counter()
         try:
             session = self.session(coordinator)
-            if request.type == "train":
+            if request.type == "train" and request.content.get("secagg") is not None:
+                content, arrays = self._train_secure(session, request)
+            elif request.type == "train":
                 content, arrays = self._train(session, request)
+            elif request.type == "secagg":
+                content, arrays = self._secagg(session, request)
             elif request.type == "evaluate":
                 content, arrays = self._evaluate(session, request)
             elif request.type == "run":
@@ -177,6 +203,51 @@ class Kernel:
         if evaluation is not None:
             content["evaluation"] = evaluation
         return content, arrays
+
+    def _train_secure(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """AdvertiseKeys of a secure round: train, keep the update here, answer with public keys only."""
+        session.secure = None  # a new round ends whatever round was in progress: its secrets go now
+        setup = RoundSetup.from_dict(request.content["secagg"])
+        if setup.run != request.content["run"] or setup.round != request.round:
+            raise ValueError("the secure aggregation setup is for another run or round")
+        received = request.arrays  # read-only views on the request's frames: training copies them into the model
+        content, trained = self._train(session, request)
+        update = flat_update(trained, received)
+        if update.size != setup.dimension:
+            raise ValueError(f"the round masks {setup.dimension} values, but the model has {update.size}")
+        examples = int(content["examples"])
+        if examples < 1:
+            raise ValueError(f"{self.name} has no training examples to contribute")
+        party = SecAggParty(self.name, setup, min_parties=self.min_aggregate)
+        session.secure = _SecureRound(setup.run, setup.round, party, update, examples, model_hash(received))
+        out: dict[str, Any] = {"secagg": party.advertise_keys()}
+        if "evaluation" in content:  # of the weights received: the global model, not this party's update
+            out["evaluation"] = content["evaluation"]
+        return out, {}
+
+    def _secagg(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """ShareKeys, MaskedInputCollection and Unmasking of the secure round this session's train request opened."""
+        secure, content = session.secure, request.content
+        if secure is None or secure.run != content["run"] or secure.round != request.round:
+            raise ValueError(f"{self.name} has no secure round {request.round} of this run in progress "
+                             f"(its train request opens one)")
+        stage, payload = content["stage"], content["request"]
+        try:
+            if stage == "shares":
+                return {"secagg": secure.party.share_keys(payload, secure.model_hash)}, {}
+            if stage == "masked":
+                assert secure.update is not None
+                masked = secure.party.masked_input(payload, secure.update, secure.examples)["masked"]
+                secure.update = None  # never needed again; only masked has left
+                return {"secagg": {}}, {"masked": masked}
+            if stage == "unmask":
+                shares = secure.party.unmask(payload)
+                session.secure = None  # the round is over for this party
+                return {"secagg": shares}, {}
+        except BaseException:
+            session.secure = None  # a stage that failed ends the round here: nothing more is revealed
+            raise
+        raise ValueError(f"unknown secure aggregation stage {stage!r}")
 
     def _test_metrics(self, model: torch.nn.Module, config: dict[str, Any]) -> dict[str, Any]:
         loader = self._loader("test", max(config["batch_size"], 256), shuffle=False, seed=0)

@@ -215,6 +215,61 @@ class SecAggResult:
     error_bound: float
 
 
+def model_hash(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 of a model's weights (names, dtypes, shapes and bytes, by name): what every party signs."""
+    digest = hashlib.sha256(b"fednb model v1")
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(masking.context(name, array.dtype.str, *array.shape))
+        digest.update(array.reshape(-1).view(np.uint8).data)
+    return digest.digest()
+
+
+def dimension(arrays: Mapping[str, np.ndarray]) -> int:
+    """How many values a model's update has (the masked vector holds one more: the example count)."""
+    return sum(int(np.asarray(array).size) for array in arrays.values())
+
+
+def flat_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The update a party masks: its trained weights minus the weights it received, by name, flat float64.
+
+    The difference, not the weights, is what is clipped and quantized: the clip then bounds how
+    far one party can move the global model, whatever the weights' own scale.
+    """
+    if set(trained) != set(received):
+        raise ValueError("the trained model's tensors are not the received model's")
+    names = sorted(received)
+    # float32 weights give a float32 difference (exact where the two are within a factor of two,
+    # far below one quantization level otherwise): one pass, half the memory of float64
+    single = all(np.asarray(received[name]).dtype == np.float32 for name in names)
+    out = np.empty(dimension(received), dtype=np.float32 if single else np.float64)
+    offset = 0
+    for name in names:
+        new, old = np.asarray(trained[name]), np.asarray(received[name])
+        if new.shape != old.shape:
+            raise ValueError(f"tensor {name!r} changed its shape in training")
+        end = offset + old.size
+        np.subtract(new.reshape(-1), old.reshape(-1), out=out[offset:end], dtype=out.dtype, casting="unsafe")
+        offset = end
+    return out
+
+
+def apply_update(weights: Mapping[str, np.ndarray], update: np.ndarray) -> dict[str, np.ndarray]:
+    """``weights`` moved by a flat update (as :func:`flat_update` lays it out), each tensor in its own dtype."""
+    out: dict[str, np.ndarray] = {}
+    offset = 0
+    for name in sorted(weights):
+        array = np.asarray(weights[name])
+        moved = array.astype(np.float64).ravel() + update[offset:offset + array.size]
+        offset += array.size
+        if array.dtype.kind in "iub":
+            moved = np.rint(moved)
+        out[name] = moved.astype(array.dtype).reshape(array.shape)
+    if offset != update.size:
+        raise ValueError(f"an update of {update.size} values does not fit a model of {offset}")
+    return {name: out[name] for name in weights}
+
+
 @dataclass(frozen=True)
 class _Roster:
     """The parties that advertised keys, as every honest party and the coordinator compute it."""

@@ -23,6 +23,9 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
     "uint8": np.dtype("u1"),
+    # secure aggregation's masked inputs: integers mod 2^32 (2^64 above 32 bits)
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
     "bool": np.dtype("?"),
 }
 

@@ -29,12 +29,20 @@ _CONTENT: dict[str, _Spec] = {
         "version": (str, True),
         "policy": (str, True),
         "datasets": (dict, True),
+        # how the party contains coordinator code: "full" (no network, only its datasets),
+        # "weak" (limits only: the kernel refused namespaces), "none" (a simulation's own process)
+        "containment": (str, False),
     },
     "heartbeat": {},
     # ``run``: the training run this round belongs to (a party refuses a round that does not move
     # forward within it); ``evaluate``: first evaluate the incoming weights, then train.
+    # ``secagg``: train under secure aggregation; the round's setup (run, round, config, dimension),
+    # and the reply carries the party's advertised keys instead of its update
     "train": {"source": (str, True), "train_cell": (str, False), "config": (dict, True), "run": (str, True),
-              "evaluate": (bool, False)},
+              "evaluate": (bool, False), "secagg": (dict, False)},
+    # a later stage of a secure round (see fednb.federation.secure): no code, only the stage's
+    # relayed payload, for the round its ``train`` request opened
+    "secagg": {"run": (str, True), "stage": (str, True), "request": (dict, True)},
     "evaluate": {"source": (str, True), "config": (dict, True)},
     "run": {"source": (str, True)},
     "cancel": {"target": (str, True)},
@@ -44,12 +52,16 @@ _CONTENT: dict[str, _Spec] = {
         "seconds": (float, False),
         "value": ((dict, list, str, int, float, bool, type(None)), False),
         "evaluation": (dict, False),  # a train reply's evaluation of the weights it was sent
+        "secagg": (dict, False),  # a secure stage's answer (keys, shares, or unmasking shares)
     },
     "error": {"error_type": (str, True), "message": (str, True), "traceback": (str, False)},
     "status": {"state": (str, True), "detail": (str, False)},
 }
 
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+#: The stages of a secure round after the first (which is a ``train`` request).
+SECAGG_STAGES = ("shares", "masked", "unmask")
+_SETUP = frozenset({"run", "round", "config", "dimension"})
 
 _LIMITS = {"source": MAX_SOURCE, "train_cell": MAX_SOURCE, "message": MAX_TEXT, "traceback": MAX_TEXT, "detail": MAX_TEXT}
 
@@ -76,8 +88,21 @@ def check_content(message: Message) -> Message:
         limit = _LIMITS.get(name, MAX_NAME if isinstance(value, str) else None)
         if isinstance(value, str) and limit is not None and len(value) > limit:
             raise WireError(f"{message.type}: field {name!r} is longer than {limit} characters")
-    if message.type == "train" and not _RUN_ID.fullmatch(content["run"]):
-        raise WireError("train: field 'run' must be a run id of 32 lowercase hex digits")
+    if message.type in ("train", "secagg") and not _RUN_ID.fullmatch(content["run"]):
+        raise WireError(f"{message.type}: field 'run' must be a run id of 32 lowercase hex digits")
+    if message.type == "train" and content.get("secagg") is not None:
+        setup = content["secagg"]
+        if set(setup) != _SETUP or setup["run"] != content["run"] or setup["round"] != message.round \
+                or not isinstance(setup["config"], dict):
+            raise WireError("train: field 'secagg' must be the round's setup (run, round, config, dimension) "
+                            "of this run and round")
+    if message.type == "secagg":
+        if content["stage"] not in SECAGG_STAGES:
+            raise WireError(f"secagg: field 'stage' must be one of {', '.join(SECAGG_STAGES)}")
+        if message.round is None:
+            raise WireError("secagg: a secure stage belongs to a round")
+        if message.arrays:
+            raise WireError("secagg: a secure stage's request carries no tensors")
     if message.type == "result":
         if content.get("metrics") is not None:
             check_metrics(content["metrics"], where="result")
