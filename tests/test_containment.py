@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +23,7 @@ def mountpoint() -> Iterator[str]:
         os.rmdir(directory)
 
 
-def in_sandbox(mountpoint: str, body: Callable[[], object]) -> object:
+def in_sandbox(mountpoint: str, body: Callable[[], object], read_only: tuple[str, ...] = ()) -> object:
     """Run ``body`` in a contained child and return what it returned (JSON), or raise its error."""
     reader, writer = os.pipe()
     pid = os.fork()
@@ -30,7 +31,7 @@ def in_sandbox(mountpoint: str, body: Callable[[], object]) -> object:
         code = 0
         try:
             os.close(reader)
-            containment.contain(containment.Sandbox(mountpoint, keep_fds=(writer,)))
+            containment.contain(containment.Sandbox(mountpoint, read_only=read_only, keep_fds=(writer,)))
             value = {"value": body()}
         except BaseException as exc:  # noqa: BLE001 - reported to the test
             value = {"error": f"{type(exc).__name__}: {exc}"}
@@ -138,3 +139,25 @@ def test_check_containment_from_the_command_line(tmp_path):
     assert lines[0] == "containment: full"
     checked = dict(line.split(None, 1) for line in lines[1:])
     assert checked["network"].startswith("blocked") and checked[str(tmp_path / "clinic")].startswith("blocked")
+
+
+def test_a_python_installation_under_tmp_stays_visible_beside_the_private_tmp(mountpoint):
+    """A fresh clone's virtual environment may live under /tmp: the worker's private /tmp must
+    not hide it (it is bound inside), and the worker still writes only to its own /tmp."""
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="fednb-venv-") as venv:
+        os.chmod(venv, 0o755)  # as a virtual environment is
+        Path(venv, "module.py").write_text("VALUE = 7\n")
+
+        def read() -> list[object]:
+            text = Path(venv, "module.py").read_text()
+            Path("/tmp/mine").write_text("x")
+            try:
+                Path(venv, "written").write_text("x")
+                wrote = True
+            except OSError:
+                wrote = False
+            return [text, wrote, sorted(os.listdir("/tmp"))]
+
+        text, wrote, listing = in_sandbox(mountpoint, read, read_only=(venv,))
+        assert text == "VALUE = 7\n" and wrote is False
+        assert "mine" in listing and not Path(venv, "written").exists()

@@ -193,6 +193,11 @@ def build_root(sandbox: Sandbox) -> None:
     root = os.path.realpath(sandbox.mountpoint)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=16m,mode=0755")
+    # the private /tmp and /dev/shm first: a Python installation that lives under /tmp (a fresh
+    # clone's virtual environment) is then bound inside them rather than hidden by them
+    for private in ("/tmp", "/dev/shm"):
+        os.makedirs(root + private, exist_ok=True)
+        _mount("tmpfs", root + private, "tmpfs", MS_NOSUID | MS_NODEV, f"size={sandbox.tmp_bytes},mode=1777")
     for path in _outermost([*SYSTEM_PATHS, *sandbox.python_paths(), *sandbox.read_only]):
         if root == path or root.startswith(path.rstrip("/") + "/"):
             raise ContainmentUnavailable(errno.EINVAL, f"the sandbox's mount point {root} lies inside {path}")
@@ -202,9 +207,6 @@ def build_root(sandbox: Sandbox) -> None:
     for device in (*DEVICES, *sandbox.devices):
         if os.path.exists(device):
             _bind(device, root, writable=True)
-    for private in ("/tmp", "/dev/shm"):
-        os.makedirs(root + private, exist_ok=True)
-        _mount("tmpfs", root + private, "tmpfs", MS_NOSUID | MS_NODEV, f"size={sandbox.tmp_bytes},mode=1777")
     os.makedirs(root + "/proc", exist_ok=True)
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     os.makedirs(root + "/.old", exist_ok=True)
