@@ -161,3 +161,4 @@ def test_a_python_installation_under_tmp_stays_visible_beside_the_private_tmp(mo
         text, wrote, listing = in_sandbox(mountpoint, read, read_only=(venv,))
         assert text == "VALUE = 7\n" and wrote is False
         assert "mine" in listing and not Path(venv, "written").exists()
+

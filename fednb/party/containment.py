@@ -253,6 +253,9 @@ def drop_privileges(max_processes: int, max_file_bytes: int, *, was_root: bool) 
     if was_root:
         os.setresgid(INNER_ID, INNER_ID, INNER_ID)
         os.setresuid(INNER_ID, INNER_ID, INNER_ID)
+    # a change of credentials clears the parent-death signal; without it this process would
+    # outlive its chain (its pid namespace also ends with pid 1, but not if this were pid 1)
+    _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "parent-death signal")
     number = _CAPSET.get(platform.machine())
     if number is not None:
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
@@ -301,6 +304,8 @@ def contain(sandbox: Sandbox) -> None:
         if _libc().unshare(flags) != 0:
             os.write(ready_w, f"unshare: {os.strerror(ctypes.get_errno())}".encode())
             os._exit(1)
+        # new credentials clear the parent-death signal: set it again after every change
+        _libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         os.write(ready_w, b"ok")
         os.close(ready_w)
         if os.read(go_r, 2) != b"go":
