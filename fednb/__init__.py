@@ -17,15 +17,20 @@ from fednb.errors import FederationError, FednbError, PartyError, RoundError, Wi
 if TYPE_CHECKING:
     from fednb.federation import Evaluation, Federation, History, PartyResults, connect
     from fednb.federation.secure import SecureAggregation
+    from fednb.privacy.dpfedavg import DPFedAvg
+    from fednb.privacy.dpsgd import DPSGD
     from fednb.sim import simulate
 
 # The coordinator's names load on first use, so that a party process (which imports
 # fednb.party) never imports the coordinator, and `import fednb` stays cheap.
 _LAZY = {"Evaluation": "fednb.federation", "Federation": "fednb.federation", "History": "fednb.federation",
          "PartyResults": "fednb.federation", "SecureAggregation": "fednb.federation.secure",
+         "DPSGD": "fednb.privacy.dpsgd", "DPFedAvg": "fednb.privacy.dpfedavg",
          "connect": "fednb.federation", "simulate": "fednb.sim"}
 
 __all__ = [
+    "DPFedAvg",
+    "DPSGD",
     "Evaluation",
     "Federation",
     "FederationError",

@@ -1,4 +1,4 @@
-"""The ``fednb`` command: ``keys``, ``party``, ``approve``, ``audit``, ``sim`` and ``demo``.
+"""The ``fednb`` command: ``keys``, ``party``, ``approve``, ``audit``, ``privacy``, ``sim`` and ``demo``.
 
 ::
 
@@ -8,18 +8,23 @@
     fednb approve ~/.fednb/clinic-a                      # pending requests: code, who asked, what returns
     fednb approve ~/.fednb/clinic-a --approve 3f2a9c1e --rounds 20
     fednb audit ~/.fednb/clinic-a                        # every request; is the hash chain intact?
+    fednb party ... --dp-epsilon 3 --dp-delta 1e-5       # a privacy budget for the party's training data
+    fednb privacy ~/.fednb/clinic-a                      # the ε spent, request by request (--json)
     fednb sim 4 --dataset digits --partition dirichlet --alpha 0.5   # local parties until Ctrl-C
     fednb demo                                           # federated vs centralized, one line per round
 
 An error is one line on stderr, ``fednb COMMAND: error: …``, with exit status 2 (the party's
 full tracebacks go to its party.log); output into a pipe whose reader left (``| head``) ends
-quietly with status 141, as a tool killed by SIGPIPE does.
+quietly with status 141, as a tool killed by SIGPIPE does. A log that does not verify (``fednb
+audit``'s broken chain, ``fednb privacy``'s edited ledger) is exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -33,6 +38,8 @@ from fednb import __version__
 from fednb.errors import FednbError
 
 log = logging.getLogger("fednb")
+
+DEFAULT_DELTA = 1e-5  # the δ of a privacy budget unless --dp-delta says otherwise
 
 
 def _authorized_keys_help() -> str:
@@ -123,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
                        help="refuse plain train requests: this party's update leaves only masked, in a secure sum")
     party.add_argument("--min-aggregate", type=int, default=3, metavar="K",
                        help="take part in a secure round only when at least K parties are in the sum (default 3)")
+    party.add_argument("--dp-epsilon", metavar="E",
+                       help="a differential-privacy budget for the training data over the party's lifetime: "
+                            "training runs only as DP that the party accounts (ε, in its directory's ledger; "
+                            "see fednb privacy DIR), and a request that would spend past E is refused")
+    party.add_argument("--dp-delta", metavar="D",
+                       help=f"the δ of the privacy budget, in (0, 1) (default {DEFAULT_DELTA:g}); fixed for the "
+                            "life of the party's ledger")
 
     sim = commands.add_parser("sim", help="run N local parties on bundled data until Ctrl-C")
     sim.add_argument("n", type=int)
@@ -145,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--new-chain", action="store_true",
                        help="the way out of a broken chain: set the log aside (kept, with its SHA-256 recorded) and "
                             "start a new chain; the party refuses to serve until then")
+
+    privacy = commands.add_parser("privacy", help="print a party's privacy ledger: ε spent of its budget, per request")
+    privacy.add_argument("dir", help="the party's directory (fednb party --dir)")
+    privacy.add_argument("--json", action="store_true", help="the ledger's summary as JSON (spent, budget, history)")
 
     demo = commands.add_parser("demo", help="federated vs centralized training on a local federation")
     demo.add_argument("--parties", type=int, default=4)
@@ -186,6 +204,10 @@ def _party(args: argparse.Namespace) -> int:
                if not value]
     if missing:
         raise ValueError(f"the following arguments are required: {', '.join(missing)}")
+    dp_epsilon, dp_delta = _budget(args)
+    where = args.dir or default_directory(args.name)
+    if dp_epsilon is not None:  # the ledger lives in the directory: a directory that cannot hold it fails first
+        open_directory(where, create=True)
 
     if args.listen.startswith("tcp://") and not (args.key and args.authorized_keys):
         raise ValueError("a tcp endpoint needs --key and --authorized-keys: every TCP endpoint uses CURVE")
@@ -196,7 +218,7 @@ def _party(args: argparse.Namespace) -> int:
     allow = AllowList(args.authorized_keys) if args.authorized_keys else None
     egress = EgressRules(max_values=args.max_values, min_group=args.min_group)
     datasets = Datasets.from_files(dict(args.data), label=args.label)
-    directory = open_directory(args.dir or default_directory(args.name), create=True)
+    directory = open_directory(where, create=True)
     log_file = logging.FileHandler(directory / "party.log")  # full tracebacks stay here, never on the wire
     log_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(log_file)
@@ -206,7 +228,8 @@ def _party(args: argparse.Namespace) -> int:
                          heartbeat=args.heartbeat, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
                          devices=tuple(args.device), allow_weak_containment=args.allow_weak_containment,
                          private_paths=_private_paths(args),
-                         require_secure_aggregation=args.require_secure_aggregation, min_aggregate=args.min_aggregate)
+                         require_secure_aggregation=args.require_secure_aggregation, min_aggregate=args.min_aggregate,
+                         dp_epsilon=dp_epsilon, dp_delta=dp_delta)
     del datasets  # the server keeps its data in shared read-only memory once it starts: hold no second copy
 
     def on_signal(signum: int, frame: object) -> None:
@@ -228,6 +251,9 @@ def _party(args: argparse.Namespace) -> int:
             print(f"policy allowlist: only code approved with `fednb approve {directory}` runs", flush=True)
         else:
             print("policy OPEN: every authorized coordinator's code runs here unreviewed", file=sys.stderr, flush=True)
+        if dp_epsilon is not None:
+            print(f"privacy budget ε = {dp_epsilon:g} (δ = {dp_delta:g}); see what is spent with: "
+                  f"fednb privacy {directory}", flush=True)
 
     try:
         server.serve_forever(on_ready)
@@ -240,6 +266,28 @@ def _party(args: argparse.Namespace) -> int:
         why = reasons.get(exc.errno, str(exc.strerror))
         raise OSError(f"cannot listen on {args.listen}: {why}") from None
     return 0
+
+
+def _budget(args: argparse.Namespace) -> tuple[float | None, float]:
+    """``--dp-epsilon`` and ``--dp-delta`` as numbers; ValueError (one line) for values no budget can have."""
+    if args.dp_epsilon is None:
+        if args.dp_delta is not None:
+            raise ValueError("--dp-delta goes with --dp-epsilon (the budget it is the δ of)")
+        return None, DEFAULT_DELTA
+
+    def number(flag: str, text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{flag} expects a number, got {text!r}") from None
+
+    epsilon = number("--dp-epsilon", args.dp_epsilon)
+    delta = DEFAULT_DELTA if args.dp_delta is None else number("--dp-delta", args.dp_delta)
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"--dp-epsilon must be a finite number > 0, got {args.dp_epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"--dp-delta must be a number in (0, 1), got {args.dp_delta}")
+    return epsilon, delta
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -316,6 +364,25 @@ def _audit(args: argparse.Namespace) -> int:
     return audit_command(args.dir, out=sys.stdout, new_chain=args.new_chain)
 
 
+def _privacy(args: argparse.Namespace) -> int:
+    """``fednb privacy``: the party's ledger, read without writing anything; exit 1 when it does not verify."""
+    from fednb.party.directory import open_directory
+    from fednb.privacy.ledger import Ledger, LedgerError, ledger_path
+
+    directory = open_directory(args.dir, create=False)
+    path = ledger_path(directory)
+    if not path.exists():
+        raise ValueError(f"there is no privacy ledger in {directory}: the party has no privacy budget "
+                         "(fednb party --dp-epsilon E)")
+    try:
+        ledger = Ledger(path)
+    except LedgerError as exc:  # there, but not as fednb wrote it: as a broken audit chain is, status 1
+        _report(args.command, exc)
+        return 1
+    print(json.dumps(ledger.summary(), indent=2, allow_nan=False) if args.json else ledger.format_table())
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from fednb import demo
 
@@ -330,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     if args.command == "demo" and args.log_level == "INFO":
         logging.getLogger("fednb").setLevel(logging.WARNING)
-    handlers = {"keys": _keys, "party": _party, "approve": _approve, "audit": _audit, "sim": _sim, "demo": _demo}
+    handlers = {"keys": _keys, "party": _party, "approve": _approve, "audit": _audit, "privacy": _privacy,
+                "sim": _sim, "demo": _demo}
     try:
         status = handlers[args.command](args)
         sys.stdout.flush()  # here, not at exit: a reader that went away (| head) is handled below
@@ -344,11 +412,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (FednbError, ValueError, OSError, zmq.ZMQError) as exc:
-        first, *more = _describe(exc).splitlines() or [type(exc).__name__]
-        print(f"fednb {args.command}: error: {first}", file=sys.stderr)
-        if more:
-            log.debug("%s", "\n".join(more))
+        _report(args.command, exc)
         return 2
+
+
+def _report(command: str, exc: BaseException) -> None:
+    """The error as one line on stderr, ``fednb COMMAND: error: …``; any further lines go to the debug log."""
+    first, *more = _describe(exc).splitlines() or [type(exc).__name__]
+    print(f"fednb {command}: error: {first}", file=sys.stderr)
+    if more:
+        log.debug("%s", "\n".join(more))
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,6 +7,8 @@ code a deployment runs; only the data and the endpoints are local. ``secure=True
 CURVE with generated keys. ``close()``, interpreter exit, and a killed kernel all stop the
 parties and remove the private directory: the host holds the read end of a pipe from this
 process, and when it closes the host stops its parties, removes the directory and exits.
+``dp_epsilon=`` gives every party a privacy budget, with its ledger in a party directory of
+its own inside the private directory (so it lasts as long as the simulation).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import select
 import shutil
@@ -100,7 +103,8 @@ def _kill_if_alive(pid: int) -> None:
             return
 
 
-def check_arguments(n: int, dataset: str, partition: str, alpha: float) -> None:
+def check_arguments(n: int, dataset: str, partition: str, alpha: float, *, dp_epsilon: float | None = None,
+                    dp_delta: float = 1e-5) -> None:
     """ValueError for a simulation that cannot start, before anything is started."""
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512:
         raise ValueError("n must be an integer between 1 and 512")
@@ -110,15 +114,22 @@ def check_arguments(n: int, dataset: str, partition: str, alpha: float) -> None:
         raise ValueError(f"unknown partition {partition!r}; known: {', '.join(PARTITIONS)}")
     if not alpha > 0:
         raise ValueError("alpha must be positive")
+    if dp_epsilon is not None:
+        if isinstance(dp_epsilon, bool) or not isinstance(dp_epsilon, (int, float)) \
+                or not (math.isfinite(dp_epsilon) and dp_epsilon > 0):
+            raise ValueError(f"dp_epsilon must be a finite number > 0 (or None: no budget), got {dp_epsilon!r}")
+        if isinstance(dp_delta, bool) or not isinstance(dp_delta, (int, float)) or not 0 < dp_delta < 1:
+            raise ValueError(f"dp_delta must be a number in (0, 1), got {dp_delta!r}")
 
 
 def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet", alpha: float = 0.5, seed: int = 0,
                shards_per_party: int = 2, test_fraction: float = 0.2, authorized: bytes | None = None,
                heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, threads: int | None = None,
                tcp: bool = False, contained: bool = False, timeout: float = 120.0,
-               require_secure_aggregation: bool = False) -> SimHost:
+               require_secure_aggregation: bool = False, dp_epsilon: float | None = None,
+               dp_delta: float = 1e-5) -> SimHost:
     """Start the host and wait until all ``n`` parties listen; raise with their log otherwise."""
-    check_arguments(n, dataset, partition, alpha)
+    check_arguments(n, dataset, partition, alpha, dp_epsilon=dp_epsilon, dp_delta=dp_delta)
     if tcp and authorized is None:
         raise ValueError("TCP endpoints always use CURVE: a simulation over tcp needs secure=True")
     threads = threads or max(1, (os.cpu_count() or 1) // n)
@@ -127,7 +138,10 @@ def start_host(n: int, *, dataset: str = "digits", partition: str = "dirichlet",
                str(threads), "--heartbeat", repr(heartbeat), "--timeout", repr(heartbeat_timeout)]
     if authorized is not None:
         options.append(f"--authorized={authorized.decode()}")  # a Z85 key may start with '-'
-    options += ["--tcp"] * tcp + ["--contained"] * contained + ["--require-secure-aggregation"] * require_secure_aggregation
+    options += ["--tcp"] * tcp + ["--contained"] * contained
+    options += ["--require-secure-aggregation"] * require_secure_aggregation
+    if dp_epsilon is not None:
+        options += ["--dp-epsilon", repr(float(dp_epsilon)), "--dp-delta", repr(float(dp_delta))]
     directory = Path(tempfile.mkdtemp(prefix="fednb-sim-"))  # mode 0700: the ipc sockets' privacy
     started = time.monotonic()
     try:
@@ -188,7 +202,8 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
              secure: bool = False, *, transport: str = "ipc", contained: bool = False, shards_per_party: int = 2,
              test_fraction: float = 0.2,
              heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, timeout: float = 120.0,
-             require_secure_aggregation: bool = False) -> Federation:
+             require_secure_aggregation: bool = False, dp_epsilon: float | None = None,
+             dp_delta: float = 1e-5) -> Federation:
     """Start ``n`` local party processes on a partition of ``dataset`` and connect to them.
 
     ``partition`` is ``iid``, ``dirichlet`` (label skew with concentration ``alpha``; smaller
@@ -200,8 +215,11 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
     limits, as real parties do, at the cost of two more copies of every tensor.
     ``require_secure_aggregation=True`` makes every party refuse plain train requests (train
     with ``secure_aggregation=True``) and secure rounds of fewer than 3 parties.
+    ``dp_epsilon`` gives every party a privacy budget of that ε at ``dp_delta`` for its training
+    data: each keeps a ledger in its own directory, trains only with ``dp=`` (DP-SGD or
+    DP-FedAvg) and refuses a run that would spend past the budget.
     """
-    check_arguments(n, dataset, partition, alpha)
+    check_arguments(n, dataset, partition, alpha, dp_epsilon=dp_epsilon, dp_delta=dp_delta)
     if transport not in ("ipc", "tcp"):
         raise ValueError("transport must be 'ipc' or 'tcp'")
     secure = secure or transport == "tcp"
@@ -210,7 +228,7 @@ def simulate(n: int = 4, dataset: str = "digits", partition: str = "dirichlet", 
                       test_fraction=test_fraction, authorized=keypair.public if keypair else None,
                       heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, tcp=transport == "tcp",
                       contained=contained, require_secure_aggregation=require_secure_aggregation,
-                      timeout=timeout)
+                      dp_epsilon=dp_epsilon, dp_delta=dp_delta, timeout=timeout)
     specs = [{"name": p["name"], "endpoint": p["endpoint"], **({"public_key": p["public_key"]} if secure else {})}
              for p in host.parties]
     federation = connect(specs, keypair, timeout=timeout, heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout,

@@ -125,3 +125,36 @@ def test_only_a_simulation_may_run_party_code_in_process(digits_parts):
 
     with pytest.raises(ValueError, match="only a simulation"):
         PartyServer("p", "ipc:///tmp/x.sock", party_datasets(digits_parts[0]), policy="open", contained=False)
+
+
+def test_every_simulated_party_has_its_budget_and_a_ledger_in_its_own_directory():
+    from fednb.privacy.ledger import Ledger, ledger_path
+
+    with fednb.simulate(2, dataset="synthetic", partition="iid", dp_epsilon=2.0) as fed:
+        host = fed.simulation
+        for party in host.parties:
+            directory = host.directory / party["name"]
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+            ledger = Ledger(ledger_path(directory))
+            assert (ledger.epsilon_budget, ledger.delta, ledger.history) == (2.0, 1e-5, [])
+    assert not host.directory.exists()  # the ledgers go with the simulation
+    with fednb.simulate(1, dataset="synthetic", partition="iid", dp_epsilon=1.0, dp_delta=1e-6) as fed:
+        (party,) = fed.simulation.parties
+        assert Ledger(ledger_path(fed.simulation.directory / party["name"])).delta == 1e-6
+    with fednb.simulate(1, dataset="synthetic", partition="iid") as fed:  # no budget: no party directory
+        assert not (fed.simulation.directory / fed.simulation.parties[0]["name"]).exists()
+
+
+@pytest.mark.parametrize("budget, match", [
+    ({"dp_epsilon": 0}, "dp_epsilon must be a finite number > 0"), ({"dp_epsilon": float("inf")}, "dp_epsilon"),
+    ({"dp_epsilon": True}, "dp_epsilon"), ({"dp_epsilon": "3"}, "dp_epsilon"),
+    ({"dp_epsilon": 3.0, "dp_delta": 0}, r"dp_delta must be a number in \(0, 1\)"),
+    ({"dp_epsilon": 3.0, "dp_delta": 1.0}, "dp_delta"), ({"dp_epsilon": 3.0, "dp_delta": float("nan")}, "dp_delta"),
+])
+def test_simulate_rejects_a_bad_budget_before_starting_anything(budget, match):
+    from fednb.sim import start_host
+
+    with pytest.raises(ValueError, match=match):
+        fednb.simulate(2, **budget)
+    with pytest.raises(ValueError, match=match):
+        start_host(2, **budget)

@@ -86,6 +86,25 @@ class RoundEvaluated:
 
 
 @dataclass(frozen=True)
+class PrivacyUpdated:
+    """A party reported its privacy budget (on connecting, and with each train reply): ε spent,
+    budget, remaining, δ and its latest charges, as :func:`fednb.federation.privacy.check_summary` checked it."""
+
+    party: str
+    privacy: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PrivacyWarning:
+    """Before a run: its accounted cost would take ``party`` past its budget (it will refuse the round that would)."""
+
+    party: str
+    message: str
+    epsilon_after: float
+    epsilon_budget: float
+
+
+@dataclass(frozen=True)
 class TrainingFinished:
     rounds_done: int
     stopped: bool
@@ -93,7 +112,7 @@ class TrainingFinished:
 
 
 Event = Union[PartyStatus, TrainingStarted, RoundStarted, StageStarted, PartyDone, PartyDropped, RoundAggregated,
-              RoundEvaluated, TrainingFinished]
+              RoundEvaluated, PrivacyUpdated, PrivacyWarning, TrainingFinished]
 Subscriber = Callable[[Event], Any]
 
 

@@ -19,9 +19,11 @@ import numpy as np
 from fednb.errors import FederationError, PartyError, RoundError, WireError
 from fednb.federation.background import TrainingRun
 from fednb.federation.connection import Connections
-from fednb.federation.events import (EventBus, RoundAggregated, RoundEvaluated, RoundStarted, Subscriber,
-                                     TrainingFinished, TrainingStarted)
+from fednb.federation.events import (EventBus, PrivacyUpdated, PrivacyWarning, RoundAggregated, RoundEvaluated,
+                                     RoundStarted, Subscriber, TrainingFinished, TrainingStarted)
 from fednb.federation.history import History, RoundRecord
+from fednb.federation.privacy import PrivacyBook, PrivacyReport
+from fednb.federation.private_run import PrivateRun
 from fednb.federation.protocol import Stage, Steps, drive, gather
 from fednb.federation.rounds import Evaluation, RoundOutcome, evaluate_round, train_round
 from fednb.federation.secure import SecureAggregation, secure_round
@@ -34,6 +36,9 @@ from fednb.wire.values import unpack_value
 
 if TYPE_CHECKING:
     import torch
+
+    from fednb.privacy.dpfedavg import DPFedAvg
+    from fednb.privacy.dpsgd import DPSGD
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,9 @@ class PartyInfo:
     #: How the party contains coordinator code, as it said: "full" (no network, only its
     #: datasets), "weak" (limits only), "none" (a simulation's own process), or "unknown".
     containment: str = "unknown"
+    #: The party's privacy budget as it last reported it (ε spent, budget, remaining, δ, latest
+    #: charges); None where its owner set none.
+    privacy: dict[str, Any] | None = None
 
 
 class PartyResults(dict):  # type: ignore[type-arg]
@@ -83,6 +91,7 @@ class Federation:
         self._closed = False
         self.model: torch.nn.Module | None = None
         self.source: str | None = None
+        self._privacy = PrivacyBook()
 
     # -- what the federation is ---------------------------------------------------------------
 
@@ -101,8 +110,27 @@ class Federation:
             if status == "online" and link.get("awaiting"):
                 status, detail = "awaiting approval", str(link["awaiting"])
             rows.append(PartyInfo(name, link["endpoint"], status, train.get("examples"), self._last_round.get(name),
-                                  detail, link["silent_for"], str(link["info"].get("containment") or "unknown")))
+                                  detail, link["silent_for"], str(link["info"].get("containment") or "unknown"),
+                                  self._privacy_of(name, link["info"])))
         return rows
+
+    def _privacy_of(self, name: str, info: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The party's latest privacy summary: from its replies, else the one in its welcome."""
+        summary = self._privacy.reported.get(name)
+        if summary is None and info.get("privacy") is not None:
+            summary = self._privacy.report(name, info["privacy"])
+        return summary
+
+    def privacy(self) -> PrivacyReport:
+        """Per party: ε spent, budget and remaining, δ, and its charges, as each party with a budget last
+        reported them; for a party without one, ε as this federation accounts what it asked of it."""
+        self.status()  # files the summaries parties sent on connecting
+        return self._privacy.view(self.parties)
+
+    def _privacy_reported(self, party: str, raw: Any) -> None:
+        summary = self._privacy.report(party, raw)
+        if summary is not None:
+            self.events.publish(PrivacyUpdated(party, summary))
 
     def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
         """Call ``subscriber(event)`` for every event; returns the function that unsubscribes."""
@@ -135,6 +163,7 @@ class Federation:
         seed: int = 0,
         config: Mapping[str, Any] | None = None,
         secure_aggregation: bool | SecureAggregation = False,
+        dp: DPSGD | DPFedAvg | None = None,
         **strategy_options: Any,
     ) -> History:
         """Train ``model`` for ``rounds`` rounds; afterwards it holds the global weights.
@@ -151,11 +180,17 @@ class Federation:
         threshold and neighbours) runs each round as the four stages of secure aggregation: the
         coordinator learns only the weighted mean of the parties' updates, and per-party train
         metrics and example counts stay at the parties.
+
+        ``dp=fednb.DPSGD(noise_multiplier=… | target_epsilon=…, max_grad_norm=…)`` trains each
+        party with record-level DP-SGD (a target ε is met by the whole run at every party);
+        ``dp=fednb.DPFedAvg(clip=…, noise_multiplier=…)`` clips each party's update and noises the
+        sum (here, or at the parties with ``noise_at="parties"`` under secure aggregation).
+        Parties with a privacy budget refuse what would exceed it; :meth:`privacy` shows the ledgers.
         """
         plan = self._plan(model, source, rounds=rounds, strategy=strategy, lr=lr, epochs=epochs, batch_size=batch_size,
                           optimizer=optimizer, momentum=momentum, loss=loss, train_cell=train_cell,
                           min_parties=min_parties, round_timeout=round_timeout, evaluate_every=evaluate_every,
-                          parties=parties, seed=seed, config=config, secure_aggregation=secure_aggregation,
+                          parties=parties, seed=seed, config=config, secure_aggregation=secure_aggregation, dp=dp,
                           **strategy_options)
         self._claim()
         try:
@@ -201,7 +236,7 @@ class Federation:
               optimizer: str = "sgd", momentum: float = 0.9, loss: str = "cross_entropy", train_cell: str | None = None,
               min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
               parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
-              secure_aggregation: bool | SecureAggregation = False,
+              secure_aggregation: bool | SecureAggregation = False, dp: DPSGD | DPFedAvg | None = None,
               **strategy_options: Any) -> Callable[[], History]:
         """Check :meth:`train`'s arguments; return the call that runs the rounds."""
         chosen = self._choose(parties)
@@ -227,18 +262,26 @@ class Federation:
             check_code(train_cell, "train cell")
         base = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "momentum": momentum,
                 "loss": loss, "seed": seed, **dict(config or {})}
-        check_config(chosen_strategy.configure_train(self.history.last_round + 1, base))
+        checked = check_config(chosen_strategy.configure_train(self.history.last_round + 1, base))
+        private = None
+        if dp is not None:
+            examples = {row.name: row.examples for row in self.status() if row.name in chosen and row.examples}
+            private = PrivateRun(dp, rounds=rounds, config=checked, examples=examples, strategy=chosen_strategy,
+                                 secure=secure, dimension=sum(int(np.prod(a.shape)) for a in state_arrays(model).values()),
+                                 book=self._privacy, train_cell=train_cell)
+            chosen_strategy, secure = private.strategy, private.secure
 
         def run() -> History:
             self.model, self.source = model, code
             return self._train_rounds(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties,
-                                      round_timeout, evaluate_every, secure)
+                                      round_timeout, evaluate_every, secure, private)
 
         return run
 
     def _train_rounds(self, model: torch.nn.Module, code: str, chosen: list[str], rounds: int, strategy: Strategy,
                       base: dict[str, Any], train_cell: str | None, min_parties: int, round_timeout: float | None,
-                      evaluate_every: int, secure: SecureAggregation | None = None) -> History:
+                      evaluate_every: int, secure: SecureAggregation | None = None,
+                      private: PrivateRun | None = None) -> History:
         """The round loop. Round r's request also asks each party to evaluate the weights it
         carries (round r-1's model) when that round is due an evaluation; the last round's
         model is evaluated by a request of its own."""
@@ -247,6 +290,17 @@ class Federation:
         first = self.history.last_round + 1
         last = first + rounds - 1
         self.events.publish(TrainingStarted(rounds, getattr(strategy, "name", type(strategy).__name__), tuple(chosen), first))
+        observe = self._observer(private)
+        if private is not None:
+            for party in chosen:
+                summary = self._privacy_of(party, self._connections.snapshot()[party]["info"])
+                if summary is not None:
+                    self.events.publish(PrivacyUpdated(party, summary))
+            for party, after, budget in private.forecast(chosen):
+                message = (f"{party}: this run would take ε to {after:.3g}, past its budget of {budget:.3g}; it will "
+                           "refuse the rounds beyond it")
+                log.warning("%s", message)
+                self.events.publish(PrivacyWarning(party, message, after, budget))
         done, error, unevaluated = 0, None, None
         try:
             for round_ in range(first, last + 1):
@@ -255,6 +309,8 @@ class Federation:
                 started = time.monotonic()
                 content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base),
                            "run": run_id}
+                if private is not None:
+                    content["dp"] = private.round_dp(online)
                 links = self._connections.snapshot()
                 offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
                            for p in chosen if p not in online}
@@ -262,12 +318,13 @@ class Federation:
                 if secure is None:
                     protocol = train_round(self.events, strategy, round=round_, parties=online, weights=weights,
                                            content=content, min_parties=min_parties, timeout=round_timeout,
-                                           evaluate_incoming=unevaluated is not None, unavailable=offline)
+                                           evaluate_incoming=unevaluated is not None, unavailable=offline,
+                                           observe=observe)
                 else:
                     protocol = secure_round(self.events, strategy, round=round_, parties=online, weights=weights,
                                             content=content, min_parties=min_parties, timeout=round_timeout,
                                             secure=secure, evaluate_incoming=unevaluated is not None,
-                                            unavailable=offline)
+                                            unavailable=offline, observe=observe)
                 try:
                     outcome = drive(self._connections, self.events, round_, protocol)
                 except RoundError:
@@ -279,6 +336,8 @@ class Federation:
                 if unevaluated is not None and outcome.evaluation is not None:
                     self._record_evaluation(unevaluated, outcome.evaluation)
                 unevaluated = None
+                if private is not None:
+                    private.finish_round(content["dp"], run=run_id, round=round_, parties=list(outcome.contributions))
                 weights = outcome.weights
                 load_arrays(model, weights)
                 for party in outcome.contributions:
@@ -288,7 +347,9 @@ class Federation:
                 record = RoundRecord(round_, outcome.contributions, outcome.dropped, outcome.metrics, None, {},
                                      time.monotonic() - started, dict(getattr(outcome, "stages", None) or
                                                                       {"train": outcome.seconds}),
-                                     dict(getattr(outcome, "secure", None) or {}))
+                                     dict(getattr(outcome, "secure", None) or {}),
+                                     {k: content["dp"][k] for k in ("kind", "noise_multiplier", "clip", "max_grad_norm")
+                                      if k in content["dp"]} if private is not None else {})
                 self.history.append(record)
                 done += 1
                 self.events.publish(RoundAggregated(round_, last, outcome.metrics, None, {}, record.seconds))
@@ -307,6 +368,14 @@ class Federation:
         finally:
             self.events.publish(TrainingFinished(done, self._stop.is_set() or (error is not None and done < rounds), error))
         return self.history
+
+    def _observer(self, private: PrivateRun | None) -> Callable[[str, Mapping[str, Any]], None]:
+        def observe(party: str, content: Mapping[str, Any]) -> None:
+            if content.get("privacy") is not None:
+                self._privacy_reported(party, content["privacy"])
+            if private is not None:
+                private.observe(party, content)
+        return observe
 
     def _record_evaluation(self, round_: int, evaluation: Evaluation) -> None:
         self.history.set_evaluation(round_, evaluation.metrics, evaluation.parties)

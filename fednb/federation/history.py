@@ -22,7 +22,8 @@ class RoundRecord:
 
     ``metrics`` are the example-weighted train metrics the parties reported; ``evaluation``
     the example-weighted metrics of the new global model on the parties' test splits.
-    ``stages`` holds each stage's seconds; ``secure``, for a round under secure aggregation,
+    ``stages`` holds each stage's seconds; ``privacy`` the DP asked of the parties (mechanism,
+    noise multiplier, clip); ``secure``, for a round under secure aggregation,
     what the coordinator saw ("sum of N parties", the examples behind it, the quantization
     error bound of each coordinate, and the stage each dropped party missed).
     """
@@ -36,6 +37,8 @@ class RoundRecord:
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)
     secure: dict[str, Any] = field(default_factory=dict)
+    #: Under differential privacy: the round's mechanism, noise multiplier and clip, as the parties were asked.
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 class History:

@@ -16,7 +16,7 @@ Each is a generator of :class:`~fednb.federation.protocol.Stage` objects that
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,13 +99,15 @@ def train_round(
     timeout: float | None,
     evaluate_incoming: bool = False,
     unavailable: Mapping[str, str] | None = None,
+    observe: Callable[[str, Mapping[str, Any]], None] | None = None,
 ) -> Steps[RoundOutcome]:
     """One training round as a protocol of one stage (see the module docstring).
 
     ``content`` is the train request's content (source, train cell, config, run id);
     ``unavailable`` names chosen parties that were not asked (offline), with the reason:
-    they count as dropped. Raises :class:`RoundError` when fewer than ``min_parties``
-    updates could be used.
+    they count as dropped. ``observe(party, content)`` sees each used reply's content (its
+    privacy report, DP-FedAvg's clipped bit). Raises :class:`RoundError` when fewer than
+    ``min_parties`` updates could be used.
     """
     aggregation = strategy.start_round(round, weights)
     contributions: dict[str, PartyRound] = {}
@@ -122,6 +124,8 @@ def train_round(
         except ValueError as exc:
             evaluations.by_party.pop(party, None)
             return f"sent an update that cannot be used ({exc})"
+        if observe is not None:
+            observe(party, reply.content)
         metrics = dict(reply.content.get("metrics") or {})
         seconds = float(reply.content.get("seconds") or 0.0)
         contributions[party] = PartyRound(examples, metrics, seconds)

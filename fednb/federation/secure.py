@@ -22,7 +22,7 @@ refused.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,7 @@ def secure_round(
     secure: SecureAggregation,
     evaluate_incoming: bool = False,
     unavailable: Mapping[str, str] | None = None,
+    observe: Callable[[str, Mapping[str, Any]], None] | None = None,
 ) -> Steps[SecureOutcome]:
     """One training round under secure aggregation, as a protocol of four stages (see the module docstring).
 
@@ -175,9 +176,13 @@ def secure_round(
         # AdvertiseKeys (with local training)
         request = keys_request(content, coordinator.advertise_keys_request(), round=round, weights=weights,
                                evaluate=evaluate_incoming)
+        def keys(party: str, reply: Message) -> None:
+            coordinator.receive_keys(party, _answer(reply))
+            if observe is not None:  # the opening reply carries a budget party's privacy report
+                observe(party, reply.content)
+
         gathered = yield Stage("keys", tuple(parties), request=request, keep=False, timeout=timeout,
-                               on_reply=folding("keys", lambda p, r: coordinator.receive_keys(p, _answer(r)),
-                                                evaluate=evaluate_incoming))
+                               on_reply=folding("keys", keys, evaluate=evaluate_incoming))
         close("keys", gathered)
         seconds = {party: float(reply.content.get("seconds") or 0.0) for party, reply in gathered.replies.items()
                    if reply is not None}

@@ -182,6 +182,9 @@ class AuditLog:
                             f"serve until its owner looks: `fednb audit {directory}` shows it, and "
                             f"`fednb audit {directory} --new-chain` sets it aside and starts a new chain")
         self._count = len(checked.entries)
+        #: The privacy ledger's head as the last charge recorded it (None: no charge recorded yet).
+        self.privacy_head: str | None = next((e["privacy_head"] for e in reversed(checked.entries)
+                                             if isinstance(e.get("privacy_head"), str)), None)
         self._last = GENESIS
         if self._count:
             with open(self.path, "rb") as handle:

@@ -264,6 +264,9 @@ class Guard:
             out = {"examples": _examples(examples, self._sizes.get("train", 0)),
                    "metrics": _metrics(content.get("metrics"), self.rules.max_metrics, "train metrics"),
                    "seconds": _seconds(content.get("seconds"))}
+            dp = request.content.get("dp")
+            if dp is not None:
+                out.update(self._private(dp, request, reply))
             evaluation = content.get("evaluation")
             if request.content.get("evaluate") and evaluation is not None:
                 out["evaluation"] = self._evaluation(evaluation)
@@ -276,6 +279,24 @@ class Guard:
         if request.type == "run":
             return self._run(request, reply)
         raise EgressBlocked(f"no rule lets a reply to {request.type!r} out")
+
+    @staticmethod
+    def _private(dp: Any, request: Message, reply: Message) -> dict[str, Any]:
+        """Under differential privacy: no training metrics (measured without noise), and a DP-FedAvg update
+        within its clip, with at most its clipped bit."""
+        out: dict[str, Any] = {"metrics": {}}
+        if dp.get("kind") != "dpfedavg":
+            return out
+        clip = float(dp.get("clip") or 0.0)
+        norm = math.sqrt(sum(float(np.sum(np.square(np.asarray(reply.arrays[k], dtype=np.float64)
+                                                     - np.asarray(a, dtype=np.float64))))
+                             for k, a in request.arrays.items()))
+        if not norm <= clip * (1 + 1e-5) + 1e-6:  # float32 weights round the clipped difference
+            raise EgressBlocked(f"the update's norm {norm:.4g} exceeds the DP-FedAvg clip {clip:.4g}")
+        clipped = (reply.content.get("dp") or {}).get("clipped")
+        if dp.get("adaptive") and clipped in (0, 1) and not isinstance(clipped, bool):
+            out["dp"] = {"clipped": int(clipped)}
+        return out
 
     def _secure(self, request: Message, reply: Message, masked: tuple[int, str] | None) -> Message:
         """A secure stage's reply, rebuilt from what its stage implies (see the module docstring)."""

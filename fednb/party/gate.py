@@ -23,6 +23,7 @@ import numpy as np
 from fednb.errors import GateError, WireError
 from fednb.party.approvals import Approvals
 from fednb.party.audit import AuditLog
+from fednb.party.budget import Budget
 from fednb.party.datasets import Datasets
 from fednb.party.directory import open_directory
 from fednb.party.egress import EgressBlocked, EgressRules, Guard
@@ -80,6 +81,7 @@ class Ticket:
     code: RequestCode | None = None
     decision: Decision | None = None
     notes: list[str] = field(default_factory=list)
+    privacy_head: str | None = None  # the ledger's head after this request's charge
 
     @property
     def who(self) -> str:
@@ -91,7 +93,7 @@ class Gate:
 
     def __init__(self, party: str, policy: str, datasets: Datasets, *, directory: str | os.PathLike[str] | None = None,
                  rules: EgressRules | None = None, require_secure_aggregation: bool = False,
-                 min_aggregate: int = MIN_AGGREGATE) -> None:
+                 min_aggregate: int = MIN_AGGREGATE, dp_budget: tuple[float, float] | None = None) -> None:
         if isinstance(min_aggregate, bool) or not isinstance(min_aggregate, int) or min_aggregate < 2:
             raise ValueError(f"min_aggregate must be an integer of at least 2, not {min_aggregate!r}")
         self.party = party
@@ -103,6 +105,9 @@ class Gate:
         self.guarded = policy in GUARDED
         if self.guarded and directory is None:
             raise ValueError(f"policy {policy} needs a party directory for its approvals (directory=...)")
+        if dp_budget is not None and directory is None:
+            raise ValueError("a privacy budget needs a party directory for its ledger (directory=...)")
+        self.budget: Budget | None = None
         self.directory: Path | None = open_directory(directory, create=True) if directory is not None else None
         self._serving_fd: int | None = None
         self.approvals: Approvals | None = None
@@ -112,6 +117,11 @@ class Gate:
             try:
                 self.approvals = Approvals(self.directory, party)
                 self.audit = AuditLog(self.directory)  # GateError when the log does not verify
+                if dp_budget is not None:  # LedgerError when the ledger does not verify against the log
+                    train = datasets.splits.get("train")
+                    self.budget = Budget(party, self.directory, *dp_budget,
+                                         train_examples=len(train.y) if train is not None else 0,
+                                         audited_head=self.audit.privacy_head)
             except BaseException:
                 self.close()
                 raise
@@ -174,6 +184,12 @@ class Gate:
         if ticket.code is None:
             ticket.code = request_code(message.type, message.content)
         code = ticket.code
+        mechanism = None
+        if self.budget is not None:
+            refusal, mechanism, _dp = self.budget.admit(message)
+            if refusal is not None:
+                ticket.decision = refusal
+                return refusal
         standing = self.approvals.standing(code.hash) if self.approvals is not None else "unknown"
         ticket.decision = decision = decide(self.policy, standing, self.party, code)
         if self.approvals is not None and standing == "unknown" and decision.verdict is not Verdict.RUN and not again:
@@ -182,6 +198,16 @@ class Gate:
                                                   refused=decision.verdict is Verdict.REFUSE)
             if not recorded and decision.verdict is Verdict.WAIT:  # the owner could not see it: never wait unseen
                 ticket.decision = decision = Decision(Verdict.REFUSE, f"too many requests await review at {self.party}")
+        if decision.verdict is Verdict.RUN and mechanism is not None:
+            assert self.budget is not None
+            entry = self.budget.charge(mechanism, coordinator=ticket.identity, label=ticket.label, message=message)
+            if isinstance(entry, str):
+                ticket.decision = decision = Decision(Verdict.REFUSE, entry)
+                return decision
+            ticket.privacy_head = entry["hash"]
+            ticket.notes.append(f"privacy: {mechanism.kind} charged (q {mechanism.sampling_rate:.4g}, noise "
+                                f"{mechanism.noise_multiplier:.4g}, {mechanism.steps} steps); ε after "
+                                f"{entry['epsilon_after']:.4g} of {entry['epsilon_budget']:g}")
         if decision.verdict is Verdict.RUN and standing == "approved" and code.kind in ("train", "run"):
             assert self.approvals is not None
             self.approvals.use(code.hash)
@@ -261,6 +287,8 @@ class Gate:
             log.info("%s request %s: %s", request.type, request.id[:8], note)
         if out.type == "error":
             return out, f"error: {out.content.get('error_type')}"
+        if self.budget is not None and request.type == "train":  # every train reply says what is left
+            out = request.reply(out.type, {**out.content, "privacy": self.budget.summary()}, dict(out.arrays))
         return out, "ok" + (f" ({note})" if note else "")
 
     @staticmethod
@@ -296,4 +324,5 @@ class Gate:
             "decision": ticket.decision.verdict.value if ticket.decision else None,
             "reason": ticket.decision.reason if ticket.decision else None, "notes": ticket.notes or None,
             "bytes_in": ticket.bytes_in, "bytes_out": bytes_out, "outcome": outcome,
+            **({"privacy_head": ticket.privacy_head} if ticket.privacy_head else {}),
         })

@@ -7,6 +7,9 @@ closes (the coordinator closed the federation, exited, or its kernel was killed)
 every party it forked, by PID, and exits. Each party also dies with the host
 (``PR_SET_PDEATHSIG``), so no process outlives the coordinator.
 
+With ``--dp-epsilon`` every party has a privacy budget and a party directory of its own,
+``DIR/NAME/`` (mode 0700), for its ledger and audit log; ``DIR`` goes with the simulation.
+
 Protocol: one JSON line on stdout once every party listens,
 ``{"host": pid, "parties": [{"name", "endpoint", "public_key", "pid"}, …]}``, or
 ``{"error": "…"}``.
@@ -55,6 +58,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--contained", action="store_true", help="run coordinator code in worker processes")
     parser.add_argument("--require-secure-aggregation", action="store_true",
                         help="every party refuses plain train requests")
+    parser.add_argument("--dp-epsilon", type=float, default=None, help="every party's privacy budget (ε)")
+    parser.add_argument("--dp-delta", type=float, default=1e-5, help="the δ of that budget")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -67,6 +72,7 @@ def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) 
     import torch
 
     from fednb.party import Datasets, PartyServer, Split
+    from fednb.party.directory import open_directory
     from fednb.transport import AllowList, generate
 
     torch.set_num_threads(max(1, args.threads))
@@ -74,10 +80,14 @@ def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) 
     allow = AllowList(keys={args.authorized.encode(): "coordinator"}) if args.authorized else None
     datasets = Datasets({"train": Split(part.x_train, part.y_train), "test": Split(part.x_test, part.y_test)})
     endpoint = "tcp://127.0.0.1:*" if args.tcp else f"ipc://{args.dir}/{part.name}.sock"
+    # a budget is kept in a ledger, and a ledger in the party's own directory (its audit log goes there too)
+    directory = open_directory(os.path.join(args.dir, part.name), create=True) if args.dp_epsilon is not None else None
     # The coordinator and every party are the local user: code is auto-approved ("simulation").
     server = PartyServer(part.name, endpoint, datasets, keypair=keypair, allow=allow, policy="simulation",
-                         threads=max(1, args.threads), heartbeat=args.heartbeat, timeout=args.timeout,
-                         contained=args.contained, require_secure_aggregation=args.require_secure_aggregation)
+                         directory=directory, threads=max(1, args.threads), heartbeat=args.heartbeat,
+                         timeout=args.timeout, contained=args.contained,
+                         require_secure_aggregation=args.require_secure_aggregation,
+                         dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta)
     signal.signal(signal.SIGTERM, lambda *_: server.stop(timeout=0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

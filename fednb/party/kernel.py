@@ -21,6 +21,9 @@ from fednb.party import training
 from fednb.party.datasets import Datasets, Split
 from fednb.party.execution import code_hash, describe_error, error_origin, run_cell
 from fednb.privacy import RoundSetup, SecAggParty
+from fednb.privacy.dpfedavg import clip_update, clipped_bit, noise_rng
+from fednb.privacy.dpsgd import fit_private
+from fednb.privacy.request import DPRequest, mechanism_for, read_dp, steps_for
 from fednb.privacy.secagg import flat_update, model_hash
 from fednb.tensors import load_arrays, mismatch, state_arrays, template_of
 from fednb.wire import Message, check_metrics
@@ -67,11 +70,12 @@ class _SecureRound:
     """
 
     def __init__(self, run: str, round: int, party: SecAggParty, update: np.ndarray, examples: int,
-                 model_hash: bytes) -> None:
+                 model_hash: bytes, dp: DPRequest | None = None) -> None:
         self.run, self.round, self.party = run, round, party
         self.update: np.ndarray | None = update
         self.examples = examples
         self.model_hash = model_hash
+        self.dp = dp  # DP-FedAvg with noise at the parties: this party's share goes on before masking
 
 
 class _Session:
@@ -182,7 +186,20 @@ class Kernel:
         torch.manual_seed(seed)
         loader = self._loader("train", config["batch_size"], shuffle=True, seed=seed)
         cell = request.content.get("train_cell")
-        if cell is None:
+        dp = read_dp(request.content["dp"]) if request.content.get("dp") is not None else None
+        if dp is not None and dp.kind == "dpsgd":
+            if cell is not None:
+                raise ValueError("DP-SGD trains with the built-in loop only: a custom training cell cannot be "
+                                 "made private record by record")
+            examples = len(self._tensors["train"])
+            rate, _steps = steps_for(config, examples)
+            planned = mechanism_for(dp, config, examples)
+            _metrics, steps = fit_private(model, self._tensors["train"], config, noise_multiplier=dp.noise_multiplier,
+                                          max_grad_norm=dp.clip, sample_rate=rate)
+            if steps != planned.steps:  # fit_private checks this too: the ledger charged the planned steps
+                raise RuntimeError(f"DP-SGD took {steps} steps, not the {planned.steps} accounted")
+            metrics: dict[str, float] = {}  # measured on the training records without noise: they stay here
+        elif cell is None:
             metrics = training.fit(model, loader, config)
         else:
             report = Report()
@@ -200,9 +217,25 @@ class Kernel:
         # coordinator's aggregation (fednb.tensors.check_update) on receipt
         metrics = check_metrics(metrics, where="report()")
         content: dict[str, Any] = {"examples": len(self._tensors["train"]), "metrics": metrics}
+        if dp is not None and dp.kind == "dpfedavg":
+            arrays, clipped = self._clip(request.arrays, arrays, dp)
+            content["metrics"] = {}  # what the training records scored is outside the update's guarantee
+            if dp.adaptive:
+                content["dp"] = {"clipped": clipped}
         if evaluation is not None:
             content["evaluation"] = evaluation
         return content, arrays
+
+    @staticmethod
+    def _clip(received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray],
+              dp: DPRequest) -> tuple[dict[str, np.ndarray], int]:
+        """DP-FedAvg: the received weights moved by the update clipped to the round's L2 norm, and its clipped bit."""
+        update = {k: np.asarray(trained[k], dtype=np.float64) - np.asarray(received[k], dtype=np.float64)
+                  for k in received}
+        clipped, norm = clip_update(update, dp.clip)
+        out = {k: (np.asarray(received[k], dtype=np.float64) + clipped[k]).astype(np.asarray(received[k]).dtype)
+               for k in received}
+        return out, clipped_bit(norm, dp.clip)
 
     def _train_secure(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """AdvertiseKeys of a secure round: train, keep the update here, answer with public keys only."""
@@ -218,8 +251,14 @@ class Kernel:
         examples = int(content["examples"])
         if examples < 1:
             raise ValueError(f"{self.name} has no training examples to contribute")
+        dp = read_dp(request.content["dp"]) if request.content.get("dp") is not None else None
+        if dp is not None and dp.kind == "dpfedavg":
+            if dp.adaptive:
+                raise ValueError("adaptive clipping needs each party's clipped bit, which secure aggregation hides")
+            examples = 1  # DP-FedAvg weighs every party alike: one party moves the sum by at most the clip
         party = SecAggParty(self.name, setup, min_parties=self.min_aggregate)
-        session.secure = _SecureRound(setup.run, setup.round, party, update, examples, model_hash(received))
+        session.secure = _SecureRound(setup.run, setup.round, party, update, examples, model_hash(received),
+                                      dp if dp is not None and dp.noise_at == "parties" else None)
         out: dict[str, Any] = {"secagg": party.advertise_keys()}
         if "evaluation" in content:  # of the weights received: the global model, not this party's update
             out["evaluation"] = content["evaluation"]
@@ -237,7 +276,8 @@ class Kernel:
                 return {"secagg": secure.party.share_keys(payload, secure.model_hash)}, {}
             if stage == "masked":
                 assert secure.update is not None
-                masked = secure.party.masked_input(payload, secure.update, secure.examples)["masked"]
+                update = secure.update if secure.dp is None else self._noised(secure)
+                masked = secure.party.masked_input(payload, update, secure.examples)["masked"]
                 secure.update = None  # never needed again; only masked has left
                 return {"secagg": {}}, {"masked": masked}
             if stage == "unmask":
@@ -248,6 +288,22 @@ class Kernel:
             session.secure = None  # a stage that failed ends the round here: nothing more is revealed
             raise
         raise ValueError(f"unknown secure aggregation stage {stage!r}")
+
+    @staticmethod
+    def _noised(secure: _SecureRound) -> np.ndarray:
+        """DP-FedAvg's share of the noise on this party's clipped update: N(0, (z·C)² / t), where t is the
+        fewest inputs the unmasked sum can hold, so that the sum carries at least the full variance."""
+        dp, update = secure.dp, secure.update
+        assert dp is not None and update is not None
+        parties = min(dp.noise_parties or 1, secure.party.fewest_inputs)
+        stddev = dp.update_noise_multiplier * dp.clip / np.sqrt(parties)
+        noised = update.astype(np.float64) + noise_rng().normal(0.0, stddev, size=update.shape)
+        limit = secure.party.setup.config.clip
+        norm = float(np.linalg.norm(noised))
+        if norm > limit:  # secure aggregation would scale it down, and the noise with it: never
+            raise ValueError(f"the noised update's norm ({norm:.4g}) exceeds the secure aggregation clip ({limit:g}); "
+                             "the coordinator sizes that clip for the noise (SecureAggregation(clip=…) larger)")
+        return noised
 
     def _test_metrics(self, model: torch.nn.Module, config: dict[str, Any]) -> dict[str, Any]:
         loader = self._loader("test", max(config["batch_size"], 256), shuffle=False, seed=0)

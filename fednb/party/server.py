@@ -39,6 +39,7 @@ from fednb.party.inprocess import InProcess
 from fednb.party.reach import check_start
 from fednb.party.policy import POLICIES, check_policy
 from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT, Sandbox
+from fednb.privacy.ledger import check_budget
 from fednb.transport import AllowList, Authenticator, Keypair, bound_endpoint, server_socket
 from fednb.transport.channel import Received, receive
 from fednb.transport.sockets import send_frames
@@ -117,6 +118,8 @@ class PartyServer:
         private_paths: tuple[str, ...] = (),
         require_secure_aggregation: bool = False,
         min_aggregate: int = 3,
+        dp_epsilon: float | None = None,
+        dp_delta: float = 1e-5,
     ) -> None:
         check_policy(policy)
         if not contained and policy != "simulation":
@@ -127,6 +130,12 @@ class PartyServer:
             raise ValueError("need 0 < heartbeat < timeout")
         if policy not in ("open", "simulation") and directory is None:
             raise ValueError(f"policy {policy} needs a party directory (directory=...) for approvals and the audit log")
+        if dp_epsilon is not None:
+            if directory is None:
+                raise ValueError("a privacy budget needs a party directory (directory=...) for its ledger")
+            check_budget(dp_epsilon, dp_delta)  # ValueError for a budget that cannot be one
+        # the owner's ε budget (at δ) over the training data's lifetime, kept in the directory's ledger
+        self.dp_budget = (float(dp_epsilon), float(dp_delta)) if dp_epsilon is not None else None
         self.name = name
         self.endpoint = endpoint
         self.datasets = datasets
@@ -193,7 +202,8 @@ class PartyServer:
         if self.gate is not None:
             return
         gate = Gate(self.name, self.policy, self.datasets, directory=self.directory, rules=self.egress,
-                    require_secure_aggregation=self.require_secure_aggregation, min_aggregate=self.min_aggregate)
+                    require_secure_aggregation=self.require_secure_aggregation, min_aggregate=self.min_aggregate,
+                    dp_budget=self.dp_budget)
         try:
             self.datasets = self.sandbox.start()
             # the guard reads the shared copy the workers see; the caller's copy can then be freed
@@ -339,6 +349,7 @@ class PartyServer:
             self._reply(router, routing, message.reply("welcome", {
                 "party": self.name, "version": __version__, "policy": self.policy,
                 "datasets": self.datasets.describe(), "containment": self.containment,
+                **({"privacy": self.gate.budget.summary()} if self.gate and self.gate.budget else {}),
             }))
         elif message.type in WORK:
             self.stats["requests"] += 1

@@ -26,25 +26,25 @@ mechanism with the rate at which parties are sampled. With few parties all sampl
 this ε is large (all parties every round, noise 1, 100 rounds: ε ≈ 96 at δ = 1e-5 by RDP); record-level DP-SGD
 (:mod:`fednb.privacy.dpsgd`) is then the meaningful guarantee.
 
-Noise comes from :func:`noise_rng`: numpy's PCG64 seeded with 256 bits from ``os.urandom``. Its
-output is not cryptographically unpredictable, but only noised sums ever leave, and no one
-knows the seed, which is what the Gaussian mechanism needs; numpy's legacy global RNG is never
-used, as any code in the process, a coordinator's cell included, can seed it.
+Noise comes from :func:`noise_rng`: a :class:`~fednb.privacy.noise.SecureNormal`, Gaussian
+variates from a ChaCha20 stream under a fresh key from ``os.urandom``; no one can replay it.
+numpy's generators are never used for it (tests may pass a seeded one, for reproducible values).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import numpy as np
 
 from fednb.privacy.accountant import Mechanism
+from fednb.privacy.noise import SecureNormal
 
 Update = Mapping[str, np.ndarray]
+Rng = Union[SecureNormal, np.random.Generator]
 NOISE_AT = ("coordinator", "parties")
 
 
@@ -119,9 +119,9 @@ class DPFedAvg:
         return cls(**{k: v for k, v in value.items() if k != "kind"})
 
 
-def noise_rng() -> np.random.Generator:
-    """A generator for DP noise, seeded with 256 bits from the OS's CSPRNG (see the module docstring)."""
-    return np.random.default_rng(int.from_bytes(os.urandom(32), "little"))
+def noise_rng() -> SecureNormal:
+    """The generator for DP noise: a ChaCha20 stream under a fresh key (see the module docstring)."""
+    return SecureNormal()
 
 
 def update_norm(update: Update) -> float:
@@ -148,14 +148,14 @@ def update_noise_multiplier(config: DPFedAvg) -> float:
     return (config.noise_multiplier ** -2 - (2 * config.clipped_count_stddev) ** -2) ** -0.5
 
 
-def _gaussian(template: Update, stddev: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    if not isinstance(rng, np.random.Generator):
+def _gaussian(template: Update, stddev: float, rng: Rng) -> dict[str, np.ndarray]:
+    if not isinstance(rng, (SecureNormal, np.random.Generator)):
         raise ValueError("rng must be a numpy Generator (see noise_rng); the legacy global RNG is never used")
     return {k: rng.normal(0.0, stddev, size=np.shape(a)).astype(np.asarray(a).dtype, copy=False)
             for k, a in template.items()}
 
 
-def add_coordinator_noise(summed: Update, config: DPFedAvg, rng: np.random.Generator,
+def add_coordinator_noise(summed: Update, config: DPFedAvg, rng: Rng,
                           clip: float | None = None) -> dict[str, np.ndarray]:
     """The sum of clipped updates plus N(0, (z_Δ · clip)²) on every coordinate (the coordinator adds it).
 
@@ -166,7 +166,7 @@ def add_coordinator_noise(summed: Update, config: DPFedAvg, rng: np.random.Gener
     return {k: np.asarray(a) + noise[k] for k, a in summed.items()}
 
 
-def party_noise(template: Update, config: DPFedAvg, parties: int, rng: np.random.Generator,
+def party_noise(template: Update, config: DPFedAvg, parties: int, rng: Rng,
                 clip: float | None = None) -> dict[str, np.ndarray]:
     """One party's share of the noise, N(0, (z_Δ · clip)² / parties), to add before secure aggregation.
 
@@ -184,13 +184,13 @@ def clipped_bit(norm: float, clip: float) -> int:
     return 1 if norm <= clip else 0
 
 
-def noisy_clipped_fraction(bits_sum: int, parties: int, config: DPFedAvg, rng: np.random.Generator) -> float:
+def noisy_clipped_fraction(bits_sum: int, parties: int, config: DPFedAvg, rng: Rng) -> float:
     """The fraction of updates within the clip, (Σ b_i + N(0, σ_b²)) / parties."""
     if config.clipped_count_stddev is None:
         raise ValueError("the clipped fraction is noised only with adaptive clipping (clipped_count_stddev)")
     if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
         raise ValueError(f"parties must be an integer >= 1, got {parties!r}")
-    if not isinstance(rng, np.random.Generator):
+    if not isinstance(rng, (SecureNormal, np.random.Generator)):
         raise ValueError("rng must be a numpy Generator (see noise_rng)")
     return (bits_sum + float(rng.normal(0.0, config.clipped_count_stddev))) / parties
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,12 @@ if TYPE_CHECKING:
     from torch.utils.data import TensorDataset
 
     from fednb.privacy.dpfedavg import DPFedAvg
+
+
+#: One DP-SGD loop at a time per process. A party's worker runs one request at a time anyway; parties
+#: simulated in one process share it, and two loops on two threads of one process get each other's
+#: batches in Opacus's per-sample gradients (a shape error at best), so they take turns.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def _positive(name: str, value: Any) -> float:
@@ -233,30 +240,32 @@ def fit_private(
     optimizer.attach_step_hook(step_hook)
     loader = DPDataLoader(dataset, sample_rate=sample_rate, generator=sampling)
     total_loss, hits, seen, steps = 0.0, 0, 0, 0
+    # torch warns that a full backward hook fires with no input needing a gradient (the first layer's
+    # input is data); Opacus only needs the gradients of the layer outputs. A filter for the process:
+    # catch_warnings() would race with the party's other threads.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+    _ONE_AT_A_TIME.acquire()
     try:
-        with warnings.catch_warnings():
-            # torch warns that a full backward hook fires with no input needing a gradient (the first
-            # layer's input is data); Opacus only needs the gradients of the layer outputs
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            while steps < steps_planned:
-                for inputs, targets in loader:
-                    inputs, targets = inputs.to(device), targets.to(device)
-                    optimizer.zero_grad(set_to_none=True)
-                    # an empty Poisson batch still takes its step: noise alone, as the accountant assumes
-                    loss, correct = loss_and_hits(model(inputs), targets, config["loss"])
-                    loss.backward()
-                    optimizer.step()
-                    steps += 1
-                    batch = len(targets)
-                    if batch:
-                        total_loss += float(loss.detach()) * batch
-                        hits += correct or 0
-                        seen += batch
-                    if steps >= steps_planned:
-                        break
+        while steps < steps_planned:
+            for inputs, targets in loader:
+                inputs, targets = inputs.to(device), targets.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                # an empty Poisson batch still takes its step: noise alone, as the accountant assumes
+                loss, correct = loss_and_hits(model(inputs), targets, config["loss"])
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                batch = len(targets)
+                if batch:
+                    total_loss += float(loss.detach()) * batch
+                    hits += correct or 0
+                    seen += batch
+                if steps >= steps_planned:
+                    break
     finally:
         optimizer.zero_grad(set_to_none=True)  # before cleanup: Opacus's zero_grad sets p.grad_sample again
         hooks.cleanup()  # the model is the party's cached one: it leaves without Opacus's hooks
+        _ONE_AT_A_TIME.release()
     taken = sum(n for _z, _q, n in check.history)
     if (check.history and {(z, q) for z, q, _n in check.history} != {(noise_multiplier, sample_rate)}) \
             or taken != steps_planned:

@@ -104,7 +104,7 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def _check_budget(epsilon_budget: float, delta: float) -> tuple[float, float]:
+def check_budget(epsilon_budget: float, delta: float) -> tuple[float, float]:
     if isinstance(epsilon_budget, bool) or not isinstance(epsilon_budget, (int, float)) \
             or not math.isfinite(epsilon_budget) or epsilon_budget <= 0:
         raise ValueError(f"epsilon_budget must be a finite number > 0, got {epsilon_budget!r}")
@@ -148,7 +148,7 @@ def _parse(path: Path, data: bytes) -> tuple[list[dict[str, Any]], list[str]]:
         if number == 1 and kind != "budget":
             raise bad("is not a budget line")
         try:
-            _check_budget(record["epsilon_budget"], record["delta"])
+            check_budget(record["epsilon_budget"], record["delta"])
             if kind == "charge":
                 _mechanism(record)
                 _check_charge_types(record)
@@ -224,7 +224,7 @@ class Ledger:
         if (epsilon_budget is None) != (delta is None):
             raise ValueError("give both epsilon_budget and delta (to spend), or neither (to read)")
         if epsilon_budget is not None and delta is not None:
-            budget, checked_delta = _check_budget(epsilon_budget, delta)
+            budget, checked_delta = check_budget(epsilon_budget, delta)
             with self._locked(fcntl.LOCK_EX):
                 self._load()
                 if not self._records:

@@ -66,6 +66,14 @@ class SecAggParty:
         """The stage this party expects next ("done" or "aborted" at the end)."""
         return self._stages.current
 
+    @property
+    def fewest_inputs(self) -> int:
+        """The fewest masked inputs a sum this party unmasks can hold (its threshold or its own floor,
+        whichever is larger); known once the round's roster is (after ShareKeys)."""
+        if self._roster is None:
+            raise ValueError("the round's roster is not known before ShareKeys")
+        return max(self._roster.threshold, self.min_parties)
+
     def _abort(self, message: str, party: str | None = None) -> SecAggAbort:
         return SecAggAbort(f"{self.name} {message}", party=party or self.name, round=self.setup.round)
 

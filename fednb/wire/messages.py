@@ -32,6 +32,8 @@ _CONTENT: dict[str, _Spec] = {
         # how the party contains coordinator code: "full" (no network, only its datasets),
         # "weak" (limits only: the kernel refused namespaces), "none" (a simulation's own process)
         "containment": (str, False),
+        # the party's privacy budget (fednb.party.budget.Budget.summary), where its owner set one
+        "privacy": (dict, False),
     },
     "heartbeat": {},
     # ``run``: the training run this round belongs to (a party refuses a round that does not move
@@ -39,7 +41,7 @@ _CONTENT: dict[str, _Spec] = {
     # ``secagg``: train under secure aggregation; the round's setup (run, round, config, dimension),
     # and the reply carries the party's advertised keys instead of its update
     "train": {"source": (str, True), "train_cell": (str, False), "config": (dict, True), "run": (str, True),
-              "evaluate": (bool, False), "secagg": (dict, False)},
+              "evaluate": (bool, False), "secagg": (dict, False), "dp": (dict, False)},
     # a later stage of a secure round (see fednb.federation.secure): no code, only the stage's
     # relayed payload, for the round its ``train`` request opened
     "secagg": {"run": (str, True), "stage": (str, True), "request": (dict, True)},
@@ -53,6 +55,8 @@ _CONTENT: dict[str, _Spec] = {
         "value": ((dict, list, str, int, float, bool, type(None)), False),
         "evaluation": (dict, False),  # a train reply's evaluation of the weights it was sent
         "secagg": (dict, False),  # a secure stage's answer (keys, shares, or unmasking shares)
+        "privacy": (dict, False),  # a budget party's ε spent, budget and latest charges
+        "dp": (dict, False),  # DP-FedAvg's adaptive clipping: {"clipped": 0 or 1}
     },
     "error": {"error_type": (str, True), "message": (str, True), "traceback": (str, False)},
     "status": {"state": (str, True), "detail": (str, False)},

@@ -1,0 +1,60 @@
+"""Gaussian noise for differential privacy from a cryptographic stream, never from numpy's generators.
+
+:class:`SecureNormal` draws uniform doubles from a ChaCha20 keystream (``cryptography``) under a
+fresh 256-bit key from ``os.urandom`` and turns each pair into two standard normals by the
+Box–Muller transform. No one, the process that draws included, can replay or predict the noise,
+as the Gaussian mechanism assumes; numpy's generators (PCG64, the legacy Mersenne Twister) are
+predictable from their state, which any code in the process can read or set.
+
+The floating-point attack on textbook Gaussian samplers (Mironov, CCS 2012) is not addressed:
+an exact guarantee would need a discrete Gaussian.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+_CHUNK = 1 << 20  # uniform doubles per keystream read (8 MiB)
+
+
+class SecureNormal:
+    """Draws normal variates with ``normal(loc, scale, size)``, as numpy's ``Generator.normal`` is called."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        key = os.urandom(32) if key is None else key
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise ValueError("a ChaCha20 key is 32 bytes")
+        # ChaCha20 in cryptography takes a 16-byte nonce (a 4-byte counter and 12 bytes); zero: the key is fresh
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    def _uniform(self, count: int) -> np.ndarray:
+        """``count`` doubles uniform on (0, 1]: 53 random bits each."""
+        raw = np.frombuffer(self._stream.update(bytes(8 * count)), dtype="<u8")
+        return ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * (1.0 / 9007199254740992.0)
+
+    def standard_normal(self, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.float64)
+        done = 0
+        while done < count:
+            pairs = min((count - done + 1) // 2, _CHUNK // 2)
+            u = self._uniform(2 * pairs)
+            radius = np.sqrt(-2.0 * np.log(u[:pairs]))
+            angle = (2.0 * math.pi) * u[pairs:]
+            block = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
+            take = min(block.size, count - done)
+            out[done:done + take] = block[:take]
+            done += take
+        return out
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0, size: Any = None) -> Any:
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+        shape = () if size is None else tuple(np.atleast_1d(np.asarray(size, dtype=np.int64)).tolist())
+        count = int(np.prod(shape)) if shape else 1
+        values = loc + scale * self.standard_normal(count)
+        return float(values[0]) if size is None else values.reshape(shape)
