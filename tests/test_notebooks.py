@@ -62,6 +62,11 @@ def non_iid(tmp_path_factory: pytest.TempPathFactory) -> Executed:
     return run("non-iid.ipynb", tmp_path_factory.mktemp("non-iid"))
 
 
+@pytest.fixture(scope="module")
+def privacy(tmp_path_factory: pytest.TempPathFactory) -> Executed:
+    return run("privacy.ipynb", tmp_path_factory.mktemp("privacy"))
+
+
 def assert_finished(state: dict[str, Any], first: int, last: int, min_accuracy: float) -> None:
     """A dashboard that saw a whole run: every round, one done row per party, good accuracy."""
     assert state["state"] == "done", state.get("error")
@@ -102,7 +107,7 @@ def assert_live(executed: Executed, cell: int, model_id: str, rounds: int) -> No
 
 # -- both notebooks ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "non-iid.ipynb"])
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "non-iid.ipynb", "privacy.ipynb"])
 def test_notebook_is_stored_with_outputs_cleared(name: str) -> None:
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
@@ -186,8 +191,38 @@ def test_non_iid_skew_costs_accuracy_as_the_notebook_says(non_iid: Executed) -> 
     assert "final accuracy" in summary and "worst party, final" in summary
 
 
-def test_no_kernel_left_behind(quickstart: Executed, non_iid: Executed) -> None:
-    # Both notebooks ran in this module; conftest's session fixture checks the party processes.
-    stray = leftovers(quickstart.base, non_iid.base)
+# -- differential privacy -------------------------------------------------------------------------
+
+def _text(executed: Executed, startswith: str) -> str:
+    _, cell = executed.cell(startswith)
+    return "".join(o.get("text", "") for o in cell.outputs) + "".join(
+        o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+
+
+def test_privacy_accuracy_grows_with_epsilon_and_budgets_are_enforced(privacy: Executed) -> None:
+    assert not cell_errors(privacy.nb)
+    assert privacy.seconds < BUDGET_SECONDS, privacy.slowest()
+    sweep = _text(privacy, "import fednb\n\naccuracy = {}")
+    accuracy = {line.split(":")[0].split("=")[1].strip(): float(line.split("accuracy ")[1].split()[0])
+                for line in sweep.splitlines() if line.startswith("ε =")}
+    assert list(accuracy) == ["1.0", "3.0", "8.0", "inf"], sweep
+    assert accuracy["1.0"] < accuracy["inf"] and accuracy["8.0"] > 0.8 and accuracy["inf"] > 0.9, accuracy
+    assert len(privacy.outputs("import matplotlib", "image/png")) == 1
+    # DP-FedAvg under secure aggregation: the coordinator saw the sum of the four
+    assert "sum of 4 parties" in _text(privacy, "record = fed.history[-1]")
+    # the owners' budgets: spent after the first run, then refused with the numbers
+    refused = _text(privacy, "try:\n    fed.train(model, dp=fednb.DPSGD(target_epsilon=3.0)")
+    assert "privacy budget exceeded" in refused and "ε left" in refused, refused
+    plain = _text(privacy, "try:\n    fed.train(model, rounds=1)")
+    assert "trains only with differential privacy" in plain, plain
+    shown = [c for c in privacy.nb.cells if c.cell_type == "code" and c.source.strip() == "%fed_privacy"]
+    assert len(shown) == 2
+    budgets = "".join(o.get("data", {}).get("text/plain", "") for o in shown[1].outputs)
+    assert all(party in budgets for party in PARTIES) and "4" in budgets, budgets
+
+
+def test_no_kernel_left_behind(quickstart: Executed, non_iid: Executed, privacy: Executed) -> None:
+    # The notebooks ran in this module; conftest's session fixture checks the party processes.
+    stray = leftovers(quickstart.base, non_iid.base, privacy.base)
     stop_pids(stray)
     assert not stray, f"a kernel outlived its notebook: {stray}"

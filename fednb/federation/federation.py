@@ -309,8 +309,9 @@ class Federation:
                 started = time.monotonic()
                 content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base),
                            "run": run_id}
-                if private is not None:
-                    content["dp"] = private.round_dp(online)
+                dp_round = private.round_dp(online) if private is not None else {}
+                if dp_round:
+                    content["dp"] = dp_round
                 links = self._connections.snapshot()
                 offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
                            for p in chosen if p not in online}
@@ -337,7 +338,7 @@ class Federation:
                     self._record_evaluation(unevaluated, outcome.evaluation)
                 unevaluated = None
                 if private is not None:
-                    private.finish_round(content["dp"], run=run_id, round=round_, parties=list(outcome.contributions))
+                    private.finish_round(dp_round, run=run_id, round=round_, parties=list(outcome.contributions))
                 weights = outcome.weights
                 load_arrays(model, weights)
                 for party in outcome.contributions:
@@ -348,8 +349,8 @@ class Federation:
                                      time.monotonic() - started, dict(getattr(outcome, "stages", None) or
                                                                       {"train": outcome.seconds}),
                                      dict(getattr(outcome, "secure", None) or {}),
-                                     {k: content["dp"][k] for k in ("kind", "noise_multiplier", "clip", "max_grad_norm")
-                                      if k in content["dp"]} if private is not None else {})
+                                     {k: dp_round[k] for k in ("kind", "noise_multiplier", "clip", "max_grad_norm")
+                                      if k in dp_round})
                 self.history.append(record)
                 done += 1
                 self.events.publish(RoundAggregated(round_, last, outcome.metrics, None, {}, record.seconds))
@@ -403,6 +404,12 @@ class Federation:
         code = self._source_of(model, source)
         weights = {name: np.array(array) for name, array in state_arrays(model).items()}
         return self._evaluate_weights(weights, code, {"loss": loss, "batch_size": batch_size}, self._choose(parties), timeout)
+
+    def use_model(self, model: torch.nn.Module, source: str) -> None:
+        """Remember ``source`` as how ``model`` is built: ``train(model)`` and ``evaluate(model)`` then need
+        no ``source=`` (a notebook's ``%%fed_model`` cell does this)."""
+        if not self.training:
+            self.model, self.source = model, source
 
     def _source_of(self, model: torch.nn.Module, source: str | None) -> str:
         """``source``, else the one ``model`` was trained with here, else the model's captured class source."""

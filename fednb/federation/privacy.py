@@ -190,7 +190,7 @@ def _charge(entry: Any) -> dict[str, Any]:
     run, time = entry.get("run"), entry.get("time")
     return {"run": str(run)[:64], "round": round_, "mechanism": mechanism.kind,
             "sampling_rate": mechanism.sampling_rate, "noise_multiplier": mechanism.noise_multiplier,
-            "steps": mechanism.steps, "epsilon_after": float(after), "time": str(time)[:40]}
+            "steps": mechanism.steps, "epsilon_after": float(after or 0.0), "time": str(time)[:40]}
 
 
 @dataclass

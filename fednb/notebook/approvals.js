@@ -1,7 +1,10 @@
 // The fednb approvals widget: requests awaiting a party's owner, with Approve / Deny buttons.
 // Plain DOM, no dependencies. State arrives as traits (see serve.py); the one message sent back
 // is {action: "approve" | "deny", hash, rounds}. Stable hooks for tests: .fednb-approvals,
-// div.fednb-request[data-hash], button.fednb-approve, button.fednb-deny, input.fednb-rounds.
+// div.fednb-request[data-hash], button.fednb-approve, button.fednb-deny, input.fednb-rounds,
+// div.fednb-ledger[data-state] (the party's privacy ledger) with tr.fednb-charge rows.
+
+const TRAITS = ["party", "policy", "endpoint", "pending", "decided", "error", "ledger"];
 
 function h(tag, className, text) {
   const node = document.createElement(tag);
@@ -54,6 +57,56 @@ function request(model, row) {
   return box;
 }
 
+function epsilon(value) {
+  return typeof value === "number" && Number.isFinite(value) ? String(Number(value.toPrecision(4))) : "?";
+}
+
+// δ as it is usually written: 1e-5.
+function delta(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value.toExponential() : "?";
+}
+
+// The owner's own privacy ledger: ε spent against the budget, a bar, and the latest charges.
+function ledgerBox(ledger) {
+  const box = h("div", "fednb-ledger");
+  box.dataset.state = ledger.state || "none";
+  if (ledger.state !== "ok") {
+    box.appendChild(h("div", ledger.state === "error" ? "fednb-error" : "fednb-meta",
+      "privacy ledger: " + (ledger.message || "no ledger yet")));
+    return box;
+  }
+  const spent = ledger.epsilon_spent;
+  const budget = ledger.epsilon_budget;
+  box.appendChild(h("div", "fednb-ledger-head", "privacy budget: ε " + epsilon(spent) + " spent of " +
+    epsilon(budget) + " (δ = " + delta(ledger.delta) + "), ε " + epsilon(ledger.epsilon_remaining) + " left"));
+  const bar = h("div", "fednb-ledger-bar");
+  const fill = h("div", "fednb-ledger-fill");
+  const share = budget > 0 && typeof spent === "number" ? Math.min(1, Math.max(0, spent / budget)) : 0;
+  fill.style.width = (100 * share).toFixed(1) + "%";
+  if (share >= 0.9) fill.classList.add("fednb-ledger-low");
+  bar.appendChild(fill);
+  bar.title = "ε spent of the budget";
+  box.appendChild(bar);
+  const recent = ledger.recent || [];
+  if (recent.length === 0) {
+    box.appendChild(h("div", "fednb-meta", "no charges yet"));
+    return box;
+  }
+  box.appendChild(h("div", "fednb-meta", "latest " + recent.length + " of " + ledger.charges + " charge(s):"));
+  const table = h("table", "fednb-charges");
+  const head = h("tr");
+  for (const label of ["time", "for", "run", "round", "mechanism", "ε after"]) head.appendChild(h("th", "", label));
+  table.appendChild(head);
+  for (const entry of recent) {
+    const tr = h("tr", "fednb-charge");
+    for (const value of [entry.time, entry.by, entry.run, entry.round === null ? "—" : String(entry.round),
+      entry.mechanism, epsilon(entry.epsilon_after)]) tr.appendChild(h("td", "", value));
+    table.appendChild(tr);
+  }
+  box.appendChild(table);
+  return box;
+}
+
 function draw(model, root) {
   root.replaceChildren();
   const pending = model.get("pending") || [];
@@ -66,16 +119,18 @@ function draw(model, root) {
   if (error) root.appendChild(h("div", "fednb-error", error));
   const decided = model.get("decided") || [];
   if (decided.length) root.appendChild(h("div", "fednb-decided", "decided: " + decided.slice(-3).join("; ")));
+  const ledger = model.get("ledger") || {};
+  if (ledger.state) root.appendChild(ledgerBox(ledger));
 }
 
 function render({ model, el }) {
   const root = h("div", "fednb-approvals");
   el.appendChild(root);
   const redraw = () => draw(model, root);
-  for (const name of ["party", "policy", "endpoint", "pending", "decided", "error"]) model.on("change:" + name, redraw);
+  for (const name of TRAITS) model.on("change:" + name, redraw);
   redraw();
   return () => {
-    for (const name of ["party", "policy", "endpoint", "pending", "decided", "error"]) model.off("change:" + name, redraw);
+    for (const name of TRAITS) model.off("change:" + name, redraw);
   };
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from IPython.core.error import UsageError
 from IPython.core.magic_arguments import parse_argstring
@@ -90,3 +90,64 @@ def secure_aggregation(on: bool, clip: float | None) -> Any:
         return SecureAggregation() if clip is None else SecureAggregation(clip=clip)
     except ValueError as exc:
         raise UsageError(f"--clip: {exc}") from None
+
+
+#: ``DPSGD``'s and ``DPFedAvg``'s field names as ``%fed_train`` spells them, for their errors.
+DP_FLAGS = {"noise_multiplier": "--dp-noise", "target_epsilon": "--dp-epsilon", "max_grad_norm": "--dp-clip",
+            "clip": "--dp-clip", "delta": "--dp-delta", "clipped_count_stddev": "--clipped-count-stddev"}
+
+
+def differential_privacy(*, noise: float | None, epsilon: float | None, clip: float | None, delta: float | None,
+                         fedavg: bool, adaptive: bool, count_stddev: float | None, secure: bool) -> Any:
+    """``%fed_train``'s DP flags as ``train``'s ``dp=``: None, a ``DPSGD`` or a ``DPFedAvg``.
+
+    Record-level DP-SGD: ``--dp-noise Z`` or ``--dp-epsilon E`` (noise calibrated so the whole
+    run fits in ε), with ``--dp-clip C`` (per-sample gradient norm) and ``--dp-delta D``.
+    Update-level DP-FedAvg: ``--dp-fedavg --dp-noise Z --dp-clip C`` (update norm), with
+    ``--adaptive-clip --clipped-count-stddev S``; under ``--secure-aggregation`` the parties
+    split its noise between them (the coordinator sees only the sum), else the coordinator adds it.
+    """
+    from fednb.privacy.dpfedavg import DPFedAvg
+    from fednb.privacy.dpsgd import DPSGD
+
+    settings: dict[str, Any] = {} if delta is None else {"delta": delta}
+    if fedavg:
+        if epsilon is not None:
+            raise UsageError("--dp-epsilon calibrates DP-SGD's noise; DP-FedAvg takes --dp-noise Z and --dp-clip C")
+        if noise is None or clip is None:
+            raise UsageError("--dp-fedavg needs --dp-noise Z and --dp-clip C (the L2 norm each update is clipped to)")
+        if count_stddev is not None and not adaptive:
+            raise UsageError("--clipped-count-stddev applies to adaptive clipping: add --adaptive-clip")
+        if adaptive and count_stddev is None:
+            raise UsageError("--adaptive-clip needs --clipped-count-stddev S (noise on the clipped count, above "
+                             "--dp-noise / 2; about the parties per round / 20)")
+        if adaptive and secure:
+            raise UsageError("--adaptive-clip needs each party's clipped bit, which --secure-aggregation hides: "
+                             "use a fixed --dp-clip")
+        where: Literal["coordinator", "parties"] = "parties" if secure else "coordinator"
+        return _in_flags(lambda: DPFedAvg(clip=clip, noise_multiplier=noise, adaptive=adaptive,
+                                          clipped_count_stddev=count_stddev, noise_at=where, **settings))
+    for flag, given in (("--adaptive-clip", adaptive), ("--clipped-count-stddev", count_stddev is not None)):
+        if given:
+            raise UsageError(f"{flag} applies to DP-FedAvg: add --dp-fedavg --dp-noise Z --dp-clip C")
+    if noise is None and epsilon is None:
+        for flag, value in (("--dp-clip", clip), ("--dp-delta", delta)):
+            if value is not None:
+                raise UsageError(f"{flag} applies to differential privacy: add --dp-noise Z or --dp-epsilon E "
+                                 "(DP-SGD), or --dp-fedavg --dp-noise Z")
+        return None
+    if noise is not None and epsilon is not None:
+        raise UsageError("give one of --dp-noise and --dp-epsilon: --dp-epsilon calibrates the noise to that ε")
+    if clip is not None:
+        settings["max_grad_norm"] = clip
+    return _in_flags(lambda: DPSGD(noise_multiplier=noise, target_epsilon=epsilon, **settings))
+
+
+def _in_flags(build: Callable[[], Any]) -> Any:
+    """``build()``, its ValueError a UsageError that names the flags instead of the fields."""
+    try:
+        return build()
+    except ValueError as exc:
+        names = "|".join(DP_FLAGS)
+        message = re.sub(rf"(?<![-\w])({names})\b", lambda m: DP_FLAGS[m.group(1)], str(exc).splitlines()[0])
+        raise UsageError(message) from None

@@ -1,10 +1,14 @@
 // The fednb live dashboard: an anywidget ESM drawn with plain DOM and SVG, no dependencies.
 // The state arrives as traits (see dashboard.py); the one message sent back is {type: "stop"}.
 // Stable hooks for tests: .fednb-dashboard, tr.fednb-party[data-party], svg.fednb-chart,
-// circle.fednb-point[data-round] (global accuracy, one per round), button.fednb-stop.
+// circle.fednb-point[data-round] (global accuracy, one per round), button.fednb-stop,
+// td.fednb-epsilon[data-party] with div.fednb-budget-fill (ε spent of the party's budget),
+// div.fednb-warning[data-party] (a privacy warning), span.fednb-secure (secure aggregation's badge).
 
 const TRAITS = ["title", "strategy", "state", "round", "first_round", "last_round", "rounds_done",
-  "started_at", "elapsed", "eta", "parties", "history", "error"];
+  "started_at", "elapsed", "eta", "parties", "history", "error", "privacy", "warnings", "secure"];
+// A budget this nearly spent shows its bar in the warning colour.
+const NEARLY_SPENT = 0.9;
 const ROUND_STATUSES = new Set(["waiting", "training", "done", "late", "dropped"]);
 // Tableau 10: distinguishable, and readable on light and dark backgrounds alike.
 const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
@@ -61,6 +65,11 @@ function duration(seconds) {
 
 function fixed(value, digits) {
   return isNumber(value) ? value.toFixed(digits) : "—";
+}
+
+// Three significant digits, without trailing zeros: 0.412, 3, 12.5.
+function short(value) {
+  return isNumber(value) ? String(Number(value.toPrecision(3))) : "?";
 }
 
 // A round tick step (1, 2, 2.5 or 5 times a power of ten) giving about `count` intervals.
@@ -126,10 +135,12 @@ function render({ model, el }) {
   const titleEl = h("span", "fednb-title");
   const strategyEl = h("span", "fednb-strategy");
   const stateEl = h("span", "fednb-state");
+  const secureEl = h("span", "fednb-secure");
+  secureEl.title = "secure aggregation: the coordinator saw only the sum of these parties' updates";
   const stopButton = h("button", "fednb-stop", "Stop");
   stopButton.type = "button";
   stopButton.title = "End training after the current round";
-  header.append(titleEl, strategyEl, stateEl, stopButton);
+  header.append(titleEl, strategyEl, stateEl, secureEl, stopButton);
 
   const progress = h("div", "fednb-progress");
   const bar = h("div", "fednb-progress-bar");
@@ -141,6 +152,7 @@ function render({ model, el }) {
   progress.append(bar, progressText);
 
   const errorEl = h("div", "fednb-error");
+  const warningsEl = h("div", "fednb-warnings");
 
   const table = h("table", "fednb-parties");
   const head = h("thead");
@@ -152,6 +164,9 @@ function render({ model, el }) {
     if (tip) th.title = tip;
     headRow.append(th);
   }
+  const epsilonHead = h("th", "fednb-epsilon-col", "ε / budget");
+  epsilonHead.title = "the privacy budget ε each party's data has spent, of what its owner allows";
+  headRow.append(epsilonHead);
   head.append(headRow);
   const body = h("tbody");
   table.append(head, body);
@@ -164,7 +179,7 @@ function render({ model, el }) {
   });
   chartBox.append(legend, svg);
 
-  root.append(header, progress, errorEl, table, chartBox);
+  root.append(header, progress, errorEl, warningsEl, table, chartBox);
   el.append(root);
 
   function drawHeader() {
@@ -180,7 +195,49 @@ function render({ model, el }) {
     const error = model.get("error") || "";
     errorEl.textContent = error;
     errorEl.hidden = !error;
+    const secure = model.get("secure") || "";
+    secureEl.textContent = secure ? `secure · ${secure}` : "";
+    secureEl.hidden = !secure;
     drawProgress();
+  }
+
+  function drawWarnings() {
+    const warnings = model.get("warnings") || [];
+    warningsEl.replaceChildren();
+    warningsEl.hidden = warnings.length === 0;
+    for (const warning of warnings) {
+      const line = h("div", "fednb-warning");
+      line.dataset.party = warning.party;
+      const text = warning.message.includes(warning.party) ? warning.message : `${warning.party}: ${warning.message}`;
+      line.textContent = `⚠ ${text}`;
+      warningsEl.append(line);
+    }
+  }
+
+  // A party's ε spent of its budget: the numbers and a bar, or "no budget".
+  function budgetCell(name, privacy) {
+    const td = h("td", "fednb-epsilon");
+    td.dataset.party = name;
+    const row = privacy[name];
+    if (!row || !isNumber(row.budget)) {
+      td.textContent = "no budget";
+      td.classList.add("fednb-no-budget");
+      return td;
+    }
+    const share = isNumber(row.spent) && row.budget > 0 ? Math.min(1, Math.max(0, row.spent / row.budget)) : 0;
+    td.append(h("div", "fednb-budget-text", `${short(row.spent)} / ${short(row.budget)}`));
+    const bar = h("div", "fednb-budget");
+    bar.setAttribute("role", "meter");
+    bar.setAttribute("aria-valuemin", "0");
+    bar.setAttribute("aria-valuemax", String(row.budget));
+    bar.setAttribute("aria-valuenow", String(isNumber(row.spent) ? row.spent : 0));
+    const fill = h("div", "fednb-budget-fill" + (share >= NEARLY_SPENT ? " fednb-budget-low" : ""));
+    fill.style.width = `${(100 * share).toFixed(1)}%`;
+    bar.append(fill);
+    td.append(bar);
+    td.title = `ε ${short(row.spent)} spent of ${short(row.budget)}, ${short(row.remaining)} left` +
+      (isNumber(row.delta) ? ` (δ = ${row.delta.toExponential()})` : "") + `; ${row.charges} charge(s)`;
+    return td;
   }
 
   function drawProgress() {
@@ -213,11 +270,14 @@ function render({ model, el }) {
 
   function drawParties() {
     const rows = model.get("parties") || [];
+    const privacy = model.get("privacy") || {};
+    const withPrivacy = Object.keys(privacy).length > 0;
+    epsilonHead.hidden = !withPrivacy;
     body.replaceChildren();
     if (rows.length === 0) {
       const tr = h("tr", "fednb-empty");
       const td = h("td", "", "no parties yet");
-      td.colSpan = 6;
+      td.colSpan = withPrivacy ? 7 : 6;
       tr.append(td);
       body.append(tr);
       return;
@@ -243,6 +303,7 @@ function render({ model, el }) {
       const accuracy = h("td", "fednb-num", fixed(row.accuracy, 3));
       const seconds = h("td", "fednb-num", duration(row.seconds));
       tr.append(name, status, examples, loss, accuracy, seconds);
+      if (withPrivacy) tr.append(budgetCell(row.name, privacy));
       body.append(tr);
     }
   }
@@ -387,6 +448,8 @@ function render({ model, el }) {
     elapsed: () => { elapsedAt = performance.now(); },
     eta: () => { etaAt = performance.now(); },
     parties: () => { drawParties(); drawChart(); },
+    privacy: drawParties,
+    warnings: drawWarnings,
     history: drawChart,
     first_round: () => { drawProgress(); drawChart(); },
     last_round: () => { drawProgress(); drawChart(); },
@@ -405,6 +468,7 @@ function render({ model, el }) {
   const timer = setInterval(drawProgress, 1000);
 
   drawParties();
+  drawWarnings();
   drawChart();
   drawHeader();
 

@@ -3,7 +3,11 @@
 ``%fed_train`` displays a :class:`Dashboard` under the cell and subscribes it to the
 federation (:meth:`Dashboard.attach`). Each event becomes one batch of trait changes, which
 the ESM beside this file (``dashboard.js``) draws as round progress, one row per party and an
-SVG chart of global and per-party accuracy and loss, with a Stop button. Front ends without
+SVG chart of global and per-party accuracy and loss, with a Stop button. Under differential
+privacy each party's row also shows ε spent against its budget (from ``PrivacyUpdated``), and a
+``PrivacyWarning`` (a run that would exhaust a party's budget) shows as a warning line; under
+secure aggregation a badge says how many parties' updates the coordinator saw only as a sum
+(the round's record in the federation's history). Front ends without
 widgets (terminal IPython, nbconvert, papermill) get :meth:`Dashboard.summary_text` and
 :meth:`Dashboard.summary_html` from the same MIME bundle instead of an empty widget.
 """
@@ -22,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import anywidget
 import traitlets as t
 
-from fednb.federation.events import Event, RoundStarted, TrainingStarted
+from fednb.federation.events import (Event, PrivacyUpdated, PrivacyWarning, RoundAggregated, RoundStarted,
+                                     TrainingStarted)
 from fednb.federation.runstate import ROUND_STATUSES, STATES, RunState
 from fednb.notebook.display import Table
 
@@ -36,6 +41,8 @@ __all__ = ["ROUND_STATUSES", "STATES", "Dashboard"]  # the statuses and states a
 ERROR_BELOW = "see the error below"
 #: Rounds listed in the text/HTML summaries; older ones are counted, not shown.
 SUMMARY_ROUNDS = 20
+#: Privacy warnings kept (a run warns at most once per party).
+MAX_WARNINGS = 20
 
 
 def _number(value: Any) -> float | None:
@@ -69,6 +76,30 @@ def _fixed(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def privacy_row(privacy: Any) -> dict[str, Any] | None:
+    """A party's privacy summary (``PrivacyUpdated.privacy``, ``PartyInfo.privacy``) as the dashboard
+    shows it: ε spent, budget, remaining, δ and the number of charges; None without a budget."""
+    if not isinstance(privacy, Mapping) or _number(privacy.get("epsilon_budget")) is None:
+        return None
+    history = privacy.get("history")
+    return {"spent": _number(privacy.get("epsilon_spent")), "budget": _number(privacy["epsilon_budget"]),
+            "remaining": _number(privacy.get("epsilon_remaining")), "delta": _number(privacy.get("delta")),
+            "charges": len(history) if isinstance(history, (list, tuple)) else 0}
+
+
+def _budget_text(row: Mapping[str, Any] | None) -> str:
+    """``1.23 / 3`` (ε spent / budget), or "no budget"."""
+    if row is None or row.get("budget") is None:
+        return "no budget"
+    spent = row.get("spent")
+    return f"{'?' if spent is None else f'{spent:.3g}'} / {row['budget']:.3g}"
+
+
+def _warning_text(warning: Mapping[str, Any]) -> str:
+    party, message = warning.get("party", ""), warning.get("message", "")
+    return message if party and party in message else f"{party}: {message}"
+
+
 class Dashboard(anywidget.AnyWidget):
     """Live view of a training run: progress and ETA, one row per party, metric curves, Stop.
 
@@ -93,6 +124,9 @@ class Dashboard(anywidget.AnyWidget):
     parties = t.List(t.Dict()).tag(sync=True)  # rows: name, status, examples, loss, accuracy, seconds, detail
     history = t.List(t.Dict()).tag(sync=True)  # per round: round, loss, accuracy, seconds, evaluated, parties
     error = t.Unicode("").tag(sync=True)
+    privacy = t.Dict().tag(sync=True)  # party -> spent, budget, remaining, delta, charges (parties with a budget)
+    warnings = t.List(t.Dict()).tag(sync=True)  # this run's privacy warnings: party, message, epsilon_after, ...
+    secure = t.Unicode("").tag(sync=True)  # "sum of N parties" when the last round was securely aggregated
 
     def __init__(self, *, title: str = "", on_stop: Callable[[], None] | None = None, error_below: bool = False,
                  **kwargs: Any) -> None:
@@ -106,22 +140,31 @@ class Dashboard(anywidget.AnyWidget):
         self._lock = threading.RLock()
         self._clock: float | None = None  # monotonic time of TrainingStarted
         self._run = RunState()  # what the traits show
+        self._history: Any = None  # the attached federation's History: each round's secure-aggregation record
         self.on_msg(self._on_message)
 
     # -- following a federation ---------------------------------------------------------------
 
     def attach(self, federation: Federation) -> Callable[[], None]:
         """Show ``federation``'s parties and follow its events; returns the unsubscribe function."""
+        status = federation.status()
         seeded = RunState.of_parties((info.name, info.status, info.examples, info.last_error or "")
-                                     for info in federation.status())
+                                     for info in status)
+        privacy = {info.name: row for info in status if (row := privacy_row(info.privacy))}
         with self._lock, self.hold_sync():
             self._run = seeded
+            self._history = getattr(federation, "history", None)
             self._render()
+            if privacy:
+                self.privacy = {**self.privacy, **privacy}
         return federation.subscribe(self.handle)
 
     def handle(self, event: Event) -> None:
         """Apply one federation event to the traits, as one batch of changes; thread-safe."""
         with self._lock, self.hold_sync():
+            if isinstance(event, (PrivacyUpdated, PrivacyWarning)):
+                self._privacy_event(event)
+                return
             run = self._run.apply(event)
             if run is self._run:
                 log.debug("dashboard ignores %s", type(event).__name__)
@@ -129,10 +172,37 @@ class Dashboard(anywidget.AnyWidget):
             if isinstance(event, TrainingStarted) or self._clock is None and isinstance(event, RoundStarted):
                 self._clock = time.monotonic()  # attached after TrainingStarted: time from here
                 self.started_at = time.time()
+            if isinstance(event, TrainingStarted):
+                self.warnings, self.secure = [], ""  # a run's warnings come after its TrainingStarted
+            elif isinstance(event, RoundAggregated):
+                self.secure = self._secure_of(event.round)
             self._run = run
             self._render()
             if self._clock is not None:
                 self.elapsed = time.monotonic() - self._clock
+
+    def _privacy_event(self, event: PrivacyUpdated | PrivacyWarning) -> None:
+        """A party's ε spent and budget, or a warning that this run would exhaust it; under the lock."""
+        if isinstance(event, PrivacyUpdated):
+            row = privacy_row(event.privacy)
+            privacy = {name: r for name, r in self.privacy.items() if name != event.party}
+            self.privacy = privacy if row is None else {**privacy, event.party: row}
+            return
+        warning = {"party": str(event.party), "message": str(event.message),
+                   "epsilon_after": _number(event.epsilon_after), "epsilon_budget": _number(event.epsilon_budget)}
+        if warning not in self.warnings:
+            self.warnings = [*self.warnings, warning][-MAX_WARNINGS:]
+
+    def _secure_of(self, round_: int) -> str:
+        """What the coordinator saw of round ``round_`` under secure aggregation ("sum of N parties"), else ''."""
+        history = self._history
+        if history is None:
+            return ""
+        for record in reversed(list(history)):
+            if record.round == round_:
+                secure = getattr(record, "secure", None) or {}
+                return str(secure.get("sum of", "")) if isinstance(secure, Mapping) else ""
+        return ""
 
     def _render(self) -> None:
         """Set the traits from the run state (unchanged values send nothing)."""
@@ -192,16 +262,21 @@ class Dashboard(anywidget.AnyWidget):
             which = "test" if last["evaluated"] else "train"
             lines.append(f"round {last['round']} ({which}): accuracy {_fixed(last['accuracy'], 4)}, "
                          f"loss {_fixed(last['loss'], 4)}")
+        if self.secure:
+            lines.append(f"secure aggregation: the coordinator saw the {self.secure}")
+        lines += [f"warning: {_warning_text(w)}" for w in self.warnings]
         if self.error:
             lines.append(f"error: {self.error}")
         return lines
 
     def _tables(self) -> tuple[Table, Table | None]:
         with self._lock:
-            parties, history = list(self.parties), list(self.history)
-        party_table = Table(["party", "status", "examples", "loss", "accuracy", "time", "detail"],
+            parties, history, privacy = list(self.parties), list(self.history), dict(self.privacy)
+        columns = ["party", "status", "examples", "loss", "accuracy", "time"] + (["ε / budget"] if privacy else [])
+        party_table = Table([*columns, "detail"],
                             [[r["name"], r["status"], r["examples"], _fixed(r["loss"], 4), _fixed(r["accuracy"], 4),
-                              _duration(r["seconds"]) if r["seconds"] is not None else "", r["detail"]]
+                              _duration(r["seconds"]) if r["seconds"] is not None else "",
+                              *([_budget_text(privacy.get(r["name"]))] if privacy else []), r["detail"]]
                              for r in parties])
         if not history:
             return party_table, None

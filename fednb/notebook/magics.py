@@ -8,6 +8,8 @@
     %fed_train --rounds 20 --lr 0.05
     %%fed_run
     label_counts(train)
+    %fed_train --rounds 20 --dp-epsilon 3     # record-level DP-SGD, the whole run within ε = 3
+    %fed_privacy                               # each party's ε spent against its budget
 
 Mistakes a user can make (bad arguments, no federation yet, a party error ending a round)
 become :class:`~IPython.core.error.UsageError`: one line, no traceback. A ``# comment`` may
@@ -27,9 +29,19 @@ from IPython.display import display
 from fednb.federation import Federation
 from fednb.federation.background import TrainingRun
 from fednb.notebook.arguments import TRAIN_DEFAULTS as DEFAULTS
-from fednb.notebook.arguments import no_arguments, parse, parties, secure_aggregation, usage_errors
-from fednb.notebook.display import PartyOutputs, evaluation_table, parties_table
+from fednb.notebook.arguments import (differential_privacy, no_arguments, parse, parties, secure_aggregation,
+                                      usage_errors)
+from fednb.notebook.display import PartyOutputs, PrivacyView, evaluation_table, parties_table
 from fednb.notebook.session import Session
+
+
+def _budget(epsilon: float | None, delta: float | None) -> dict[str, Any]:
+    """``--dp-epsilon E [--dp-delta D]`` as ``dp_epsilon=``/``dp_delta=`` keywords (none without a budget)."""
+    if epsilon is None:
+        if delta is not None:
+            raise UsageError("--dp-delta applies to a privacy budget: add --dp-epsilon E")
+        return {}
+    return {"dp_epsilon": epsilon, **({} if delta is None else {"dp_delta": delta})}
 
 
 @magics_class
@@ -52,15 +64,19 @@ class FedMagics(Magics):
     @argument("--seed", type=int, default=0, help="seed of the data split")
     @argument("--secure", action="store_true", help="CURVE on the local sockets too")
     @argument("--contained", action="store_true", help="run party code in worker processes with limits, as real parties do")
+    @argument("--dp-epsilon", type=float, default=None,
+              help="give every party a privacy budget ε for its training data (it refuses training past it)")
+    @argument("--dp-delta", type=float, default=None, help="with --dp-epsilon: the budget's δ (default 1e-5)")
     @line_magic
     def fed_sim(self, line: str) -> Any:
         """Start N local party processes on a bundled dataset; they become this session's `fed`."""
         args = parse(self.fed_sim, line)
         import fednb
 
+        budget = _budget(args.dp_epsilon, args.dp_delta)
         with usage_errors(self.fed_sim):
             federation = fednb.simulate(args.n, dataset=args.dataset, partition=args.partition, alpha=args.alpha,
-                                        seed=args.seed, secure=args.secure, contained=args.contained)
+                                        seed=args.seed, secure=args.secure, contained=args.contained, **budget)
         self.session.adopt(federation)
         return parties_table(federation.status())
 
@@ -98,6 +114,9 @@ class FedMagics(Magics):
               help="release updates only under secure aggregation (plain training requests are refused)")
     @argument("--min-aggregate", type=int, default=3,
               help="take part in a secure round only with at least this many parties (default 3)")
+    @argument("--dp-epsilon", type=float, default=None,
+              help="privacy budget ε of this party's training data over its lifetime (refuses training past it)")
+    @argument("--dp-delta", type=float, default=None, help="with --dp-epsilon: the budget's δ (default 1e-5)")
     @line_magic
     def fed_serve(self, line: str) -> Any:
         """Serve this notebook's data as a party in the background; shows requests awaiting your approval."""
@@ -110,13 +129,14 @@ class FedMagics(Magics):
             if not sep or split not in ("train", "test") or not path:
                 raise UsageError(f"--data expects train=FILE or test=FILE, got {spec!r}")
             data[split] = path
+        budget = _budget(args.dp_epsilon, args.dp_delta)
         with usage_errors(self.fed_serve):
             server, widget = serve_in_notebook(args.name, args.listen, data, key=args.key,
                                                authorized_keys=args.authorized_keys, policy=args.policy,
                                                label=args.label, directory=args.dir, devices=tuple(args.device),
                                                allow_weak_containment=args.allow_weak_containment,
                                                require_secure_aggregation=args.require_secure_aggregation,
-                                               min_aggregate=args.min_aggregate)
+                                               min_aggregate=args.min_aggregate, **budget)
         self.session.served.append(server)
         from fednb.notebook.sidebar import show_approvals
 
@@ -151,6 +171,15 @@ class FedMagics(Magics):
             print(f"idle; {len(history)} rounds trained" + (f", last accuracy {history.metric('accuracy')[-1]:.4f}"
                                                            if len(history) else ""))
         return parties_table(federation.status())
+
+    @line_magic
+    def fed_privacy(self, line: str) -> Any:
+        """Each party's privacy budget: ε spent, budget, remaining, δ and charges, with ε after each charge."""
+        no_arguments("fed_privacy", line)
+        federation = self._require()
+        with usage_errors():
+            report = federation.privacy()
+        return PrivacyView(report)
 
     # -- the model --------------------------------------------------------------------------
 
@@ -203,6 +232,20 @@ class FedMagics(Magics):
               help="secure aggregation: the coordinator learns only the sum of the parties' updates")
     @argument("--clip", type=float, default=None,
               help="with --secure-aggregation: L2 norm each party's update is clipped to (default 10.0)")
+    @argument("--dp-noise", type=float, default=None,
+              help="differential privacy: noise multiplier of DP-SGD at each party (or of --dp-fedavg)")
+    @argument("--dp-epsilon", type=float, default=None,
+              help="DP-SGD with the noise calibrated so that the whole run spends at most this ε")
+    @argument("--dp-clip", type=float, default=None,
+              help="DP-SGD: per-example gradient L2 norm (default 1.0); --dp-fedavg: update L2 norm")
+    @argument("--dp-delta", type=float, default=None, help="δ of the DP guarantee (default 1e-5)")
+    @argument("--dp-fedavg", action="store_true",
+              help="update-level DP-FedAvg (party-level ε) instead of record-level DP-SGD; its noise is added "
+                   "by the coordinator, or split across the parties under --secure-aggregation")
+    @argument("--adaptive-clip", action="store_true",
+              help="--dp-fedavg: move the clip toward the median update norm (Andrew et al. 2021)")
+    @argument("--clipped-count-stddev", type=float, default=None,
+              help="--adaptive-clip: noise on the count of clipped updates (above --dp-noise / 2)")
     @line_cell_magic
     def fed_train(self, line: str, cell: str | None = None) -> None:
         """Train the model across the parties; as a cell magic, the cell is each party's local training step."""
@@ -244,7 +287,10 @@ class FedMagics(Magics):
                    "batch_size": args.batch_size, "optimizer": args.optimizer, "momentum": args.momentum,
                    "loss": args.loss, "min_parties": args.min_parties, "round_timeout": args.round_timeout,
                    "parties": parties(args.parties), "train_cell": cell, "mu": args.mu,
-                   "secure_aggregation": secure_aggregation(args.secure_aggregation, args.clip)}
+                   "secure_aggregation": secure_aggregation(args.secure_aggregation, args.clip),
+                   "dp": differential_privacy(noise=args.dp_noise, epsilon=args.dp_epsilon, clip=args.dp_clip,
+                                              delta=args.dp_delta, fedavg=args.dp_fedavg, adaptive=args.adaptive_clip,
+                                              count_stddev=args.clipped_count_stddev, secure=args.secure_aggregation)}
         with usage_errors(self.fed_train):
             run = self.session.start_training(federation, model, args.model, options, background=args.background)
         if args.background:

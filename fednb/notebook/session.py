@@ -69,6 +69,7 @@ class Session:
         self.close_federation()
         self.federation = federation
         self.shell.user_ns["fed"] = federation
+        self._share_model()
         self.changed()
 
     def close_federation(self) -> None:
@@ -88,6 +89,17 @@ class Session:
     def record_model(self, name: str, source: str) -> None:
         self.sources[name] = source
         self.model_name = name
+        self._share_model()
+
+    def _share_model(self) -> None:
+        """Tell the federation how the notebook's model is built, so that ``fed.train(model)`` needs no source."""
+        if self.federation is None or self.model_name is None or self.source is None:
+            return
+        import torch
+
+        model = self.shell.user_ns.get(self.model_name)
+        if isinstance(model, torch.nn.Module):
+            self.federation.use_model(model, self.source)
 
     # -- training -------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any
 from fednb.errors import FednbError
 from fednb.notebook.session import Session
 from fednb.notebook.sidebar_state import (TARGET, VERSION, Request, RunTracker, approval_rows, parse_request,
-                                          party_rows, snapshot)
+                                          party_rows, secure_badge, snapshot)
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,8 @@ class SidebarBridge:
         if federation is not None:
             status = federation.status()
             parties = party_rows(status, {row.name: row.silent_for for row in status}, activity)
+            if run is not None:
+                run = {**run, "secure": secure_badge(getattr(federation, "history", None), run["rounds_done"])}
         approvals = None
         if self._approvals is not None:
             approvals = approval_rows(self._approvals.pending())

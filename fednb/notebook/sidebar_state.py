@@ -117,9 +117,34 @@ class RunTracker:
         return view, run.activity()
 
 
+def privacy_summary(privacy: Any) -> dict[str, Any] | None:
+    """A party's privacy summary (``PartyInfo.privacy``) as the panel shows it: ε spent, budget,
+    remaining, δ and the number of charges; None for a party without a budget."""
+    if not isinstance(privacy, Mapping) or finite(privacy.get("epsilon_budget")) is None:
+        return None
+    history = privacy.get("history")
+    return {"epsilon_spent": finite(privacy.get("epsilon_spent")), "epsilon_budget": finite(privacy["epsilon_budget"]),
+            "epsilon_remaining": finite(privacy.get("epsilon_remaining")), "delta": finite(privacy.get("delta")),
+            "charges": len(history) if isinstance(history, (list, tuple)) else 0}
+
+
+def secure_badge(history: Any, rounds_done: int) -> str | None:
+    """"sum of N parties" when the run's last aggregated round was securely aggregated, else None.
+
+    ``history`` is the federation's History, whose last record is the run's last round once the
+    run has aggregated one (``rounds_done`` > 0).
+    """
+    if rounds_done <= 0 or history is None or not len(history):
+        return None
+    secure = getattr(history[-1], "secure", None)
+    badge = secure.get("sum of") if isinstance(secure, Mapping) else None
+    return text(badge, 200) if badge else None
+
+
 def party_rows(status: Iterable[Any], seen: Mapping[str, float | None],
                activity: Mapping[str, str]) -> list[dict[str, Any]]:
-    """One JSON row per party from ``Federation.status()`` rows, seconds since last heard and round activity."""
+    """One JSON row per party from ``Federation.status()`` rows, seconds since last heard and round
+    activity; ``privacy`` is its budget (:func:`privacy_summary`), None without one."""
     rows = []
     for row in status:
         rows.append({
@@ -129,6 +154,7 @@ def party_rows(status: Iterable[Any], seen: Mapping[str, float | None],
             "last_seen": finite(seen.get(row.name)), "activity": activity.get(row.name),
             "error": text(row.last_error, 500),
             "containment": text(getattr(row, "containment", "unknown"), 40),
+            "privacy": privacy_summary(getattr(row, "privacy", None)),
         })
     return rows
 

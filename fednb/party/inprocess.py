@@ -21,8 +21,9 @@ from fednb.wire import Message
 class InProcess:
     """Answers requests with a kernel in this process (see the module docstring)."""
 
-    def __init__(self, name: str, datasets: Datasets, *, threads: int = 0, **_: Any) -> None:
+    def __init__(self, name: str, datasets: Datasets, *, threads: int = 0, min_aggregate: int = 3, **_: Any) -> None:
         self.name = name
+        self.min_aggregate = min_aggregate
         self._datasets = datasets
         self._threads = threads
         self._kernel: Any = None
@@ -36,7 +37,7 @@ class InProcess:
             import torch
 
             torch.set_num_threads(self._threads)
-        self._kernel = Kernel(self.name, self._datasets)
+        self._kernel = Kernel(self.name, self._datasets, min_aggregate=self.min_aggregate)
         return self._datasets
 
     def run(self, identity: str, request: Message) -> Message:

@@ -99,7 +99,7 @@ class Kernel:
     """Turns ``train`` (plain, or opening a secure round), ``secagg``, ``evaluate`` and ``run`` requests
     into replies, one at a time."""
 
-    def __init__(self, name: str, datasets: Datasets, *, min_aggregate: int = 2) -> None:
+    def __init__(self, name: str, datasets: Datasets, *, min_aggregate: int = 3) -> None:
         self.name = name
         # the party process's gate enforces the owner's --min-aggregate on every secure stage;
         # this is the protocol's own floor, checked again here

@@ -60,12 +60,14 @@ class Sandbox:
 
     def __init__(self, name: str, datasets: Datasets, *, time_limit: float = DEFAULT_TIME_LIMIT,
                  memory_limit: int = DEFAULT_MEMORY_LIMIT, threads: int = 0, limits: Limits = DEFAULT_LIMITS,
-                 contain: bool = True, devices: tuple[str, ...] = (), check_paths: tuple[str, ...] = ()) -> None:
+                 contain: bool = True, devices: tuple[str, ...] = (), check_paths: tuple[str, ...] = (),
+                 min_aggregate: int = 3) -> None:
         if not time_limit > 0:
             raise ValueError("time_limit must be positive (seconds)")
         if not isinstance(memory_limit, int) or memory_limit < 0:
             raise ValueError("memory_limit must be a non-negative number of bytes (0: no limit)")
         self.name = name
+        self.min_aggregate = min_aggregate  # the worker's own floor on a secure sum (the gate checks it too)
         self.time_limit = float(time_limit)
         self.memory_limit = memory_limit
         self.threads = threads
@@ -116,7 +118,8 @@ class Sandbox:
         if self.contain and self._mountpoint is not None:
             containment = {"mountpoint": self._mountpoint, "devices": list(self.devices),
                            "check": list(self.check_paths)}
-        return {"name": self.name, "splits": self._specs, "containment": containment}
+        return {"name": self.name, "splits": self._specs, "containment": containment,
+                "min_aggregate": self.min_aggregate}
 
     def _launch(self) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

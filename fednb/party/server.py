@@ -162,9 +162,10 @@ class PartyServer:
             # the probe also tries to read the party's own files from a worker: none may be readable
             check = tuple(str(p) for p in (directory, *private_paths) if p)
             self.sandbox = Sandbox(name, datasets, time_limit=time_limit, memory_limit=memory_limit, threads=threads,
-                                   limits=self.limits, devices=tuple(devices), check_paths=check)
+                                   limits=self.limits, devices=tuple(devices), check_paths=check,
+                                   min_aggregate=min_aggregate)
         else:
-            self.sandbox = InProcess(name, datasets, threads=threads)
+            self.sandbox = InProcess(name, datasets, threads=threads, min_aggregate=min_aggregate)
         self.gate: Gate | None = None
         self.admission: Admission | None = None
         self.state = State.NEW

@@ -181,7 +181,7 @@ def worker_main(sock: socket.socket, config: dict[str, Any], datasets: Any, requ
         torch.set_num_threads(threads)
     limit_memory(int(request.get("memory") or 0))
     _enter_sandbox(config, sock.fileno())
-    kernel = Kernel(str(config.get("name", "party")), datasets)
+    kernel = Kernel(str(config.get("name", "party")), datasets, min_aggregate=int(config.get("min_aggregate") or 3))
     identity = str(request.get("identity", ""))
     while True:
         try:

@@ -92,7 +92,7 @@ def read_dp(value: Any) -> DPRequest:
         raise ValueError(f"dp: unknown kind {kind!r}: expected 'dpsgd' or 'dpfedavg'")
     if set(value) != fields:
         raise ValueError(f"dp: {kind} needs exactly the fields {', '.join(sorted(fields))}")
-    common = {"noise_multiplier": _number(value["noise_multiplier"], "noise_multiplier"),
+    common: dict[str, Any] = {"noise_multiplier": _number(value["noise_multiplier"], "noise_multiplier"),
               "delta": _number(value["delta"], "delta", high=1.0 - 1e-12),
               "rounds": _count(value["rounds"], "rounds")}
     if kind == "dpsgd":

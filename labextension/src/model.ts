@@ -10,6 +10,7 @@
 import {
   IApproval,
   IParty,
+  IPrivacy,
   IResult,
   IRun,
   ISnapshot,
@@ -241,6 +242,17 @@ export function formatAgo(seconds: number | null): string {
     return `${Math.floor(seconds / 60)} min ago`;
   }
   return `${Math.floor(seconds / 3600)} h ago`;
+}
+
+/** An ε with three significant digits and no trailing zeros (`0.412`, `3`), or `?`. */
+export function formatEpsilon(value: number | null): string {
+  return value === null || !Number.isFinite(value) ? '?' : String(Number(value.toPrecision(3)));
+}
+
+/** `ε 1.2 / 3 · 1.8 left`: a party's budget in one line. */
+export function formatBudget(privacy: IPrivacy): string {
+  const left = privacy.epsilonRemaining === null ? '' : ` · ${formatEpsilon(privacy.epsilonRemaining)} left`;
+  return `ε ${formatEpsilon(privacy.epsilonSpent)} / ${formatEpsilon(privacy.epsilonBudget)}${left}`;
 }
 
 /** A metric with four significant decimals, or a dash. */

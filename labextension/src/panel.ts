@@ -10,8 +10,8 @@
 import { Widget } from '@lumino/widgets';
 
 import { KernelBridge } from './connection.js';
-import { formatAgo, formatDuration, formatMetric } from './model.js';
-import { IApproval, IParty, IResult } from './protocol.js';
+import { formatAgo, formatBudget, formatDuration, formatEpsilon, formatMetric } from './model.js';
+import { IApproval, IParty, IPrivacy, IResult } from './protocol.js';
 
 /** What each containment level means, for the tooltip. */
 const CONTAINMENT: Record<string, string> = {
@@ -35,6 +35,37 @@ function h(tag: string, attrs: Attrs = {}, ...children: (Node | string)[]): HTML
     el.append(child);
   }
   return el;
+}
+
+/** A party's privacy budget: one line and a meter of ε spent (the browser draws the meter). */
+function budget(party: string, privacy: IPrivacy | undefined): HTMLElement | string {
+  if (privacy === undefined) {
+    return '';
+  }
+  const spent = privacy.epsilonSpent ?? 0;
+  const meter = h('meter', {
+    class: 'fednb-Panel-budgetMeter',
+    min: '0',
+    max: String(privacy.epsilonBudget),
+    value: String(Math.min(spent, privacy.epsilonBudget)),
+    low: String(0.5 * privacy.epsilonBudget),
+    high: String(0.9 * privacy.epsilonBudget),
+    optimum: '0'
+  });
+  const delta = privacy.delta === null ? '' : ` at δ = ${privacy.delta.toExponential()}`;
+  return h(
+    'div',
+    {
+      class: 'fednb-Panel-budget',
+      'data-party': party,
+      title:
+        `privacy budget: ε ${formatEpsilon(privacy.epsilonSpent)} spent of ${formatEpsilon(privacy.epsilonBudget)}` +
+        `${delta}; ${privacy.charges} charge(s)`
+    },
+    h('span', { class: 'fednb-Panel-budgetText' }, formatBudget(privacy)),
+    ' ',
+    meter
+  );
 }
 
 export class FederationPanel extends Widget {
@@ -161,6 +192,7 @@ export class FederationPanel extends Widget {
           },
           `containment: ${party.containment}`
         ),
+        budget(party.name, party.privacy),
         party.error ? h('div', { class: 'fednb-Panel-error', title: party.error }, party.error) : ''
       )
     );
@@ -189,7 +221,13 @@ export class FederationPanel extends Widget {
         ...field('Round', `${run.round}/${run.rounds}`, { class: 'fednb-Panel-round' }),
         ...field('Accuracy', formatMetric(run.accuracy), { class: 'fednb-Panel-accuracy' }),
         ...field('Loss', formatMetric(run.loss), { class: 'fednb-Panel-loss' }),
-        ...field('Elapsed', '', { class: 'fednb-Panel-elapsed' })
+        ...field('Elapsed', '', { class: 'fednb-Panel-elapsed' }),
+        ...(run.secure
+          ? field('Aggregation', `secure · ${run.secure}`, {
+              class: 'fednb-Panel-secure',
+              title: "the coordinator saw only the sum of these parties' updates"
+            })
+          : [])
       )
     );
     if (run.error) {

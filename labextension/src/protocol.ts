@@ -11,6 +11,16 @@
 export const COMM_TARGET = 'fednb.sidebar';
 export const PROTOCOL_VERSION = 1;
 
+/** A party's privacy budget: the ε its training data has spent, of what its owner allows. */
+export interface IPrivacy {
+  epsilonSpent: number | null;
+  epsilonBudget: number;
+  epsilonRemaining: number | null;
+  delta: number | null;
+  /** How many accounted requests the party's ledger holds (of those it reports). */
+  charges: number;
+}
+
 export interface IParty {
   name: string;
   endpoint: string;
@@ -24,6 +34,8 @@ export interface IParty {
   error: string;
   /** How the party contains coordinator code: full, weak, none (a simulation) or unknown. */
   containment: string;
+  /** Its privacy budget; absent for a party without one. */
+  privacy?: IPrivacy;
 }
 
 export type RunState = 'training' | 'stopping' | 'done' | 'stopped' | 'error';
@@ -41,6 +53,8 @@ export interface IRun {
   elapsed: number;
   background: boolean;
   error: string | null;
+  /** Under secure aggregation, what the coordinator saw of the last round: "sum of N parties". */
+  secure: string | null;
 }
 
 export interface IApproval {
@@ -145,11 +159,28 @@ function list(value: unknown, where: string): unknown[] {
   return value;
 }
 
+function parsePrivacy(value: unknown, where: string): IPrivacy | null {
+  if (value === null || value === undefined) {
+    return null;
+  }
+  if (!isObject(value)) {
+    throw new ProtocolError(`${where} must be an object or null`);
+  }
+  return {
+    epsilonSpent: optNum(value, 'epsilon_spent', where),
+    epsilonBudget: num(value, 'epsilon_budget', where),
+    epsilonRemaining: optNum(value, 'epsilon_remaining', where),
+    delta: optNum(value, 'delta', where),
+    charges: optInt(value, 'charges', where) ?? 0
+  };
+}
+
 function parseParty(value: unknown, i: number): IParty {
   const where = `parties[${i}]`;
   if (!isObject(value)) {
     throw new ProtocolError(`${where} must be an object`);
   }
+  const privacy = parsePrivacy(value['privacy'], `${where}.privacy`);
   return {
     name: str(value, 'name', where),
     endpoint: str(value, 'endpoint', where),
@@ -159,7 +190,8 @@ function parseParty(value: unknown, i: number): IParty {
     lastSeen: optNum(value, 'last_seen', where),
     activity: optStr(value, 'activity', where),
     error: optStr(value, 'error', where) ?? '',
-    containment: optStr(value, 'containment', where) ?? 'unknown'
+    containment: optStr(value, 'containment', where) ?? 'unknown',
+    ...(privacy === null ? {} : { privacy })
   };
 }
 
@@ -184,7 +216,8 @@ function parseRun(value: unknown): IRun | null {
     loss: optNum(value, 'loss', 'run'),
     elapsed: num(value, 'elapsed', 'run'),
     background: value['background'] === true,
-    error: optStr(value, 'error', 'run')
+    error: optStr(value, 'error', 'run'),
+    secure: optStr(value, 'secure', 'run')
   };
   if (run.round > run.rounds || run.roundsDone > run.rounds) {
     throw new ProtocolError('run.round and run.rounds_done must not exceed run.rounds');
