@@ -8,6 +8,7 @@
     fednb approve ~/.fednb/clinic-a                      # pending requests: code, who asked, what returns
     fednb approve ~/.fednb/clinic-a --approve 3f2a9c1e --rounds 20
     fednb audit ~/.fednb/clinic-a                        # every request; is the hash chain intact?
+    fednb party ... --data train=bank.csv --id-column id --label y   # a vertical federation's table
     fednb party ... --dp-epsilon 3 --dp-delta 1e-5       # a privacy budget for the party's training data
     fednb privacy ~/.fednb/clinic-a                      # the ε spent, request by request (--json)
     fednb sim 4 --dataset digits --partition dirichlet --alpha 0.5   # local parties until Ctrl-C
@@ -102,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
                             "or a directory of .key files")
     party.add_argument("--data", action="append", type=_data_spec, metavar="SPLIT=FILE",
                        help="train=FILE (required) and test=FILE: .npz with arrays x and y, or .csv with --label")
-    party.add_argument("--label", help="label column of .csv data (or label array of .npz data)")
+    party.add_argument("--label", help="label column of .csv data (or label array of .npz data); with --id-column, "
+                                       "a file without that column is a feature party's")
+    party.add_argument("--id-column", metavar="NAME",
+                       help="the column of row ids (of .npz data: the array ids) by which a vertical federation "
+                            "aligns its parties' rows; such a table needs no label and holds no test split")
     party.add_argument("--policy", default="review", choices=["review", "allowlist", "open"],
                        help="what coordinator code may run: review (the owner approves each new code hash), "
                             "allowlist (only approved hashes), open (everything; trusted set-ups only)")
@@ -217,7 +222,7 @@ def _party(args: argparse.Namespace) -> int:
     check_security(args.listen, keypair is not None)  # before the data is read: fail fast
     allow = AllowList(args.authorized_keys) if args.authorized_keys else None
     egress = EgressRules(max_values=args.max_values, min_group=args.min_group)
-    datasets = Datasets.from_files(dict(args.data), label=args.label)
+    datasets = Datasets.from_files(dict(args.data), label=args.label, id_column=args.id_column)
     directory = open_directory(where, create=True)
     log_file = logging.FileHandler(directory / "party.log")  # full tracebacks stay here, never on the wire
     log_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

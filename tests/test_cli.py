@@ -89,6 +89,26 @@ def test_party_cli_refuses_unsafe_or_broken_setups(tmp_path, data_files, args, m
     assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
+def test_party_cli_serves_a_vertical_table_by_its_id_column(tmp_path, cli_parties):
+    """--id-column: the label party and a feature party (no label column) of FATE's breast_hetero."""
+    fate = Path(__file__).resolve().parents[2] / "shared" / "data" / "fate"
+    private = tmp_path / "sock"
+    private.mkdir(mode=0o700)
+    specs = []
+    for name, table in (("bank", "breast_hetero_guest.csv"), ("partner", "breast_hetero_host.csv")):
+        party = cli_parties("--name", name, "--listen", f"ipc://{private}/{name}.sock", "--data",
+                            f"train={fate / table}", "--id-column", "id", "--label", "y", "--policy", "open",
+                            "--threads", "1", "--dir", str(tmp_path / name))
+        specs.append({"name": name, "endpoint": party.wait_listening()})
+    with fednb.connect(specs, timeout=20) as fed:
+        assert {row.name: (row.status, row.examples) for row in fed.status()} == {
+            "bank": ("online", 569), "partner": ("online", 569)}  # every row: vertical parties split after PSI
+        described = {s["name"]: fed._connections.snapshot()[s["name"]]["info"]["datasets"] for s in specs}
+        assert described == {
+            "bank": {"train": {"examples": 569, "features": [10], "ids": True, "label": True, "classes": 2}},
+            "partner": {"train": {"examples": 569, "features": [20], "ids": True, "label": False}}}
+
+
 def test_party_cli_refuses_bad_data(tmp_path):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file")

@@ -238,23 +238,24 @@ def test_npz_round_trip(tmp_path) -> None:
     x = np.arange(24, dtype=np.float64).reshape(4, 2, 3)
     y = np.array([0, 1, 1, 0], dtype=np.int32)
     np.savez(tmp_path / "a.npz", x=x, y=y)
-    gx, gy = load_file(tmp_path / "a.npz")
-    assert gx.dtype == np.float32 and gx.shape == (4, 2, 3) and gy.dtype == np.int64
+    gx, gy, ids = load_file(tmp_path / "a.npz")
+    assert ids is None and gx.dtype == np.float32 and gx.shape == (4, 2, 3) and gy.dtype == np.int64
     np.testing.assert_array_equal(gx, x)
     np.testing.assert_array_equal(gy, y)
     np.savez_compressed(tmp_path / "r.npz", x=x.reshape(4, 6), target=np.array([0.5, 1, 2, 3]))
-    gx, gy = load_file(str(tmp_path / "r.npz"), label="target")
+    gx, gy, _ = load_file(str(tmp_path / "r.npz"), label="target")
     assert gx.shape == (4, 6) and gy.dtype == np.float32
 
 
 def test_csv_round_trip(tmp_path) -> None:
     path = tmp_path / "a.csv"
     path.write_text("age,label,bmi\n30,1,22.5\n41,0,30.1\n\n55,2,27\n")
-    x, y = load_file(path, label="label")
+    x, y, ids = load_file(path, label="label")
+    assert ids is None
     np.testing.assert_allclose(x, [[30, 22.5], [41, 30.1], [55, 27]], rtol=1e-6)
     assert x.dtype == np.float32 and y.dtype == np.int64 and y.tolist() == [1, 0, 2]
     path.write_text("a,target\n1,0.5\n2,1.5\n")
-    _, y = load_file(path, label="target")
+    _, y, _ = load_file(path, label="target")
     assert y.dtype == np.float32 and y.tolist() == [0.5, 1.5]
 
 

@@ -105,6 +105,20 @@ class PrivacyWarning:
 
 
 @dataclass(frozen=True)
+class VerticalProgress:
+    """A vertical federation moved on: ``stage`` is "aligned", "epoch" (of ``model``) or "trained"."""
+
+    stage: str
+    message: str
+    model: str = ""
+    epoch: int = 0
+    epochs: int = 0
+    loss: float | None = None
+    seconds: float = 0.0
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class TrainingFinished:
     rounds_done: int
     stopped: bool
@@ -112,7 +126,7 @@ class TrainingFinished:
 
 
 Event = Union[PartyStatus, TrainingStarted, RoundStarted, StageStarted, PartyDone, PartyDropped, RoundAggregated,
-              RoundEvaluated, PrivacyUpdated, PrivacyWarning, TrainingFinished]
+              RoundEvaluated, PrivacyUpdated, PrivacyWarning, VerticalProgress, TrainingFinished]
 Subscriber = Callable[[Event], Any]
 
 

@@ -28,6 +28,7 @@ from fednb.federation.protocol import Stage, Steps, drive, gather
 from fednb.federation.rounds import Evaluation, RoundOutcome, evaluate_round, train_round
 from fednb.federation.secure import SecureAggregation, secure_round
 from fednb.federation.source import check_code, model_source
+from fednb.vertical.federation import Vertical
 from fednb.strategies import Strategy, get_strategy
 from fednb.tensors import load_arrays, state_arrays
 from fednb.wire import Message, new_id
@@ -392,6 +393,39 @@ class Federation:
         if now and self.training:
             self._abort.set()
             self._connections.cancel_all()
+
+    # -- vertical federations ------------------------------------------------------------------
+
+    def vertical(self, id_column: str = "id", label_party: str | None = None, *, parties: Iterable[str] | None = None,
+                 timeout: float | None = 600.0) -> Vertical:
+        """Align the parties' rows by private set intersection on their id columns; a :class:`~fednb.vertical.
+        federation.Vertical` to split, train (``train_logistic``), predict and evaluate on.
+
+        Each party's table carries ids (``fednb party --id-column``; ``id_column`` names the column this
+        federation expects, checked against what each party said); ``label_party`` holds the labels."""
+        chosen = self._choose(parties)
+        if label_party not in chosen:
+            raise ValueError(f"label_party must be one of the parties ({', '.join(chosen)}), got {label_party!r}")
+        if len(chosen) < 2:
+            raise ValueError("a vertical federation needs the label party and at least one feature party")
+        rows = {row.name: row for row in self.status()}
+        for party in chosen:
+            link = self._connections.snapshot()[party]
+            train = link["info"].get("datasets", {}).get("train", {})
+            if rows[party].status != "online":
+                raise FederationError(f"{party} is {rows[party].status}")
+            if not train.get("ids"):
+                raise ValueError(f"{party}'s training table has no id column: start it with --id-column {id_column}")
+        if not rows[label_party] or not self._connections.snapshot()[label_party]["info"].get(
+                "datasets", {}).get("train", {}).get("label"):
+            raise ValueError(f"{label_party} holds no label column (start it with --label)")
+        self._claim()
+        try:
+            vfl = Vertical(self, chosen, label_party, timeout=timeout)
+            vfl.align()
+        finally:
+            self._busy.release()
+        return vfl
 
     # -- evaluation and cells -------------------------------------------------------------------
 

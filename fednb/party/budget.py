@@ -58,6 +58,8 @@ class Budget:
         if message.type == "run":
             return self._refuse("a cell run on the training data cannot be accounted against its privacy budget; "
                                 "it runs only evaluations and DP training"), None, None
+        if message.type == "vertical" and message.content["step"] == "lr.start":
+            return self._refuse("vertical training is not accounted against a privacy budget"), None, None
         if message.type != "train":
             return None, None, None
         content = message.content

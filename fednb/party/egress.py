@@ -48,6 +48,7 @@ from fednb.privacy.secagg import SEALED, SHARE
 from fednb.tensors import check_update
 from fednb.wire import MAX_METRICS, Message, check_metrics
 from fednb.wire.values import pack_value, unpack_value
+from fednb.party.vertical_egress import Blocked, VerticalGuard
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,7 @@ class Guard:
         self.rules = rules or EgressRules()
         self.datasets = datasets
         self._rows: RowIndex | None = None
+        self._vertical_rules: VerticalGuard | None = None
         info = datasets.describe()
         self._sizes = {name: int(split["examples"]) for name, split in info.items()}
 
@@ -278,7 +280,20 @@ class Guard:
             return request.reply("result", out), ""
         if request.type == "run":
             return self._run(request, reply)
+        if request.type == "vertical":
+            return self._vertical(request, reply), ""
         raise EgressBlocked(f"no rule lets a reply to {request.type!r} out")
+
+    def _vertical(self, request: Message, reply: Message) -> Message:
+        if self._vertical_rules is None:
+            train = self.datasets["train"]
+            self._vertical_rules = VerticalGuard(len(train.x), int(np.prod(train.x.shape[1:])))
+        try:
+            content, arrays = self._vertical_rules.reply(request, reply)
+        except (Blocked, ValueError, KeyError, IndexError, TypeError) as exc:
+            raise EgressBlocked(f"vertical step {request.content.get('step')}: {exc}") from None
+        return request.reply("result", {"vertical": content, "seconds": _seconds(reply.content.get("seconds"))},
+                             arrays)
 
     @staticmethod
     def _private(dp: Any, request: Message, reply: Message) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from fednb.party.directory import open_directory
 from fednb.party.egress import EgressBlocked, EgressRules, Guard
 from fednb.party.policy import GUARDED, Decision, RequestCode, Verdict, check_policy, decide, request_code
 from fednb.wire import Message, check_content
+from fednb.wire.vertical import RETURNS, STEPS
 
 MIN_AGGREGATE = 3  # the fewest parties whose sum a party takes part in (``--min-aggregate``)
 
@@ -120,7 +121,7 @@ class Gate:
                 if dp_budget is not None:  # LedgerError when the ledger does not verify against the log
                     train = datasets.splits.get("train")
                     self.budget = Budget(party, self.directory, *dp_budget,
-                                         train_examples=len(train.y) if train is not None else 0,
+                                         train_examples=len(train.x) if train is not None else 0,
                                          audited_head=self.audit.privacy_head)
             except BaseException:
                 self.close()
@@ -190,6 +191,12 @@ class Gate:
             if refusal is not None:
                 ticket.decision = refusal
                 return refusal
+        if message.type == "vertical" and self.guarded and message.content["step"] == "lr.start" and \
+                not (message.content["request"].get("config") or {}).get("encrypted", True):
+            ticket.decision = Decision(Verdict.REFUSE, f"{self.party} trains hetero logistic regression encrypted "
+                                                       "only (its plaintext mode would let scores of training rows "
+                                                       "out)")
+            return ticket.decision
         standing = self.approvals.standing(code.hash) if self.approvals is not None else "unknown"
         ticket.decision = decision = decide(self.policy, standing, self.party, code)
         if self.approvals is not None and standing == "unknown" and decision.verdict is not Verdict.RUN and not again:
@@ -258,6 +265,8 @@ class Gate:
                     "in the clear")
         if message.type == "evaluate":
             return "the example count and scalar metrics (loss, accuracy) of the model on the test split"
+        if message.type == "vertical":
+            return RETURNS[STEPS[message.content["step"]]]
         return (f"numbers, or lists/dicts/arrays of numbers (at most {rules.max_values:,} values; counts from 1 to "
                 f"{rules.min_group - 1} suppressed); no strings, no raw rows")
 

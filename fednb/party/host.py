@@ -7,12 +7,18 @@ closes (the coordinator closed the federation, exited, or its kernel was killed)
 every party it forked, by PID, and exits. Each party also dies with the host
 (``PR_SET_PDEATHSIG``), so no process outlives the coordinator.
 
+With ``--data NAME=FILE`` (once per party) each party serves its own file instead of a
+partition of a bundled dataset: a horizontal party's table (features and a ``--label``,
+``--test-fraction`` of it held out), or, with ``--id-column``, a vertical federation's
+(row ids; the label only where the file has that column). Every file is read before any
+party starts: a file that cannot be used stops the simulation with the file's error.
+
 With ``--dp-epsilon`` every party has a privacy budget and a party directory of its own,
 ``DIR/NAME/`` (mode 0700), for its ledger and audit log; ``DIR`` goes with the simulation.
 
 Protocol: one JSON line on stdout once every party listens,
 ``{"host": pid, "parties": [{"name", "endpoint", "public_key", "pid"}, …]}``, or
-``{"error": "…"}``.
+``{"error": "…"}`` (with ``"data": true`` when a party's file is at fault).
 """
 
 from __future__ import annotations
@@ -46,7 +52,11 @@ def _die_with_parent() -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fednb.party.host")
     parser.add_argument("--dir", required=True)
-    parser.add_argument("--n", type=int, required=True)
+    parser.add_argument("--n", type=int, default=None, help="parties on a bundled dataset (without --data)")
+    parser.add_argument("--data", action="append", default=[], metavar="NAME=FILE",
+                        help="one party named NAME on its own .npz or .csv file (repeated: one per party)")
+    parser.add_argument("--id-column", default=None, help="with --data: the id column of vertical tables")
+    parser.add_argument("--label", default=None, help="with --data: the label column (or .npz array)")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--partition", default="dirichlet")
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -66,24 +76,50 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) -> None:
+def _party_data(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(name, Datasets) of every party: partitions of a bundled dataset, or each ``--data`` file.
+
+    DataError (naming the file) for a file that cannot be used.
+    """
+    from fednb.errors import DataError
+    from fednb.party import Datasets, Split
+
+    if not args.data:
+        from fednb.data import federated_split, load_dataset
+
+        parts = federated_split(load_dataset(args.dataset, seed=args.seed), args.n, args.partition, alpha=args.alpha,
+                                shards_per_party=args.shards, seed=args.seed, test_fraction=args.test_fraction)
+        return [(part.name, Datasets({"train": Split(part.x_train, part.y_train),
+                                      "test": Split(part.x_test, part.y_test)})) for part in parts]
+    parties = []
+    for entry in args.data:
+        name, _, path = entry.partition("=")
+        parties.append((name, Datasets.from_files({"train": path}, label=args.label, id_column=args.id_column,
+                                                  holdout=args.test_fraction, seed=args.seed)))
+    if args.id_column is not None and args.label is not None and \
+            not any(datasets["train"].y is not None for _, datasets in parties):
+        raise DataError(f"no party's file has the label column {args.label!r}: a vertical federation needs its "
+                        "labels at one party")
+    return parties
+
+
+def _party_main(index: int, name: str, datasets: Any, args: argparse.Namespace, ready_fd: int) -> None:
     """A forked party: serve until SIGTERM, report readiness through ``ready_fd``."""
     _die_with_parent()
     import torch
 
-    from fednb.party import Datasets, PartyServer, Split
+    from fednb.party import PartyServer
     from fednb.party.directory import open_directory
     from fednb.transport import AllowList, generate
 
     torch.set_num_threads(max(1, args.threads))
     keypair = generate() if args.authorized else None
     allow = AllowList(keys={args.authorized.encode(): "coordinator"}) if args.authorized else None
-    datasets = Datasets({"train": Split(part.x_train, part.y_train), "test": Split(part.x_test, part.y_test)})
-    endpoint = "tcp://127.0.0.1:*" if args.tcp else f"ipc://{args.dir}/{part.name}.sock"
+    endpoint = "tcp://127.0.0.1:*" if args.tcp else f"ipc://{args.dir}/{name}.sock"
     # a budget is kept in a ledger, and a ledger in the party's own directory (its audit log goes there too)
-    directory = open_directory(os.path.join(args.dir, part.name), create=True) if args.dp_epsilon is not None else None
+    directory = open_directory(os.path.join(args.dir, name), create=True) if args.dp_epsilon is not None else None
     # The coordinator and every party are the local user: code is auto-approved ("simulation").
-    server = PartyServer(part.name, endpoint, datasets, keypair=keypair, allow=allow, policy="simulation",
+    server = PartyServer(name, endpoint, datasets, keypair=keypair, allow=allow, policy="simulation",
                          directory=directory, threads=max(1, args.threads), heartbeat=args.heartbeat,
                          timeout=args.timeout, contained=args.contained,
                          require_secure_aggregation=args.require_secure_aggregation,
@@ -92,7 +128,7 @@ def _party_main(index: int, part: Any, args: argparse.Namespace, ready_fd: int) 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_ready(endpoint: str) -> None:
-        line = {"index": index, "name": part.name, "endpoint": endpoint, "pid": os.getpid(),
+        line = {"index": index, "name": name, "endpoint": endpoint, "pid": os.getpid(),
                 "public_key": keypair.public.decode() if keypair else None}
         os.write(ready_fd, (json.dumps(line) + "\n").encode())
         os.close(ready_fd)
@@ -145,27 +181,31 @@ def _host(args: argparse.Namespace) -> int:
     global _STARTUP_FAILED
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[{os.getpid()}] %(levelname)s %(message)s")
     _die_with_parent()
-    from fednb.data import federated_split, load_dataset
     import torch
     import torch._dynamo  # noqa: F401 - creating any optimizer imports it: 1.5 s, paid once here, not per party
 
     import fednb.party  # noqa: F401 - the party code, imported once before forking
+    from fednb.errors import DataError
 
-    parts = federated_split(load_dataset(args.dataset, seed=args.seed), args.n, args.partition, alpha=args.alpha,
-                            shards_per_party=args.shards, seed=args.seed, test_fraction=args.test_fraction)
+    try:
+        parts = _party_data(args)
+    except (DataError, ValueError) as exc:
+        _STARTUP_FAILED = True
+        print(json.dumps({"error": str(exc), "data": isinstance(exc, DataError)}), flush=True)
+        return 1
     ready_r, ready_w = os.pipe()
     children: dict[int, int] = {}
     sys.stdout.flush()
     sys.stderr.flush()
-    for index, part in enumerate(parts):
+    for index, (name, datasets) in enumerate(parts):
         pid = os.fork()
         if pid == 0:  # the party
             code = 0
             try:
                 os.close(ready_r)
-                _party_main(index, part, args, ready_w)
+                _party_main(index, name, datasets, args, ready_w)
             except BaseException:  # noqa: BLE001 - reported on stderr, then the child exits
-                log.exception("party %s failed", part.name)
+                log.exception("party %s failed", name)
                 code = 1
             finally:
                 os._exit(code)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fednb.party import training
 from fednb.party.datasets import Datasets, Split
 from fednb.party.execution import code_hash, describe_error, error_origin, run_cell
+from fednb.party.vertical import Vertical
 from fednb.privacy import RoundSetup, SecAggParty
 from fednb.privacy.dpfedavg import clip_update, clipped_bit, noise_rng
 from fednb.privacy.dpsgd import fit_private
@@ -93,6 +94,7 @@ class _Session:
         self.models: dict[str, torch.nn.Module] = {}
         self.kernel = kernel
         self.secure: _SecureRound | None = None
+        self.vertical: Vertical | None = None
 
 
 class Kernel:
@@ -111,8 +113,9 @@ class Kernel:
             # The party hands its data in read-only (see fednb.party.shared): torch warns that it
             # cannot mark a tensor so; a write to one faults the worker instead.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            # a feature party of a vertical federation holds no labels: its table is for vertical steps only
             self._tensors = {split: TensorDataset(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (s.x, s.y)))
-                             for split, s in datasets.splits.items()}
+                             for split, s in datasets.splits.items() if s.y is not None}
 
     def session(self, coordinator: str) -> _Session:
         with self._lock:
@@ -135,6 +138,10 @@ class Kernel:
                 content, arrays = self._evaluate(session, request)
             elif request.type == "run":
                 content, arrays = self._run(session, request)
+            elif request.type == "vertical":
+                if session.vertical is None:
+                    session.vertical = Vertical(self.name, self.datasets["train"])
+                content, arrays = session.vertical.handle(request.content, request.arrays)
             else:
                 raise ValueError(f"the kernel does not handle {request.type!r} requests")
         except Exception as exc:  # noqa: BLE001 - any failure of coordinator code becomes an error reply
@@ -172,6 +179,9 @@ class Kernel:
         return model
 
     def _loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+        if split not in self._tensors:
+            raise ValueError(f"{self.name}'s {split} table has no label column: it takes part in vertical "
+                             "federations only (fed.vertical(...))")
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(self._tensors[split], batch_size=batch_size, shuffle=shuffle, generator=generator)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fednb.party.execution import LOOP_NAME, LOOP_VERSION, code_hash
+from fednb.wire.vertical import STEPS
 
 #: Policies an owner may choose (``fednb party --policy``).
 POLICIES = ("review", "allowlist", "open")
@@ -68,7 +69,7 @@ def _hash(kind: str, model: str | None, cell: str | None, loop: str | None) -> s
 
 
 def request_code(type_: str, content: Mapping[str, Any]) -> RequestCode:
-    """The canonical code of a ``train``, ``evaluate`` or ``run`` request (content already checked).
+    """The canonical code of a ``train``, ``evaluate``, ``run`` or ``vertical`` request (content already checked).
 
     train:    model source + training cell, or model source + the built-in loop's name and version
     evaluate: model source + the built-in loop's name and version (its evaluation)
@@ -86,6 +87,12 @@ def request_code(type_: str, content: Mapping[str, Any]) -> RequestCode:
     if type_ == "run":
         cell = content["source"]
         return RequestCode(_hash("run", None, cell, None), "run", None, cell, None)
+    if type_ == "vertical":  # a built-in protocol: approved once by its versioned name, for all its steps
+        protocol = STEPS.get(content["step"])
+        if protocol is None:
+            raise ValueError(f"unknown vertical step {content['step']!r}")
+        loop = f"fednb vertical {protocol}"
+        return RequestCode(_hash("vertical", None, None, loop), "vertical", None, None, loop)
     raise ValueError(f"a {type_!r} request carries no code")
 
 

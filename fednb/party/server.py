@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["MAX_MESSAGE_BYTES", "POLICIES", "PartyServer", "serve"]
 
-WORK = frozenset({"train", "secagg", "evaluate", "run"})
+WORK = frozenset({"train", "secagg", "evaluate", "run", "vertical"})
 #: The largest message a party accepts by default (``fednb party --max-message-bytes``): a model
 #: of up to 256M float32 parameters (1 GiB of weights) with its header, as the default worker
 #: memory limit (4 GiB: weights, gradients and optimizer state) can train.

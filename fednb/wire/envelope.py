@@ -30,7 +30,7 @@ PROTOCOL_VERSION = 1
 
 MessageType = Literal[
     # coordinator -> party
-    "hello", "train", "secagg", "evaluate", "run", "cancel", "heartbeat",
+    "hello", "train", "secagg", "vertical", "evaluate", "run", "cancel", "heartbeat",
     # party -> coordinator
     "welcome", "result", "error", "status",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 from fednb.errors import WireError
 from fednb.wire.envelope import Message
 from fednb.wire.limits import MAX_METRICS
+from fednb.wire.vertical import STEPS
 
 MAX_SOURCE = 1024 * 1024  # bytes of code in one request
 MAX_TEXT = 64 * 1024  # error messages, tracebacks, details
@@ -46,6 +47,9 @@ _CONTENT: dict[str, _Spec] = {
     # relayed payload, for the round its ``train`` request opened
     "secagg": {"run": (str, True), "stage": (str, True), "request": (dict, True)},
     "evaluate": {"source": (str, True), "config": (dict, True)},
+    # one step of a built-in vertical protocol (fednb.party.vertical.STEPS): no code, the step's
+    # parameters, and its bulk data (blinded points, sealed or masked ciphertexts) as tensors
+    "vertical": {"run": (str, True), "step": (str, True), "request": (dict, True)},
     "run": {"source": (str, True)},
     "cancel": {"target": (str, True)},
     "result": {
@@ -57,6 +61,7 @@ _CONTENT: dict[str, _Spec] = {
         "secagg": (dict, False),  # a secure stage's answer (keys, shares, or unmasking shares)
         "privacy": (dict, False),  # a budget party's ε spent, budget and latest charges
         "dp": (dict, False),  # DP-FedAvg's adaptive clipping: {"clipped": 0 or 1}
+        "vertical": (dict, False),  # a vertical step's answer (counts, sizes, keys, metrics)
     },
     "error": {"error_type": (str, True), "message": (str, True), "traceback": (str, False)},
     "status": {"state": (str, True), "detail": (str, False)},
@@ -92,7 +97,7 @@ def check_content(message: Message) -> Message:
         limit = _LIMITS.get(name, MAX_NAME if isinstance(value, str) else None)
         if isinstance(value, str) and limit is not None and len(value) > limit:
             raise WireError(f"{message.type}: field {name!r} is longer than {limit} characters")
-    if message.type in ("train", "secagg") and not _RUN_ID.fullmatch(content["run"]):
+    if message.type in ("train", "secagg", "vertical") and not _RUN_ID.fullmatch(content["run"]):
         raise WireError(f"{message.type}: field 'run' must be a run id of 32 lowercase hex digits")
     if message.type == "train" and content.get("secagg") is not None:
         setup = content["secagg"]
@@ -100,6 +105,8 @@ def check_content(message: Message) -> Message:
                 or not isinstance(setup["config"], dict):
             raise WireError("train: field 'secagg' must be the round's setup (run, round, config, dimension) "
                             "of this run and round")
+    if message.type == "vertical" and content["step"] not in STEPS:
+        raise WireError(f"vertical: unknown step {content['step']!r}")
     if message.type == "secagg":
         if content["stage"] not in SECAGG_STAGES:
             raise WireError(f"secagg: field 'stage' must be one of {', '.join(SECAGG_STAGES)}")

@@ -1,0 +1,22 @@
+"""The steps of fednb's built-in vertical protocols, by the protocol whose approval covers them.
+
+A ``vertical`` request names one step; the party's owner approves a protocol (its name carries
+a version: a change to a protocol is a new name, approved anew), not each step. What each step
+does is in :mod:`fednb.party.vertical`.
+"""
+
+from __future__ import annotations
+
+PROTOCOLS: dict[str, tuple[str, ...]] = {
+    "psi/1": ("setup", "psi.blind", "psi.double", "psi.match", "psi.keep", "psi.restrict", "split"),
+    "hetero-lr/1": ("lr.start", "lr.forward", "lr.residual", "lr.gradient", "lr.finish", "lr.scores",
+                    "lr.evaluate"),
+}
+#: step → the protocol it belongs to
+STEPS: dict[str, str] = {step: protocol for protocol, steps in PROTOCOLS.items() for step in steps}
+#: What each protocol lets out, in the owner's words (the approval prompt).
+RETURNS = {
+    "psi/1": "its ids blinded on Curve25519 (never in the clear), counts, and which matched rows to keep",
+    "hetero-lr/1": "Paillier ciphertexts sealed for the other party, masked gradients, the loss in ciphertext, "
+                   "scores w·x of test rows only, and test metrics; no feature, label or weight",
+}
