@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,12 +24,13 @@ from fednb.federation.history import History, RoundRecord
 from fednb.federation.privacy import PrivacyBook, PrivacyReport
 from fednb.federation.private_run import PrivateRun
 from fednb.federation.protocol import Stage, Steps, drive, gather
+from fednb.federation.results import PartyInfo, PartyResults
 from fednb.federation.rounds import Evaluation, RoundOutcome, evaluate_round, train_round
 from fednb.federation.secure import SecureAggregation, secure_round
 from fednb.federation.source import check_code, model_source
-from fednb.vertical.federation import Vertical
 from fednb.strategies import Strategy, get_strategy
 from fednb.tensors import load_arrays, state_arrays
+from fednb.vertical.federation import Vertical, check_vertical
 from fednb.wire import Message, new_id
 from fednb.wire.config import check_config
 from fednb.wire.values import unpack_value
@@ -42,38 +42,6 @@ if TYPE_CHECKING:
     from fednb.privacy.dpsgd import DPSGD
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PartyInfo:
-    """One row of ``Federation.status()``."""
-
-    name: str
-    endpoint: str
-    status: str
-    examples: int | None
-    last_round: int | None
-    last_error: str
-    #: Seconds since the party was last heard from (heartbeats included); None if never.
-    silent_for: float | None = None
-    #: How the party contains coordinator code, as it said: "full" (no network, only its
-    #: datasets), "weak" (limits only), "none" (a simulation's own process), or "unknown".
-    containment: str = "unknown"
-    #: The party's privacy budget as it last reported it (ε spent, budget, remaining, δ, latest
-    #: charges); None where its owner set none.
-    privacy: dict[str, Any] | None = None
-
-
-class PartyResults(dict):  # type: ignore[type-arg]
-    """``Federation.run`` results: party name → returned value, or the :class:`PartyError` it raised."""
-
-    @property
-    def errors(self) -> dict[str, PartyError]:
-        return {name: value for name, value in self.items() if isinstance(value, PartyError)}
-
-    @property
-    def ok(self) -> dict[str, Any]:
-        return {name: value for name, value in self.items() if not isinstance(value, PartyError)}
 
 
 class Federation:
@@ -404,24 +372,10 @@ class Federation:
         Each party's table carries ids (``fednb party --id-column``; ``id_column`` names the column this
         federation expects, checked against what each party said); ``label_party`` holds the labels."""
         chosen = self._choose(parties)
-        if label_party not in chosen:
-            raise ValueError(f"label_party must be one of the parties ({', '.join(chosen)}), got {label_party!r}")
-        if len(chosen) < 2:
-            raise ValueError("a vertical federation needs the label party and at least one feature party")
-        rows = {row.name: row for row in self.status()}
-        for party in chosen:
-            link = self._connections.snapshot()[party]
-            train = link["info"].get("datasets", {}).get("train", {})
-            if rows[party].status != "online":
-                raise FederationError(f"{party} is {rows[party].status}")
-            if not train.get("ids"):
-                raise ValueError(f"{party}'s training table has no id column: start it with --id-column {id_column}")
-        if not rows[label_party] or not self._connections.snapshot()[label_party]["info"].get(
-                "datasets", {}).get("train", {}).get("label"):
-            raise ValueError(f"{label_party} holds no label column (start it with --label)")
+        check_vertical(self.status(), self._connections.snapshot(), chosen, label_party, id_column)
         self._claim()
         try:
-            vfl = Vertical(self, chosen, label_party, timeout=timeout)
+            vfl = Vertical(self, chosen, str(label_party), timeout=timeout)
             vfl.align()
         finally:
             self._busy.release()

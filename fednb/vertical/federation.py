@@ -51,6 +51,24 @@ class LogisticModel:
     view: list[tuple[str, str, int]] = field(default_factory=list)  # what the coordinator decrypted: (kind, party, count)
 
 
+def check_vertical(status: Sequence[Any], links: Mapping[str, Any], chosen: Sequence[str], label_party: str | None,
+                   id_column: str) -> None:
+    """ValueError (FederationError for an offline party) when these parties cannot form a vertical federation."""
+    if label_party is None or label_party not in chosen:
+        raise ValueError(f"label_party must be one of the parties ({', '.join(chosen)}), got {label_party!r}")
+    if len(chosen) < 2:
+        raise ValueError("a vertical federation needs the label party and at least one feature party")
+    rows = {row.name: row for row in status}
+    for party in chosen:
+        train = links[party]["info"].get("datasets", {}).get("train", {})
+        if rows[party].status != "online":
+            raise FederationError(f"{party} is {rows[party].status}")
+        if not train.get("ids"):
+            raise ValueError(f"{party}'s training table has no id column: start it with --id-column {id_column}")
+    if not links[label_party]["info"].get("datasets", {}).get("train", {}).get("label"):
+        raise ValueError(f"{label_party} holds no label column (start it with --label)")
+
+
 class Vertical:
     """An aligned vertical federation (see the module docstring). ``size`` is the intersection's."""
 
