@@ -54,14 +54,17 @@ def no_arguments(name: str, line: str) -> None:
 
 
 @contextmanager
-def usage_errors(magic: Callable[..., Any] | None = None) -> Iterator[None]:
+def usage_errors(magic: Callable[..., Any] | None = None, words: dict[str, str] | None = None) -> Iterator[None]:
     """Turn the API's errors for bad input into one-line UsageErrors, in the magic's words:
-    an API keyword the message names (``key=``) becomes the magic's option (``--key``)."""
+    an API keyword the message names (``key=``) becomes the magic's option (``--key``), and so
+    does each of ``words`` (``{"label_party": "--label-party"}``) wherever the message names it."""
     try:
         yield
     except (ValueError, FednbError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UsageError(_option_names(magic, message)) from None
+        message = _option_names(magic, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        for word, flag in (words or {}).items():
+            message = re.sub(rf"(?<![-\w]){re.escape(word)}\b", flag, message)
+        raise UsageError(message) from None
 
 
 def _option_names(magic: Callable[..., Any] | None, message: str) -> str:
@@ -71,6 +74,15 @@ def _option_names(magic: Callable[..., Any] | None, message: str) -> str:
         if flags:  # "pass key= (...)" -> "pass --key (...)"; a value after the "=" is left as it is
             message = re.sub(rf"\b{re.escape(action.dest)}=(?=[\s),;]|$)", flags[0], message)
     return message
+
+
+def budget(epsilon: float | None, delta: float | None) -> dict[str, Any]:
+    """``--dp-epsilon E [--dp-delta D]`` as ``dp_epsilon=``/``dp_delta=`` keywords (none without a budget)."""
+    if epsilon is None:
+        if delta is not None:
+            raise UsageError("--dp-delta applies to a privacy budget: add --dp-epsilon E")
+        return {}
+    return {"dp_epsilon": epsilon, **({} if delta is None else {"dp_delta": delta})}
 
 
 def parties(text: str | None) -> list[str] | None:
@@ -143,11 +155,72 @@ def differential_privacy(*, noise: float | None, epsilon: float | None, clip: fl
     return _in_flags(lambda: DPSGD(noise_multiplier=noise, target_epsilon=epsilon, **settings))
 
 
-def _in_flags(build: Callable[[], Any]) -> Any:
+def _in_flags(build: Callable[[], Any], flags: dict[str, str] = DP_FLAGS) -> Any:
     """``build()``, its ValueError a UsageError that names the flags instead of the fields."""
     try:
         return build()
     except ValueError as exc:
-        names = "|".join(DP_FLAGS)
-        message = re.sub(rf"(?<![-\w])({names})\b", lambda m: DP_FLAGS[m.group(1)], str(exc).splitlines()[0])
+        names = "|".join(flags)
+        message = re.sub(rf"(?<![-\w])({names})\b", lambda m: flags[m.group(1)], str(exc).splitlines()[0])
         raise UsageError(message) from None
+
+
+# -- vertical learning (%fed_sim --data, %fed_vtrain) ---------------------------------------------
+
+def simulation_source(args: Any) -> dict[str, Any]:
+    """``%fed_sim``'s N parties on a bundled dataset, or its ``--data`` tables, as ``simulate``'s keywords."""
+    if args.data:
+        if args.n is not None or args.dataset or args.partition or args.alpha != 0.5:
+            raise UsageError("--data starts one party per table: leave out N, --dataset, --partition and --alpha")
+        return {"data": party_tables(args.data), "id_column": args.id_column, "label": args.label}
+    if args.n is None:
+        raise UsageError("give the number of parties (%fed_sim 4) or each party's table (--data NAME=FILE)")
+    if args.id_column is not None or args.label is not None:
+        raise UsageError("--id-column and --label describe the tables of --data NAME=FILE")
+    return {"n": args.n, "dataset": args.dataset or "digits", "partition": args.partition or "dirichlet",
+            "alpha": args.alpha}
+
+
+def party_tables(specs: list[str]) -> dict[str, str]:
+    """``--data NAME=FILE`` (repeated) as ``simulate``'s ``data=``: {party name: file}."""
+    tables: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.strip("'\"").partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--data expects NAME=FILE (a party and its table), got {spec!r}")
+        if name in tables:
+            raise UsageError(f"--data names party {name!r} twice")
+        tables[name] = path
+    return tables
+
+
+def class_labels(text: str | None) -> list[int] | None:
+    """``--classes 0,1,2,3`` as a list of distinct integers (None: a binary model)."""
+    if text is None:
+        return None
+    try:
+        labels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--classes expects comma-separated integer class labels, got {text!r}") from None
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise UsageError(f"--classes needs at least two distinct class labels, got {text!r}")
+    return labels
+
+
+#: ``LogisticConfig``'s and ``PaillierConfig``'s field names as ``%fed_vtrain`` spells them, for their errors.
+LOGISTIC_FLAGS = {"epochs": "--epochs", "lr": "--lr", "batch_size": "--batch-size", "l2": "--l2",
+                  "optimizer": "--optimizer", "key_bits": "--key-bits"}
+
+
+def logistic_options(*, epochs: int, lr: float, batch_size: int, l2: float, optimizer: str, key_bits: int,
+                     plaintext: bool, classes: list[int] | None, seed: int) -> dict[str, Any]:
+    """``%fed_vtrain logistic``'s flags as ``Vertical.train_logistic``'s keywords, checked as the API checks
+    them (before anything is shown or sent), its errors in the flags' names."""
+    from fednb.privacy.paillier import PaillierConfig
+    from fednb.vertical.logistic import LogisticConfig
+
+    _in_flags(lambda: LogisticConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2, optimizer=optimizer,  # type: ignore[arg-type]
+                                     encrypted=not plaintext, paillier=PaillierConfig(key_bits=key_bits), seed=seed),
+              LOGISTIC_FLAGS)
+    return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2, "optimizer": optimizer,
+            "key_bits": key_bits, "encrypted": not plaintext, "classes": classes, "seed": seed}

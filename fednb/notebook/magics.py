@@ -11,6 +11,11 @@
     %fed_train --rounds 20 --dp-epsilon 3     # record-level DP-SGD, the whole run within ε = 3
     %fed_privacy                               # each party's ε spent against its budget
 
+    %fed_sim --data bank=guest.csv --data partner=host.csv --id-column id --label y
+    %fed_align --id-column id --label-party bank   # private set intersection: `vfl`
+    %fed_vtrain logistic --epochs 20 --key-bits 1024   # hetero logistic regression: `vmodel`
+    %fed_veval                                     # AUC, accuracy, KS and log-loss on the test rows
+
 Mistakes a user can make (bad arguments, no federation yet, a party error ending a round)
 become :class:`~IPython.core.error.UsageError`: one line, no traceback. A ``# comment`` may
 end any magic line. What the magics set up lives in the shell's
@@ -19,6 +24,7 @@ end any magic line. What the magics set up lives in the shell's
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -29,19 +35,14 @@ from IPython.display import display
 from fednb.federation import Federation
 from fednb.federation.background import TrainingRun
 from fednb.notebook.arguments import TRAIN_DEFAULTS as DEFAULTS
-from fednb.notebook.arguments import (differential_privacy, no_arguments, parse, parties, secure_aggregation,
-                                      usage_errors)
+from fednb.notebook.arguments import (budget, class_labels, differential_privacy, logistic_options, no_arguments,
+                                      parse, parties, secure_aggregation, simulation_source, usage_errors)
 from fednb.notebook.display import PartyOutputs, PrivacyView, evaluation_table, parties_table
 from fednb.notebook.session import Session
+from fednb.vertical.federation import LogisticModel, Vertical
 
-
-def _budget(epsilon: float | None, delta: float | None) -> dict[str, Any]:
-    """``--dp-epsilon E [--dp-delta D]`` as ``dp_epsilon=``/``dp_delta=`` keywords (none without a budget)."""
-    if epsilon is None:
-        if delta is not None:
-            raise UsageError("--dp-delta applies to a privacy budget: add --dp-epsilon E")
-        return {}
-    return {"dp_epsilon": epsilon, **({} if delta is None else {"dp_delta": delta})}
+#: What ``%fed_align`` calls the API's keywords in its errors.
+ALIGN_WORDS = {"label_party": "--label-party", "id_column": "--id-column", "test_fraction": "--test-fraction"}
 
 
 @magics_class
@@ -53,14 +54,21 @@ class FedMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.session = Session(shell)
+        self.vertical: Vertical | None = None  # the last %fed_align's, while its federation is the session's
+        self.session.subscribe(self._forget_vertical)
 
     # -- the federation ---------------------------------------------------------------------
 
     @magic_arguments()
-    @argument("n", type=int, help="number of party processes")
-    @argument("--dataset", default="digits", help="bundled dataset: digits, breast_cancer or synthetic")
-    @argument("--partition", default="dirichlet", help="iid, dirichlet (label skew) or shards")
+    @argument("n", type=int, nargs="?", default=None, help="number of party processes (not with --data)")
+    @argument("--dataset", default=None, help="bundled dataset: digits (default), breast_cancer or synthetic")
+    @argument("--partition", default=None, help="iid, dirichlet (label skew; default) or shards")
     @argument("--alpha", type=float, default=0.5, help="Dirichlet concentration: smaller is more skewed")
+    @argument("--data", action="append", default=[], metavar="NAME=FILE",
+              help="instead of N: a party NAME serving its own table FILE (.csv or .npz); once per party")
+    @argument("--id-column", default=None,
+              help="with --data: the tables' id column, for a vertical federation (then %%fed_align)")
+    @argument("--label", default=None, help="with --data: the label column, in the tables that have it")
     @argument("--seed", type=int, default=0, help="seed of the data split")
     @argument("--secure", action="store_true", help="CURVE on the local sockets too")
     @argument("--contained", action="store_true", help="run party code in worker processes with limits, as real parties do")
@@ -69,14 +77,14 @@ class FedMagics(Magics):
     @argument("--dp-delta", type=float, default=None, help="with --dp-epsilon: the budget's δ (default 1e-5)")
     @line_magic
     def fed_sim(self, line: str) -> Any:
-        """Start N local party processes on a bundled dataset; they become this session's `fed`."""
+        """Start N local party processes on a bundled dataset, or one per --data table; they become this session's `fed`."""
         args = parse(self.fed_sim, line)
         import fednb
 
-        budget = _budget(args.dp_epsilon, args.dp_delta)
+        source, limits = simulation_source(args), budget(args.dp_epsilon, args.dp_delta)
         with usage_errors(self.fed_sim):
-            federation = fednb.simulate(args.n, dataset=args.dataset, partition=args.partition, alpha=args.alpha,
-                                        seed=args.seed, secure=args.secure, contained=args.contained, **budget)
+            federation = fednb.simulate(**source, seed=args.seed, secure=args.secure, contained=args.contained,
+                                        **limits)
         self.session.adopt(federation)
         return parties_table(federation.status())
 
@@ -129,14 +137,14 @@ class FedMagics(Magics):
             if not sep or split not in ("train", "test") or not path:
                 raise UsageError(f"--data expects train=FILE or test=FILE, got {spec!r}")
             data[split] = path
-        budget = _budget(args.dp_epsilon, args.dp_delta)
+        limits = budget(args.dp_epsilon, args.dp_delta)
         with usage_errors(self.fed_serve):
             server, widget = serve_in_notebook(args.name, args.listen, data, key=args.key,
                                                authorized_keys=args.authorized_keys, policy=args.policy,
                                                label=args.label, directory=args.dir, devices=tuple(args.device),
                                                allow_weak_containment=args.allow_weak_containment,
                                                require_secure_aggregation=args.require_secure_aggregation,
-                                               min_aggregate=args.min_aggregate, **budget)
+                                               min_aggregate=args.min_aggregate, **limits)
         self.session.served.append(server)
         from fednb.notebook.sidebar import show_approvals
 
@@ -354,7 +362,108 @@ class FedMagics(Magics):
                                              parties=parties(args.parties), loss=args.loss)
         return evaluation_table(evaluation)
 
+    # -- vertical learning: parties holding different columns of the same rows ----------------
+
+    @magic_arguments()
+    @argument("--id-column", default="id", help="the id column every party's table has (default: %(default)s)")
+    @argument("--label-party", required=True, help="the party that holds the label column")
+    @argument("--parties", default=None, help="comma-separated parties to align (default: all)")
+    @argument("--test-fraction", type=float, default=0.2, help="aligned rows held out for testing (default: %(default)s)")
+    @argument("--seed", type=int, default=0, help="seed of the train/test split, shared by the parties")
+    @argument("--timeout", type=float, default=600.0, help="seconds to wait for the parties at each step")
+    @line_magic
+    def fed_align(self, line: str) -> Any:
+        """Align the parties' rows by private set intersection on their ids and split them; binds `vfl`."""
+        args = parse(self.fed_align, line)
+        federation = self._require()
+        if self.session.is_training:
+            raise UsageError("training is already running; %fed_stop ends it")
+        if not 0 < args.test_fraction < 1:
+            raise UsageError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}")
+        started = time.perf_counter()
+        with usage_errors(self.fed_align, ALIGN_WORDS):
+            vfl = federation.vertical(id_column=args.id_column, label_party=args.label_party,
+                                      parties=parties(args.parties), timeout=args.timeout)
+            split = vfl.split(test_fraction=args.test_fraction, seed=args.seed)
+        self.vertical = self.shell.user_ns["vfl"] = vfl
+        from fednb.notebook.vertical_view import alignment_table  # widgets' imports only where they are used
+
+        print(f"vfl: {vfl.size} rows in common, found by private set intersection in "
+              f"{time.perf_counter() - started:.1f} s; train {split['train']}, test {split['test']} (seed {args.seed})")
+        return alignment_table(vfl)
+
+    @magic_arguments()
+    @argument("algorithm", choices=["logistic"], help="the model: logistic (hetero logistic regression)")
+    @argument("--epochs", type=int, default=20, help="passes over the training rows (default: %(default)s)")
+    @argument("--lr", type=float, default=0.15, help="learning rate (default: %(default)s)")
+    @argument("--batch-size", type=int, default=240, help="rows per batch (default: %(default)s)")
+    @argument("--l2", type=float, default=0.01, help="L2 regularisation λ (default: %(default)s)")
+    @argument("--optimizer", default="sgd", help="sgd or rmsprop (default: %(default)s)")
+    @argument("--key-bits", type=int, default=2048, help="the coordinator's Paillier key: 1024, 2048 or 3072 bits "
+                                                         "(default: %(default)s)")
+    @argument("--classes", default=None, help="comma-separated class labels: one-vs-rest, one model per class")
+    @argument("--plaintext", action="store_true", help="no encryption: the baseline (parties that guard their "
+                                                        "data refuse it; a simulation allows it)")
+    @argument("--seed", type=int, default=0, help="seed of the batches (default: %(default)s)")
+    @argument("--name", default="vmodel", help="the variable the trained model is bound to (default: %(default)s)")
+    @line_magic
+    def fed_vtrain(self, line: str) -> None:
+        """Train a model across the aligned parties of `vfl` (%fed_align), with live progress; binds `vmodel`."""
+        args = parse(self.fed_vtrain, line)
+        vfl = self._vertical()
+        if not args.name.isidentifier():
+            raise UsageError(f"--name must be a variable name, got {args.name!r}")
+        if self.session.is_training:
+            raise UsageError("training is already running; %fed_stop ends it")
+        settings = logistic_options(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, l2=args.l2,
+                                    optimizer=args.optimizer, key_bits=args.key_bits, plaintext=args.plaintext,
+                                    classes=class_labels(args.classes), seed=args.seed)
+        from fednb.notebook.vertical_view import Following
+
+        view = Following(self.shell, vfl, settings)
+        try:
+            with usage_errors(self.fed_vtrain):
+                model = vfl.train_logistic(**settings)
+        except BaseException as exc:
+            view.failed(exc)
+            raise
+        self.shell.user_ns[args.name] = model
+        view.trained(model, vfl)
+        print(view.summary(args.name, model))
+
+    @magic_arguments()
+    @argument("--model", default="vmodel", help="the notebook variable holding the model (default: %(default)s)")
+    @line_magic
+    def fed_veval(self, line: str) -> Any:
+        """The model's AUC, accuracy, KS and log-loss on the aligned test rows, scored by the label party."""
+        args = parse(self.fed_veval, line)
+        vfl = self._vertical()
+        model = self.shell.user_ns.get(args.model)
+        if not isinstance(model, LogisticModel):
+            raise UsageError(f"no vertical model named `{args.model}`: train one with %fed_vtrain logistic")
+        with usage_errors(self.fed_veval):
+            metrics = vfl.evaluate(model)
+        from fednb.notebook.vertical_view import metrics_table
+
+        return metrics_table(metrics, model=args.model, test_rows=vfl.splits.get("test"))
+
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _vertical(self) -> Vertical:
+        """The notebook's `vfl` (or the last %fed_align's): an aligned vertical federation."""
+        vfl = self.shell.user_ns.get("vfl")
+        vfl = vfl if isinstance(vfl, Vertical) else self.vertical
+        if vfl is None:
+            raise UsageError("no aligned vertical federation yet: run %fed_align --label-party NAME first")
+        return vfl
+
+    def _forget_vertical(self) -> None:
+        """The session's federation changed: a vertical federation of the one before is gone with it."""
+        vfl = self.vertical
+        if vfl is not None and vfl.federation is not self.session.federation:
+            self.vertical = None
+            if self.shell.user_ns.get("vfl") is vfl:
+                del self.shell.user_ns["vfl"]
 
     def _require(self) -> Federation:
         if self.session.federation is None:
