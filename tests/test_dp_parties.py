@@ -200,10 +200,11 @@ def test_adaptive_clipping_moves_the_clip_toward_its_quantile(start_party, priva
                            contained=False) for i in range(3)]
     with fednb.connect([{"name": s.name, "endpoint": s.endpoint} for s in servers], heartbeat=0.2,
                        heartbeat_timeout=2.0) as fed:
-        # every update is far inside a clip of 50: the noised fraction within it is ≈ 1 > γ = 0.1 each round
-        dp = fednb.DPFedAvg(clip=50.0, noise_multiplier=0.5, adaptive=True, clipped_count_stddev=0.6,
-                            target_quantile=0.1, clip_learning_rate=0.5)
+        # every update is far outside a clip of 0.001: the noised fraction within it is ≈ 0 < γ = 0.9 each
+        # round (σ_b = 0.6 over 3 parties: ±0.2), so the clip grows geometrically toward the updates' norms
+        dp = fednb.DPFedAvg(clip=0.001, noise_multiplier=0.5, adaptive=True, clipped_count_stddev=0.6,
+                            target_quantile=0.9, clip_learning_rate=0.5)
         history = fed.train(build(), MLP, rounds=3, dp=dp, evaluate_every=0)
     clips = [record.privacy["clip"] for record in history]
-    assert clips[0] == 50.0 and clips[0] > clips[1] > clips[2], clips
+    assert clips[0] == 0.001 and clips[0] < clips[1] < clips[2], clips
     assert all(record.privacy["kind"] == "dpfedavg" for record in history)

@@ -221,8 +221,8 @@ def test_the_view_follows_epochs_and_ends_with_the_test_metrics(view: VerticalDa
     view.handle(VerticalProgress("aligned", "aligned", roles=ROLES))  # not an epoch: changes no curve
     view.handle(epoch("a1b2", 2, 0.39))
     assert view.state == "training"
-    assert view.models == [{"label": "", "history": [{"epoch": 1, "loss": 0.59, "seconds": 1.25},
-                                                     {"epoch": 2, "loss": 0.39, "seconds": 1.25}]}]
+    assert view.models == [{"label": "", "history": [{"epoch": 1, "loss": 0.59, "auc": None, "seconds": 1.25},
+                                                     {"epoch": 2, "loss": 0.39, "auc": None, "seconds": 1.25}]}]
     assert "2/3 epochs, epoch 2: loss 0.3900, 1.2 s" in view.summary_text()
     view.handle(epoch("a1b2", 3, 0.36))
     view.finished({"auc": 0.9958, "accuracy": 0.9737, "ks": 0.9474, "logloss": 0.2463})
@@ -230,7 +230,7 @@ def test_the_view_follows_epochs_and_ends_with_the_test_metrics(view: VerticalDa
     assert view.state == "done" and text.startswith("hetero logistic regression: done\nPaillier 1024 bits")
     assert "569 aligned rows (train 455, test 114)" in text
     assert "test split: AUC 0.9958, accuracy 0.9737, KS 0.9474, log-loss 0.2463" in text
-    assert "bank     label     569" in text and "3      0.3600  1.25" in text
+    assert "bank     label     569" in text and "3      0.3600  —         1.25" in text
     bundle, _ = view._repr_mimebundle_()
     assert WIDGET_VIEW in bundle and 'data-state="done"' in bundle["text/html"]
     assert "<td>features</td>" in bundle["text/html"]

@@ -79,6 +79,8 @@ def test_breast_hetero_lr_matches_scikit_learn_through_guarded_sandboxed_parties
     from sklearn.metrics import roc_auc_score
 
     with parties("breast") as fed:
+        epochs: list = []
+        fed.subscribe(lambda e: epochs.append(e) if getattr(e, "stage", "") == "epoch" else None)
         vfl = fed.vertical(id_column="id", label_party="bank")
         assert vfl.size == 569 and vfl.roles == {"bank": "label", "partner": "features"}
         assert vfl.split(0.2, seed=0) == {"train": 455, "test": 114}
@@ -91,6 +93,8 @@ def test_breast_hetero_lr_matches_scikit_learn_through_guarded_sandboxed_parties
     assert metrics["auc"] >= reference - 0.005, (metrics, reference)
     assert metrics["auc"] == pytest.approx(roc_auc_score(yt, scores), abs=1e-9)
     assert len(model.losses) == 20 and model.losses[-1] < model.losses[0]
+    # each epoch's model was scored on the test split by the label party: the dashboard's AUC per epoch
+    assert [e.epoch for e in epochs] == list(range(1, 21)) and epochs[-1].metrics["auc"] == pytest.approx(metrics["auc"])
     # the coordinator decrypted masked gradients (uniform mod n) and the loss, nothing else
     assert {kind for kind, _party, _count in model.view} == {"gradient", "loss"}
     # every step is in each party's audit log, covered by the protocol approvals

@@ -116,6 +116,8 @@ class VerticalProgress:
     loss: float | None = None
     seconds: float = 0.0
     roles: dict[str, str] = field(default_factory=dict)
+    #: the test split's AUC and accuracy after this epoch, as the label party scored them (binary models)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ function progressText(state) {
   const current = state.models[state.models.length - 1];
   if (current && state.labels.length > 1) parts.push(`${current.label} (${state.models.length} of ${state.labels.length})`);
   const last = current && current.history[current.history.length - 1];
-  if (last) parts.push(`epoch ${last.epoch}: loss ${fixed(last.loss, 4)}, ${fixed(last.seconds, 1)} s`);
+  if (last) parts.push(`epoch ${last.epoch}: loss ${fixed(last.loss, 4)}` +
+                       (isNumber(last.auc) ? `, test AUC ${fixed(last.auc, 4)}` : "") + `, ${fixed(last.seconds, 1)} s`);
   parts.push(`elapsed ${fixed(state.elapsed, 1)} s`);
   return { text: parts.join(" · "), fraction: total ? Math.min(done / total, 1) : 0 };
 }

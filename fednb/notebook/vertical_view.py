@@ -114,7 +114,7 @@ class VerticalDashboard(anywidget.AnyWidget):
             label = self.labels[index] if index < len(self.labels) else event.model
             models.append({"label": label, "history": []})
         models[index]["history"].append({"epoch": int(event.epoch), "loss": _number(event.loss),
-                                         "seconds": _number(event.seconds)})
+                                         "auc": _number(event.metrics.get("auc")), "seconds": _number(event.seconds)})
         self.models = models
 
     def finished(self, metrics: Mapping[str, Any] | None = None, *, note: str = "", error: str = "") -> None:
@@ -164,8 +164,9 @@ class VerticalDashboard(anywidget.AnyWidget):
             shown = model["history"][-SUMMARY_EPOCHS:]
             older = len(model["history"]) - len(shown)
             title = " ".join(filter(None, [model["label"], f"(last {len(shown)} epochs)" if older else ""]))
-            tables.append(Table(["epoch", "loss", "seconds"],
-                                [[h["epoch"], _fixed(h["loss"]), _fixed(h["seconds"], 2)] for h in shown], title=title))
+            tables.append(Table(["epoch", "loss", "test AUC", "seconds"],
+                                [[h["epoch"], _fixed(h["loss"]), _fixed(h.get("auc")), _fixed(h["seconds"], 2)]
+                                 for h in shown], title=title))
         return tables
 
     def summary_text(self) -> str:

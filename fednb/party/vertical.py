@@ -17,7 +17,7 @@ aligned rows, the split, each model's weights (they never leave this worker), th
     lr.forward      (feature party) update with the last batch's gradient, then [[u_h]] sealed for the label party
     lr.residual     (label party) update, then [[d]] sealed for each feature party, [[B·loss]], its masked gradient
     lr.gradient     (feature party) [[d]] sealed ──> its masked gradient [[X_hᵀ·d + r]]
-    lr.finish       the last batch's gradient ──> the model is trained
+    lr.finish       an epoch's last decrypted gradient ──> applied: the epoch's model can be scored
     lr.scores       u_p = X_p·w_p for test rows only
     lr.evaluate     (label party) Σ of the other parties' u for the test rows ──> AUC, accuracy, KS, loss
 

@@ -234,13 +234,18 @@ class Vertical:
                     loss = _decrypt_loss(private, public, _blob(answer, "loss"), config) / len(batch)
                     model.view.append(("loss", "", 1))
                     total += loss * len(batch)
+            # the epoch's last update is applied now, so that the epoch's model can be scored
+            self._step("lr.finish", self.parties, {"model": name},
+                       arrays={p: _carry(decrypted, p) for p in self.parties})
+            decrypted = {}
             model.losses.append(total / rows)
             model.seconds.append(time.perf_counter() - started)
-            self._say("epoch", f"{name}: epoch {epoch + 1}/{config.epochs}, loss {model.losses[-1]:.4f}, "
-                               f"{model.seconds[-1]:.1f} s", model=name, epoch=epoch + 1, epochs=config.epochs,
-                      loss=model.losses[-1] if config.loss else None, seconds=model.seconds[-1])
-        self._step("lr.finish", self.parties, {"model": name},
-                   arrays={p: _carry(decrypted, p) for p in self.parties})
+            scored = self._evaluate([name], None) if positive is None and self.splits.get("test") else {}
+            self._say("epoch", f"{name}: epoch {epoch + 1}/{config.epochs}, loss {model.losses[-1]:.4f}"
+                               + (f", test AUC {scored['auc']:.4f}" if "auc" in scored else "")
+                               + f", {model.seconds[-1]:.1f} s", model=name, epoch=epoch + 1, epochs=config.epochs,
+                      loss=model.losses[-1] if config.loss else None, seconds=model.seconds[-1],
+                      metrics={k: v for k, v in scored.items() if k in ("auc", "accuracy")})
 
     def _scores(self, name: str, positions: np.ndarray | None) -> dict[str, np.ndarray]:
         arrays = {p: ({"positions": positions} if positions is not None else {}) for p in self.parties}
@@ -261,13 +266,17 @@ class Vertical:
     def evaluate(self, model: LogisticModel) -> dict[str, float]:
         """Metrics on the test split, computed by the label party (which holds the labels) from its own scores
         and the sum of the others': AUC, accuracy, KS and log-loss; one-vs-rest: accuracy and mean AUC."""
+        return self._evaluate(model.models, model.classes)
+
+    def _evaluate(self, models: Sequence[str], classes: Sequence[int] | None) -> dict[str, float]:
         arrays = {}
-        for i, name in enumerate(model.models):
+        for i, name in enumerate(models):
             others = self._scores(name, None)
             others.pop(self.label_party, None)
             total = np.sum(list(others.values()), axis=0) if others else np.zeros(self.splits["test"])
             arrays[f"others.{i}"] = np.asarray(total, dtype=np.float64)
-        reply = self._step("lr.evaluate", [self.label_party], {"models": model.models, "classes": model.classes},
+        reply = self._step("lr.evaluate", [self.label_party], {"models": list(models),
+                                                               "classes": None if classes is None else list(classes)},
                            arrays={self.label_party: arrays})
         return {k: float(v) for k, v in self._answer(reply[self.label_party])["metrics"].items()}
 
