@@ -247,7 +247,7 @@ def test_the_view_draws_one_curve_per_class_and_says_why_there_are_no_metrics() 
         assert all(h["loss"] is None for m in widget.models for h in m["history"])
         text = widget.summary_text()
         assert "6/6 epochs, model 3/3 (class 2)" in text and "awaits approval at bank" in text
-        assert "class 2\nepoch  loss  seconds\n1      —     1.25" in text
+        assert "class 2\nepoch  loss  test AUC  seconds\n1      —     —         1.25" in text
     finally:
         widget.close()
 
