@@ -20,11 +20,11 @@ import fcntl
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fednb.atomic import write_atomic
 from fednb.errors import GateError
 
 MAX_FILE = 16 * 1024 * 1024  # bytes of one JSON file this package reads back
@@ -62,19 +62,8 @@ def locked(directory: Path) -> Iterator[None]:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Write ``value`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
-    data = json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n"
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    """Write ``value`` to ``path`` atomically (:func:`fednb.atomic.write_atomic`)."""
+    write_atomic(path, json.dumps(value, indent=1, sort_keys=True, allow_nan=False).encode() + b"\n")
 
 
 def read_json(path: Path) -> Any:

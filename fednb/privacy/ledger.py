@@ -36,11 +36,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fednb.atomic import write_atomic
 from fednb.errors import FednbError, GateError
 from fednb.privacy.accountant import KINDS, Mechanism, epsilon
 
@@ -185,27 +185,6 @@ def _mechanism(record: Mapping[str, Any]) -> Mechanism:
         raise ValueError(f"mechanism {record['mechanism']!r} is not one of {', '.join(KINDS)}")
     return Mechanism(kind=record["mechanism"], sampling_rate=record["sampling_rate"],
                      noise_multiplier=record["noise_multiplier"], steps=record["steps"])
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync the directory
-    (without the last fsync a crash could bring back the old directory entry, and the old ledger)."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 class Ledger:
@@ -400,7 +379,7 @@ class Ledger:
         record["hash"] = record_hash(record)
         line = _encode(record)
         try:
-            _write_atomic(self.path, self._data + line + b"\n")
+            write_atomic(self.path, self._data + line + b"\n")
         except OSError as exc:
             raise LedgerError(f"could not write the privacy ledger {self.path}: {exc}") from exc
         self._data += line + b"\n"
