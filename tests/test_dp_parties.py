@@ -14,22 +14,11 @@ from fednb.privacy.ledger import Ledger, ledger_path
 from fednb.tensors import state_arrays
 from tests.conftest import MLP, build
 from tests.test_dp_accounting import _variance_within_chi2_bounds
-from tests.test_gate import audit_lines
+from tests.test_gate import _connect, audit_lines, npz  # noqa: F401 - npz is a fixture
 
 WIDE = "import torch.nn as nn\nmodel = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))\n"
 DIGITS = "import torch.nn as nn\nmodel = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))\n"
 ROUNDS, EPOCHS = 5, 4  # the whole run: 20 epochs at each party, as the pooled anchor trains
-
-
-@pytest.fixture
-def npz(tmp_path, digits_parts):
-    path = tmp_path / "train.npz"
-    np.savez(path, x=digits_parts[0].x_train, y=digits_parts[0].y_train)
-    return path
-
-
-def _connect(endpoint: str):
-    return fednb.connect([{"name": "clinic", "endpoint": endpoint}], heartbeat=0.2, heartbeat_timeout=2.0, timeout=20)
 
 
 def _budget_party(cli_parties, npz, directory, private_dir, *extra: str):

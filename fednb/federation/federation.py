@@ -30,7 +30,6 @@ from fednb.federation.secure import SecureAggregation, secure_round
 from fednb.federation.source import check_code, model_source
 from fednb.strategies import Strategy, get_strategy
 from fednb.tensors import load_arrays, state_arrays
-from fednb.vertical.federation import Vertical, check_vertical
 from fednb.wire import Message, new_id
 from fednb.wire.config import check_config
 from fednb.wire.values import unpack_value
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
 
     from fednb.privacy.dpfedavg import DPFedAvg
     from fednb.privacy.dpsgd import DPSGD
+    from fednb.vertical.federation import Vertical
 
 log = logging.getLogger(__name__)
 
@@ -371,6 +371,8 @@ class Federation:
 
         Each party's table carries ids (``fednb party --id-column``; ``id_column`` names the column this
         federation expects, checked against what each party said); ``label_party`` holds the labels."""
+        from fednb.vertical.federation import Vertical, check_vertical  # it imports the federation's modules
+
         chosen = self._choose(parties)
         check_vertical(self.status(), self._connections.snapshot(), chosen, label_party, id_column)
         self._claim()

@@ -27,7 +27,7 @@ import numpy as np
 
 from fednb.errors import FederationError
 from fednb.federation.events import VerticalProgress
-from fednb.federation.protocol import Gathered, Stage, gather
+from fednb.federation.protocol import Stage, gather
 from fednb.privacy import paillier
 from fednb.privacy.psi import intersection_size
 from fednb.vertical.logistic import LogisticConfig, batches
@@ -93,14 +93,7 @@ class Vertical:
     def _step(self, step: str, parties: Sequence[str], request: Mapping[str, Any] | None = None, *,
               arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, Message]:
         """Send one step to ``parties`` (the same parameters, per-party arrays) and return every reply, or raise."""
-        content = {"run": self.run, "step": step, "request": dict(request or {})}
-        requests = {p: Message("vertical", content, arrays=dict((arrays or {}).get(p, {}))) for p in parties}
-        gathered: Gathered = gather(self.federation._connections,
-                                    Stage(step, tuple(parties), requests=requests, timeout=self.timeout))
-        if gathered.dropped:
-            reasons = "; ".join(f"{p}: {why}" for p, why in gathered.dropped.items())
-            raise FederationError(f"vertical step {step} failed: {reasons}")
-        return {p: reply for p, reply in gathered.replies.items() if reply is not None}
+        return self._per_party(step, {p: dict(request or {}) for p in parties}, arrays)
 
     def _per_party(self, step: str, requests: Mapping[str, Mapping[str, Any]],
                    arrays: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> dict[str, Message]:
