@@ -20,10 +20,10 @@ from fednb.privacy import psi
 
 
 def cpu_seconds(pool: object = None) -> float:
-    """CPU time of this process, and of the pool's worker processes (children of the forkserver, so read from /proc)."""
+    """CPU time of this process, and of the pool's worker processes (the pool's forked workers, read from /proc)."""
     t = os.times()
     total = t.user + t.system
-    for pid in getattr(pool, "_processes", None) or {}:
+    for pid in getattr(pool, "pids", ()):
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

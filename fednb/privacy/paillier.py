@@ -30,10 +30,9 @@ Parameters live in :class:`PaillierConfig`.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import gmpy2
@@ -41,6 +40,8 @@ import numpy as np
 from phe import paillier
 from phe.paillier import PaillierPrivateKey as PrivateKey
 from phe.paillier import PaillierPublicKey as PublicKey
+
+from fednb.privacy.pool import ForkPool, task
 
 KEY_BITS = (1024, 2048, 3072)
 
@@ -100,9 +101,12 @@ def generate_keypair(config: PaillierConfig) -> tuple[PublicKey, PrivateKey]:
     return blum(config.key_bits)
 
 
-def open_pool(config: PaillierConfig) -> ProcessPoolExecutor:
-    """Worker processes for exponentiations, to share over a training run (forkserver: clean copies, no sockets)."""
-    return ProcessPoolExecutor(max_workers=config.cores, mp_context=multiprocessing.get_context("forkserver"))
+def open_pool(config: PaillierConfig) -> ForkPool:
+    """``config.cores`` worker processes for exponentiations, to share over a training run (close it after).
+
+    Forked (:mod:`fednb.privacy.pool`): the work crosses as bytes and integers, never pickled.
+    """
+    return ForkPool(config.cores)
 
 
 # -- fixed point ------------------------------------------------------------------------------------
@@ -135,6 +139,7 @@ def decode(public_key: PublicKey, plaintexts: Sequence[int], scale: int) -> np.n
 
 # -- encryption -------------------------------------------------------------------------------------
 
+@task
 def _obfuscator_chunk(n_bytes: bytes, count: int) -> bytes:
     """``count`` values r^n mod n², with r from phe's CSPRNG; computed in a pool worker from the public n only."""
     n = int.from_bytes(n_bytes, "big")
@@ -248,6 +253,7 @@ def multipliers(values: np.ndarray, bits: int) -> np.ndarray:
     return np.rint(array * 2.0**bits).astype(np.int64)
 
 
+@task
 def _matvec_chunk(n2_bytes: bytes, width: int, cipher_bytes: bytes, matrix: bytes, columns: int) -> bytes:
     """Rows of Π_i c_i^K[j,i] mod n², by bits (Horner over the exponents' bits, all bases at once).
 

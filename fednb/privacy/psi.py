@@ -59,11 +59,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import multiprocessing
 import os
 import secrets
 from collections.abc import Iterable, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Literal
@@ -71,6 +70,8 @@ from typing import Literal
 import numpy as np
 from nacl._sodium import ffi, lib  # the raw libsodium calls: no per-call copies in the hot loops
 from nacl.bindings import crypto_core_ed25519_scalar_reduce
+
+from fednb.privacy.pool import ForkPool, task
 
 POINT = 32
 STAGES = ("blind", "double_blind", "intersect")
@@ -178,6 +179,7 @@ def _digest(id_: bytes) -> bytes:
 
 # -- the curve work, in chunks of bytes (what goes to a pool worker) ----------------------------
 
+@task
 def _hash_blind_chunk(group: str, secret: bytes, digests: bytes) -> bytes:
     """H(x)^a for each 64-byte digest in ``digests``; H(x) itself stays inside this function."""
     n = len(digests) // 64
@@ -202,6 +204,7 @@ def _hash_blind_chunk(group: str, secret: bytes, digests: bytes) -> bytes:
     return bytes(out)
 
 
+@task
 def _blind_chunk(group: str, secret: bytes, points: bytes) -> bytes:
     """P^a for each 32-byte point; ValueError at the first point libsodium refuses."""
     n = len(points) // POINT
@@ -216,14 +219,15 @@ def _blind_chunk(group: str, secret: bytes, points: bytes) -> bytes:
     return bytes(out)
 
 
-def open_pool(config: PSIConfig) -> ProcessPoolExecutor:
+def open_pool(config: PSIConfig) -> ForkPool:
     """A pool of ``config.cores`` worker processes for the curve work, to share between stages (close it after).
 
-    forkserver: the workers start from a clean server process, not as copies of this one (which
-    may hold sockets, threads and, in a simulation, the other party's data). The secret scalar
-    reaches them over a local pipe, never off this machine.
+    The workers are forked copies of this process (:mod:`fednb.privacy.pool`) in the same
+    sandbox, holding its memory and open files, and run only the chunk functions above; the
+    secret scalar and the chunks reach them as bytes over a local socket, never pickled and
+    never off this machine.
     """
-    return ProcessPoolExecutor(max_workers=config.cores, mp_context=multiprocessing.get_context("forkserver"))
+    return ForkPool(config.cores)
 
 
 def _run(config: PSIConfig, work: str, secret: bytes, data: bytes, width: int, pool: Executor | None) -> bytes:

@@ -1,0 +1,535 @@
+"""A process pool for the crypto work that speaks frames of its own: no pickle crosses its sockets.
+
+``concurrent.futures.ProcessPoolExecutor`` pickles the function and its arguments, which the
+project refuses everywhere (``tests/test_package.py``), and inside a party's sandboxed worker it
+cannot even pickle a function defined there. :class:`ForkPool` forks its workers instead, so
+that they hold the caller's code already: a call crosses a ``socketpair`` as the name a task was
+registered under (:func:`task`) and its arguments, a result comes back the same way, and only
+registered functions can run. A frame is a u64 length and a body of tagged values::
+
+    call    name, u32 count, that many values
+    reply   R value  |  E kind, type name, message        (kind: "ValueError", "TypeError" or "")
+    value   N                                             None
+            B | S | I, u64 length, data                   bytes, UTF-8 str, int (two's complement)
+            L | T, u32 count, that many of the above      list, tuple (one level deep)
+
+Anything else is refused with TypeError before it is sent: in the parent for arguments, in
+the worker for results.
+
+Fork safety: create a pool where forking is safe, as :func:`fednb.party.sandbox.can_fork` checks
+it: only the main thread running. Created while other threads run, it still forks (the children
+only run registered functions over bytes), but a lock another thread held at the fork stays
+held in every child, so a task that takes it (logging, an import) would hang. Linux kills the
+workers when the *thread* that created the pool ends (``PR_SET_PDEATHSIG``): create a pool in a
+thread that outlives it. Besides its workers a pool costs one thread (the dispatcher), which
+matters under a sandbox's ``RLIMIT_NPROC``.
+
+Failures: an exception in a task fails its future, ValueError and TypeError as themselves
+(callers rely on ValueError for bad input), any other as :class:`PoolError`; a worker that dies
+fails the future it was running with PoolError naming its pid and exit status, and the pool
+goes on with the others (submit raises PoolError once none are left).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import selectors
+import signal
+import socket
+import struct
+import threading
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeAlias, TypeVar
+
+from fednb.errors import FednbError
+
+#: Seconds a worker has to exit once its socket closes, before SIGKILL.
+GRACE = 5.0
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None)
+_U64, _U32 = struct.Struct(">Q"), struct.Struct(">I")
+#: Exceptions that come back as themselves (callers catch them); any other becomes PoolError.
+_SAME_TYPE: dict[str, type[Exception]] = {"ValueError": ValueError, "TypeError": TypeError}
+
+Scalar: TypeAlias = "bytes | str | int | None"
+Value: TypeAlias = "Scalar | list[Scalar] | tuple[Scalar, ...]"
+F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+#: The parent's ends of every pool's sockets: a new worker closes them all, so that a worker sees
+#: EOF when its own parent end closes, not only once every later worker has exited too.
+_PARENT_ENDS: set[socket.socket] = set()
+#: One pool forks at a time, so that no child inherits another pool's child end.
+_FORK_LOCK = threading.Lock()
+
+
+class PoolError(FednbError, RuntimeError):
+    """A task failed in a worker (other than with ValueError or TypeError), or the worker running it died."""
+
+
+def task(function: F) -> F:
+    """Register a module-level function to run in a :class:`ForkPool`, under ``module:qualname``; returns it as is.
+
+    Register at import time: a pool's workers know the functions registered when it forked.
+    """
+    name = _task_name(function)
+    if name is None or not callable(function):
+        raise TypeError(f"{function!r} is not a function that a pool can run")
+    if "<" in name:  # <locals>, <lambda>: two of them would share one name
+        raise ValueError(f"{name} is not a module-level function: only those can be pool tasks")
+    _REGISTRY[name] = function
+    return function
+
+
+def _task_name(function: object) -> str | None:
+    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", None)
+    return f"{module}:{qualname}" if isinstance(module, str) and isinstance(qualname, str) else None
+
+
+class ForkPool(Executor):
+    """``workers`` forked processes that run registered tasks, fed by one dispatcher thread.
+
+    ``map`` is Executor's (results in order). Use the pool as a context manager or call
+    :meth:`shutdown`; a pool dropped without either kills its workers.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, not {workers!r}")
+        self.workers = workers
+        with _FORK_LOCK:
+            self._tasks = dict(_REGISTRY)  # what the workers know
+            started = _fork_workers(workers)
+        self._dispatcher = _Dispatcher(started)  # its thread starts only now that every worker is forked
+        weakref.finalize(self, self._dispatcher.abandon)
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """The process ids of the workers the pool forked (dead ones included)."""
+        return tuple(worker.pid for worker in self._dispatcher.workers)
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        """Queue ``fn(*args)`` for the next idle worker.
+
+        TypeError for a function not registered before the pool started, or an argument frames cannot carry.
+        """
+        name = _task_name(fn)
+        if name is None or self._tasks.get(name) is not fn:
+            raise TypeError(f"{name or repr(fn)} is not a pool task: decorate it with @fednb.privacy.pool.task "
+                            "at module level, before the pool starts")
+        if kwargs:
+            raise TypeError(f"{name}: pool tasks take positional arguments only, not {', '.join(sorted(kwargs))}")
+        parts: list[bytes] = []
+        _encode(name, parts)
+        parts.append(_U32.pack(len(args)))
+        for index, value in enumerate(args):
+            try:
+                _encode(value, parts)
+            except TypeError as exc:
+                raise TypeError(f"{name}, argument {index}: {exc}") from None
+        return self._dispatcher.put(name, b"".join(parts))
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Finish the queued work (or cancel it), then close the sockets and reap every worker (SIGKILL after GRACE)."""
+        self._dispatcher.close(wait, cancel_futures)
+
+
+def open_pool(workers: int) -> ForkPool:
+    """A :class:`ForkPool` of ``workers`` processes (close it after, or use it in a ``with`` block)."""
+    return ForkPool(workers)
+
+
+# -- frames ---------------------------------------------------------------------------------------
+
+def _encode(value: object, parts: list[bytes], nested: bool = False) -> None:
+    """Append the tagged encoding of ``value`` to ``parts``; TypeError for what frames cannot carry."""
+    if value is None:
+        parts.append(b"N")
+    elif isinstance(value, bytes):
+        parts += (b"B", _U64.pack(len(value)), value)
+    elif isinstance(value, str):
+        data = value.encode("utf-8")
+        parts += (b"S", _U64.pack(len(data)), data)
+    elif isinstance(value, int) and not isinstance(value, bool):  # a bool would come back as an int
+        data = value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True)
+        parts += (b"I", _U64.pack(len(data)), data)
+    elif isinstance(value, (list, tuple)) and not nested:
+        parts += (b"L" if isinstance(value, list) else b"T", _U32.pack(len(value)))
+        for item in value:
+            _encode(item, parts, nested=True)
+    else:
+        also = "" if nested else ", or a list or tuple of those"
+        raise TypeError(f"a {type(value).__name__} cannot cross the pool: only bytes, str, int and None{also}")
+
+
+class _Reader:
+    """Reads the tagged values of one frame back, in order."""
+
+    def __init__(self, frame: bytearray) -> None:
+        self._view, self._at = memoryview(frame), 0
+
+    def take(self, size: int) -> memoryview:
+        if self._at + size > len(self._view):
+            raise ValueError("a truncated pool frame")
+        self._at += size
+        return self._view[self._at - size:self._at]
+
+    def count(self) -> int:
+        return int(_U32.unpack(self.take(4))[0])
+
+    def value(self, nested: bool = False) -> Value:
+        tag = bytes(self.take(1))
+        if tag == b"N":
+            return None
+        if tag in (b"L", b"T") and not nested:
+            items: list[Any] = [self.value(nested=True) for _ in range(self.count())]
+            return items if tag == b"L" else tuple(items)
+        if tag not in (b"B", b"S", b"I"):
+            raise ValueError(f"unknown tag {tag!r} in a pool frame")
+        data = self.take(_U64.unpack(self.take(8))[0])
+        if tag == b"B":
+            return bytes(data)
+        return str(data, "utf-8") if tag == b"S" else int.from_bytes(data, "big", signed=True)
+
+    def text(self) -> str:
+        value = self.value()
+        if not isinstance(value, str):
+            raise ValueError("a pool frame without the text it should hold")
+        return value
+
+
+def _send(sock: socket.socket, body: bytes) -> None:
+    sock.sendall(_U64.pack(len(body)), socket.MSG_NOSIGNAL)
+    sock.sendall(body, socket.MSG_NOSIGNAL)
+
+
+def _read_exact(sock: socket.socket, size: int) -> bytearray | None:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        read = sock.recv_into(view[got:])
+        if read == 0:
+            return None
+        got += read
+    return buffer
+
+
+def _read_frame(sock: socket.socket) -> bytearray | None:
+    """The next frame's body, or None once the other end has closed."""
+    header = _read_exact(sock, _U64.size)
+    return None if header is None else _read_exact(sock, _U64.unpack(header)[0])
+
+
+# -- the workers ----------------------------------------------------------------------------------
+
+def _fork_workers(count: int) -> list[_Worker]:
+    parent = os.getpid()
+    started: list[_Worker] = []
+    try:
+        for _ in range(count):
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            _PARENT_ENDS.add(ours)
+            try:
+                with warnings.catch_warnings():
+                    # Python ≥ 3.12 warns of forking while threads run: see "Fork safety" above
+                    warnings.filterwarnings("ignore", r".*fork\(\)", DeprecationWarning)
+                    pid = os.fork()
+            except OSError as exc:  # RLIMIT_NPROC, most likely
+                _PARENT_ENDS.discard(ours)
+                ours.close()
+                theirs.close()
+                raise PoolError(f"could not fork pool worker {len(started) + 1} of {count}: {exc}") from exc
+            if pid == 0:
+                code = 1
+                try:
+                    code = _serve(theirs, parent)
+                finally:
+                    os._exit(code)  # never back into the caller's code
+            theirs.close()
+            started.append(_Worker(pid, ours))
+    except BaseException:
+        for worker in started:
+            worker.close()
+            worker.kill()
+        raise
+    return started
+
+
+def _serve(sock: socket.socket, parent: int) -> int:
+    """A worker's loop: read a call, run the registered function, write its result or error; 0 at EOF."""
+    for end in list(_PARENT_ENDS):
+        end.close()
+    _FORK_LOCK.release()  # held by the pool that forked us, in this copy too: a task may start a pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which shuts the pool down
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # where it fails, EOF on the socket still ends us
+    if os.getppid() != parent:  # the parent died before prctl
+        return 1
+    while (frame := _read_frame(sock)) is not None:
+        try:
+            reader = _Reader(frame)
+            name = reader.text()
+            args = [reader.value() for _ in range(reader.count())]
+            result, parts = _REGISTRY[name](*args), [b"R"]
+            try:
+                _encode(result, parts)
+            except TypeError as exc:
+                raise TypeError(f"the result of {name}: {exc}") from None
+        except Exception as exc:  # the task's error goes back to its future; the worker serves on
+            kind = next((key for key, base in _SAME_TYPE.items() if isinstance(exc, base)), "")
+            message = str(exc).encode("utf-8", "backslashreplace").decode("utf-8")  # no lone surrogates
+            parts = [b"E"]
+            for text in (kind, type(exc).__name__, message):
+                _encode(text, parts)
+        _send(sock, b"".join(parts))
+    return 0
+
+
+def _outcome(frame: bytearray) -> tuple[Value, Exception | None]:
+    """A reply frame as (result, None) or (None, the exception to raise)."""
+    reader = _Reader(frame)
+    if bytes(reader.take(1)) == b"R":
+        return reader.value(), None
+    kind, type_name, message = reader.text(), reader.text(), reader.text()
+    if kind in _SAME_TYPE:
+        return None, _SAME_TYPE[kind](message if type_name == kind else f"{type_name}: {message}")
+    return None, PoolError(f"{type_name}: {message}")
+
+
+class _Worker:
+    """One forked worker: its pid, the parent's end of its socket, and its exit code once reaped."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid, self.sock = pid, sock
+        self.reaped = False
+        self.exitcode: int | None = None  # -N when killed by signal N; None until reaped, or if reaped elsewhere
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        _PARENT_ENDS.discard(self.sock)
+        self.sock.close()
+
+    def reap(self, deadline: float) -> None:
+        """Wait for the worker to exit until ``deadline`` (time.monotonic), then SIGKILL it."""
+        delay = 0.001
+        while True:
+            with self._lock:
+                if self.reaped:
+                    return
+                try:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid == 0 and time.monotonic() >= deadline:
+                        os.kill(self.pid, signal.SIGKILL)
+                        pid, status = os.waitpid(self.pid, 0)
+                except ChildProcessError:  # reaped by someone else (SIGCHLD ignored): its status is lost
+                    self.reaped = True
+                    return
+                if pid:
+                    self.reaped, self.exitcode = True, os.waitstatus_to_exitcode(status)
+                    return
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+
+    def kill(self) -> None:
+        self.reap(deadline=0.0)
+
+    def describe(self) -> str:
+        if self.exitcode is None:
+            return "exit status unknown"
+        if self.exitcode < 0:
+            return f"exit status {self.exitcode}, killed by {signal.Signals(-self.exitcode).name}"
+        return f"exit status {self.exitcode}"
+
+
+@dataclass(eq=False)
+class _Job:
+    future: Future[Any]
+    name: str
+    frame: bytes
+    running: bool = False  # set_running_or_notify_cancel was called (a job can go back to the queue)
+
+
+def _fail(job: _Job, error: Exception) -> None:
+    if job.running or job.future.set_running_or_notify_cancel():
+        job.future.set_exception(error)
+
+
+class _Dispatcher:
+    """The parent's side of a pool: queued jobs, idle and busy workers, and the one thread that moves them.
+
+    It holds no reference to its pool, so that a dropped pool is collected (and kills its
+    workers). Only its thread touches the sockets; futures are completed outside the lock.
+    """
+
+    def __init__(self, workers: list[_Worker]) -> None:
+        self.workers = tuple(workers)
+        self._lock = threading.Lock()
+        self._pending: deque[_Job] = deque()
+        self._idle = deque(workers)  # first in, first out: jobs go round the workers
+        self._busy: dict[_Worker, _Job] = {}
+        self._closing = self._abandoned = self._done = False
+        self._broken = ""  # why no more work can run: every worker died
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        for worker in workers:
+            self._selector.register(worker.sock, selectors.EVENT_READ, worker)
+        self._thread = threading.Thread(target=self._run, name="fednb-fork-pool", daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError as exc:  # no thread to spare (RLIMIT_NPROC)
+            self._finish()
+            raise PoolError(f"could not start the pool's dispatcher thread: {exc}") from exc
+
+    def put(self, name: str, frame: bytes) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("cannot submit to a pool after shutdown")
+            if self._broken or self._done:
+                raise PoolError(self._broken or "the pool's dispatcher has stopped")
+            self._pending.append(_Job(future, name, frame))
+            self._wake()
+        return future
+
+    def close(self, wait: bool, cancel_futures: bool) -> None:
+        cancelled: list[_Job] = []
+        with self._lock:
+            self._closing = True
+            if cancel_futures:
+                cancelled = [job for job in self._pending if not job.running]
+                self._pending = deque(job for job in self._pending if job.running)
+            if not self._done:
+                self._wake()
+        for job in cancelled:
+            job.future.cancel()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def abandon(self) -> None:
+        """The pool was dropped without shutdown: cancel its queue and kill its workers now."""
+        with self._lock:
+            if self._closing:
+                return
+            self._abandoned = True
+        self.close(wait=False, cancel_futures=True)
+        for worker in self.workers:
+            worker.kill()  # the thread then sees every socket close, fails what ran, and ends
+
+    def _wake(self) -> None:
+        """Make the thread's select return (called under the lock, before the pipe closes)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full of wake-ups the thread has yet to read
+            return
+
+    def _run(self) -> None:
+        try:
+            while self._step():
+                continue
+        finally:
+            self._finish()
+
+    def _step(self) -> bool:
+        """Hand out jobs, then wait for a reply, a death or a wake-up; False once the pool is done."""
+        self._dispatch()
+        with self._lock:
+            if not self._idle and not self._busy:
+                return False
+            if self._closing and not self._pending and not self._busy:
+                return False
+        for key, _ in self._selector.select():
+            if key.data is None:
+                os.read(self._wake_r, 1 << 16)  # a pipe's whole buffer: what is left wakes us again
+            else:
+                self._receive(key.data)
+        return True
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending or not self._idle:
+                    return
+                job, worker = self._pending.popleft(), self._idle.popleft()
+                self._busy[worker] = job
+            if not (job.running or job.future.set_running_or_notify_cancel()):  # cancelled while queued
+                with self._lock:
+                    del self._busy[worker]
+                    self._idle.appendleft(worker)
+                continue
+            job.running = True
+            try:
+                _send(worker.sock, job.frame)
+                job.frame = b""  # the worker has it: free the memory while it computes
+            except OSError:  # the worker died idle, before the job reached it: the job waits for another
+                with self._lock:
+                    del self._busy[worker]
+                    self._pending.appendleft(job)
+                self._lost(worker, None)
+
+    def _receive(self, worker: _Worker) -> None:
+        with self._lock:
+            job = self._busy.pop(worker, None)
+        if job is None:  # an idle worker's socket is readable only at EOF: it died
+            self._lost(worker, None)
+            return
+        try:
+            frame = _read_frame(worker.sock)
+        except OSError:
+            frame = None
+        if frame is None:  # EOF: the worker died running the job
+            self._lost(worker, job)
+            return
+        with self._lock:
+            self._idle.append(worker)
+        result, error = _outcome(frame)
+        if error is None:
+            job.future.set_result(result)
+        else:
+            job.future.set_exception(error)
+
+    def _lost(self, worker: _Worker, job: _Job | None) -> None:
+        """Reap a worker whose socket closed, fail its job, and fail the queue if it was the last."""
+        self._selector.unregister(worker.sock)
+        worker.close()
+        worker.reap(time.monotonic() + GRACE)
+        orphans: list[_Job] = []
+        with self._lock:
+            if worker in self._idle:
+                self._idle.remove(worker)
+            if not self._idle and not self._busy:
+                self._broken = f"every pool worker has died (the last, {worker.pid}: {worker.describe()})"
+                orphans, self._pending = list(self._pending), deque()
+            abandoned = self._abandoned
+        if job is not None:
+            _fail(job, PoolError(f"the pool was dropped while worker {worker.pid} ran {job.name}" if abandoned else
+                                 f"pool worker {worker.pid} died running {job.name} ({worker.describe()})"))
+        for orphan in orphans:
+            _fail(orphan, PoolError(self._broken))
+
+    def _finish(self) -> None:
+        """Close every socket (a worker exits at EOF), reap every worker, release the pipe, fail what is left."""
+        self._selector.close()
+        for worker in self.workers:
+            worker.close()
+        deadline = time.monotonic() + GRACE
+        for worker in self.workers:
+            worker.reap(deadline)
+        with self._lock:
+            self._done = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            left = [*self._pending, *self._busy.values()]
+            self._pending.clear()
+            self._busy.clear()
+        for job in left:  # only after a bug in this class: no future may wait forever
+            _fail(job, PoolError("the pool stopped before this task ran"))
