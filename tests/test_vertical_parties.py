@@ -49,12 +49,13 @@ def parties(tmp_path):
                                  heartbeat=0.5, timeout=10.0, contained=contained, allow_weak_containment=True)
             if directory is not None and approved:
                 open_directory(directory, create=True)
-                approve(directory, "setup", "lr.start")
+                approve(directory, "setup", "lr.start", "sb.start")
             server.start()
             started.append(server)
         return fednb.connect([{"name": s.name, "endpoint": s.endpoint} for s in started[-2:]], heartbeat=0.5,
                              heartbeat_timeout=5.0)
 
+    start.started = started  # type: ignore[attr-defined]
     yield start
     for server in started:
         server.stop()

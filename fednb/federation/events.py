@@ -106,7 +106,8 @@ class PrivacyWarning:
 
 @dataclass(frozen=True)
 class VerticalProgress:
-    """A vertical federation moved on: ``stage`` is "aligned", "epoch" (of ``model``) or "trained"."""
+    """A vertical federation moved on: ``stage`` is "aligned", "epoch" (of ``model``), "trained", or for boosting
+    "level" (level ``level`` of ``depth`` of round ``tree`` of ``trees``) and "tree" (a round's trees done)."""
 
     stage: str
     message: str
@@ -118,6 +119,10 @@ class VerticalProgress:
     roles: dict[str, str] = field(default_factory=dict)
     #: the test split's AUC and accuracy after this epoch, as the label party scored them (binary models)
     metrics: dict[str, float] = field(default_factory=dict)
+    tree: int = 0
+    trees: int = 0
+    level: int = 0
+    depth: int = 0
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from fednb.party.boosting import Boosting
 from fednb.party.datasets import Split
 from fednb.privacy import paillier, psi, seal
 from fednb.vertical import metrics as vmetrics
@@ -95,6 +96,7 @@ class Vertical:
                              "take part in a vertical federation")
         self.name, self.table = name, table
         self.state: VerticalState | None = None
+        self.boosting = Boosting(self)
 
     def handle(self, content: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any],
                                                                                         dict[str, np.ndarray]]:
@@ -106,6 +108,8 @@ class Vertical:
         state = self.state
         if state is None or state.run != content["run"]:
             raise ValueError(f"{self.name} has no vertical federation of this run (its setup step opens one)")
+        if step.startswith("sb."):
+            return self.boosting.handle(state, step, request, arrays)
         return getattr(self, "_" + step.replace(".", "_"))(state, request, arrays)
 
     # -- setup and alignment ------------------------------------------------------------------------
@@ -193,11 +197,12 @@ class Vertical:
         cut = int(round(len(order) * fraction))
         state.split = {"test": np.sort(order[:cut]), "train": np.sort(order[cut:])}
         state.models.clear()
+        self.boosting.models.clear()
         return {"vertical": {name: int(len(rows)) for name, rows in state.split.items()}}, {}
 
     # -- hetero logistic regression -------------------------------------------------------------------
 
-    def _rows(self, state: VerticalState, split: str) -> np.ndarray:
+    def rows_of(self, state: VerticalState, split: str) -> np.ndarray:
         if split not in state.split or state.rows is None:
             raise ValueError(f"no {split} split yet (the coordinator splits the aligned rows first)")
         return state.rows[state.split[split]]
@@ -213,7 +218,7 @@ class Vertical:
             if n.bit_length() < 1000:
                 raise ValueError("the Paillier public key is shorter than 1024 bits")
             key = paillier.PublicKey(n)
-        rows = self._rows(state, "train")
+        rows = self.rows_of(state, "train")
         x = np.asarray(self.table.x[rows], dtype=np.float64).reshape(len(rows), -1)
         if state.role == "label":
             assert self.table.y is not None
@@ -236,7 +241,7 @@ class Vertical:
 
     def _batch(self, model: _Model, state: VerticalState, request: Mapping[str, Any]) -> np.ndarray:
         epoch, batch = int(request["epoch"]), int(request["batch"])
-        plan = batches(len(self._rows(state, "train")), model.config, epoch)
+        plan = batches(len(self.rows_of(state, "train")), model.config, epoch)
         if not 0 <= epoch < model.config.epochs or not 0 <= batch < len(plan):
             raise ValueError(f"no batch {batch} of epoch {epoch}")
         return plan[batch]
@@ -258,9 +263,15 @@ class Vertical:
         return {"step": step, "model": str(request["model"]), "epoch": int(request["epoch"]),
                 "batch": int(request["batch"])}
 
-    def _seal(self, state: VerticalState, to: str, data: bytes, context: Mapping[str, Any]) -> np.ndarray:
+    def seal_for(self, state: VerticalState, to: str, data: bytes, context: Mapping[str, Any]) -> np.ndarray:
+        """``data`` sealed for party ``to`` (X25519 + ChaCha20-Poly1305, bound to the run, both names, ``context``)."""
         return _bytes(seal.seal(state.key, state.peers[to], data, run=state.run, sender=self.name, receiver=to,
                                 context=context))
+
+    def open_from(self, state: VerticalState, sender: str, arrays: Mapping[str, np.ndarray], name: str,
+                  context: Mapping[str, Any]) -> bytes:
+        """The sealed array ``name`` from ``sender``, opened (ValueError when it was not sealed for this context)."""
+        return self._open(state, sender, _blob(arrays, name), context)
 
     def _open(self, state: VerticalState, sender: str, blob: bytes, context: Mapping[str, Any]) -> bytes:
         return seal.open_sealed(state.key, state.peers[sender], blob, run=state.run, sender=sender,
@@ -273,7 +284,7 @@ class Vertical:
         assert isinstance(model.role, Host)
         forward = model.role.forward(self._batch(model, state, request))
         payload = _vectors([forward.scores] + ([forward.loss] if forward.loss is not None else []))
-        sealed = self._seal(state, state.label_party, payload, self._context(state, "forward", request))
+        sealed = self.seal_for(state, state.label_party, payload, self._context(state, "forward", request))
         return {"vertical": {}}, {"sealed": sealed}
 
     def _lr_residual(self, state: VerticalState, request: Mapping[str, Any],
@@ -290,7 +301,7 @@ class Vertical:
         residual = guest.residual(rows, [f[0] for f in forwards])
         out: dict[str, np.ndarray] = {}
         for host in hosts:
-            out[f"sealed.{host}"] = self._seal(state, host, _vectors([residual]),
+            out[f"sealed.{host}"] = self.seal_for(state, host, _vectors([residual]),
                                                self._context(state, "residual", request))
         if model.config.loss and len(hosts) == 1:
             out["loss"] = _bytes(_vectors([guest.loss([f[1] for f in forwards if len(f) > 1])]))
@@ -321,7 +332,7 @@ class Vertical:
         model = state.models.get(str(request.get("model")))
         if model is None or model.pending:
             raise ValueError(f"{self.name} has no trained model of that name")
-        rows = self._rows(state, "test")
+        rows = self.rows_of(state, "test")
         positions = arrays.get("positions")
         if positions is not None:
             if positions.dtype != np.int64 or positions.ndim != 1 or (len(positions) and (
@@ -339,7 +350,7 @@ class Vertical:
         class and the mean of the per-class AUCs."""
         if state.role != "label":
             raise ValueError("only the label party evaluates")
-        rows = self._rows(state, "test")
+        rows = self.rows_of(state, "test")
         names, classes = list(request["models"]), request.get("classes")
         if not names or len(names) > 64 or (classes is not None and len(classes) != len(names)):
             raise ValueError("evaluate needs one to 64 models (and one class per model for one-vs-rest)")

@@ -16,19 +16,18 @@ from typing import Any
 
 import numpy as np
 
+from fednb.party.boosting_egress import Blocked, BoostingRules
 from fednb.privacy import paillier
 from fednb.privacy.psi import POINT
 from fednb.privacy.seal import NONCE, TAG
 from fednb.vertical.logistic import LogisticConfig, batches
 from fednb.wire import Message
 
-HEADER, VECTOR = 4, 11  # the vector message's count, and each vector's kind, scale and length
-SEALED = NONCE + TAG
+__all__ = ["Blocked", "VerticalGuard"]
 MAX_METRICS = 8
 
-
-class Blocked(ValueError):
-    """A vertical reply that does not fit its step."""
+HEADER, VECTOR = 4, 11  # the vector message's count, and each vector's kind, scale and length
+SEALED = NONCE + TAG
 
 
 def _points(arrays: Mapping[str, np.ndarray], name: str, count: int) -> None:
@@ -51,7 +50,7 @@ def _count(answer: Mapping[str, Any], name: str, most: int) -> int:
     return value
 
 
-class VerticalGuard:
+class VerticalGuard(BoostingRules):
     """What may leave for each vertical step of one party (train table of ``rows`` rows and ``columns`` columns)."""
 
     def __init__(self, rows: int, columns: int) -> None:

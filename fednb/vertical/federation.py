@@ -30,6 +30,9 @@ from fednb.federation.events import VerticalProgress
 from fednb.federation.protocol import Stage, gather
 from fednb.privacy import paillier
 from fednb.privacy.psi import intersection_size
+from fednb.vertical import boosted
+from fednb.vertical.boosted import BoostingModel
+from fednb.vertical.boosting import BoostingConfig
 from fednb.vertical.logistic import LogisticConfig, batches
 from fednb.wire import Message, new_id
 
@@ -240,14 +243,33 @@ class Vertical:
                       loss=model.losses[-1] if config.loss else None, seconds=model.seconds[-1],
                       metrics={k: v for k, v in scored.items() if k in ("auc", "accuracy")})
 
+    # -- SecureBoost --------------------------------------------------------------------------------
+
+    def train_boosting(self, trees: int = 10, depth: int = 3, bins: int = 32, lr: float = 0.3, l2: float = 1.0,
+                       min_child_weight: float = 1.0, objective: str = "binary", key_bits: int = 2048,
+                       encrypted: bool = True, seed: int = 0) -> BoostingModel:
+        """SecureBoost (Cheng et al., 2021): gradient-boosted trees over encrypted gradients, the label party holding
+        the Paillier key (see :mod:`fednb.vertical.secureboost` for what each party learns). ``objective``:
+        "binary", "multiclass" (one tree per class per round) or "regression" (squared loss)."""
+        config = BoostingConfig(trees=trees, depth=depth, bins=bins, lr=lr, l2=l2, min_child_weight=min_child_weight,
+                                objective=objective, key_bits=key_bits, encrypted=encrypted, seed=seed)  # type: ignore[arg-type]
+        return boosted.train(self, config)
+
+    def importance(self, model: BoostingModel) -> dict[str, dict[str, dict[str, float]]]:
+        """Feature importance by party: each party reports splits and gain of its own features only."""
+        return boosted.importance(self, model)
+
     def _scores(self, name: str, positions: np.ndarray | None) -> dict[str, np.ndarray]:
         arrays = {p: ({"positions": positions} if positions is not None else {}) for p in self.parties}
         replies = self._step("lr.scores", self.parties, {"model": name}, arrays=arrays)
         return {p: np.asarray(r.arrays.get("scores"), dtype=np.float64) for p, r in replies.items()}
 
-    def predict(self, model: LogisticModel, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
-        """P(y = 1) for test rows (positions into the test split; all by default); one-vs-rest: the class."""
+    def predict(self, model: LogisticModel | BoostingModel, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """P(y = 1) for test rows (positions into the test split; all by default); one-vs-rest: the class;
+        boosting: P(y = 1), class probabilities (multiclass) or values (regression)."""
         positions = None if rows is None else np.asarray(rows, dtype=np.int64)
+        if isinstance(model, BoostingModel):
+            return boosted.predict(self, model, positions)
         per_model = []
         for name in model.models:
             parts = self._scores(name, positions)
@@ -256,9 +278,12 @@ class Vertical:
             return per_model[0]
         return np.asarray(model.classes)[np.argmax(np.stack(per_model, axis=1), axis=1)]
 
-    def evaluate(self, model: LogisticModel) -> dict[str, float]:
+    def evaluate(self, model: LogisticModel | BoostingModel) -> dict[str, float]:
         """Metrics on the test split, computed by the label party (which holds the labels) from its own scores
-        and the sum of the others': AUC, accuracy, KS and log-loss; one-vs-rest: accuracy and mean AUC."""
+        and the sum of the others': AUC, accuracy, KS and log-loss; one-vs-rest: accuracy and mean AUC;
+        boosting: the same for binary, accuracy and log loss for multiclass, MSE and R² for regression."""
+        if isinstance(model, BoostingModel):
+            return boosted.evaluate(self, model)
         return self._evaluate(model.models, model.classes)
 
     def _evaluate(self, models: Sequence[str], classes: Sequence[int] | None) -> dict[str, float]:

@@ -11,6 +11,8 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
     "psi/1": ("setup", "psi.blind", "psi.double", "psi.match", "psi.keep", "psi.restrict", "split"),
     "hetero-lr/1": ("lr.start", "lr.forward", "lr.residual", "lr.gradient", "lr.finish", "lr.scores",
                     "lr.evaluate"),
+    "secureboost/1": ("sb.start", "sb.gradients", "sb.histograms", "sb.split", "sb.apply", "sb.grow",
+                      "sb.evaluate", "sb.predict", "sb.importance"),
 }
 #: step → the protocol it belongs to
 STEPS: dict[str, str] = {step: protocol for protocol, steps in PROTOCOLS.items() for step in steps}
@@ -19,4 +21,7 @@ RETURNS = {
     "psi/1": "its ids blinded on Curve25519 (never in the clear), counts, and which matched rows to keep",
     "hetero-lr/1": "Paillier ciphertexts sealed for the other party, masked gradients, the loss in ciphertext, "
                    "scores w·x of test rows only, and test metrics; no feature, label or weight",
+    "secureboost/1": "Paillier ciphertexts of gradient sums and which rows go left at its own splits, sealed for "
+                     "the other party; the label party: test metrics and predictions of test rows; split counts and "
+                     "gains of its own features; no feature, label, gradient or threshold in the clear",
 }

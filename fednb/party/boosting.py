@@ -1,0 +1,234 @@
+"""A party's side of SecureBoost: the ``sb.*`` steps of the ``secureboost/1`` protocol.
+
+::
+
+    sb.start       a model's settings ──> (label party) the margins per row; its Paillier key is made here
+    sb.gradients   (label party) ──> [[g, h]] packed, sealed for each feature party
+    sb.histograms  (feature party) [[g, h]] (level 0) or the node membership, sealed ──> packed candidates, sealed
+    sb.split       (label party) the candidates, sealed ──> "your candidate k" for each feature party, sealed
+    sb.apply       (feature party) its decisions, sealed ──> the rows that go left at its splits, sealed
+    sb.grow        (label party) the left rows, sealed ──> the next level's membership, sealed; after the last
+                   level: the round's metrics
+    sb.evaluate    (label party) ──> test metrics       sb.predict (label party) ──> predictions of test rows
+    sb.importance  ──> split counts and gains of this party's own features
+
+Every payload between label and feature parties is sealed end to end (the coordinator relays
+them and holds no key that opens them). What each party learns is in :mod:`fednb.vertical.secureboost`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fednb.vertical import boosting as bt
+from fednb.vertical.secureboost import FeatureParty, LabelParty, Payload, test_metrics
+from fednb.wire import bundle
+
+Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
+
+
+@dataclass
+class _Booster:
+    role: LabelParty | FeatureParty
+    config: bt.BoostingConfig
+    round: int = -1
+    level: int = -1
+    stage: str = "start"  # the step this model expects next
+
+
+def read_config(settings: Mapping[str, Any]) -> bt.BoostingConfig:
+    """The model's settings as the coordinator sent them, checked."""
+    allowed = set(bt.BoostingConfig.__dataclass_fields__)
+    if not isinstance(settings, Mapping) or not set(settings) <= allowed:
+        raise ValueError(f"boosting settings must be among {', '.join(sorted(allowed))}")
+    return bt.BoostingConfig(**dict(settings))
+
+
+class Boosting:
+    """The ``sb.*`` steps of one party, on the aligned rows of its vertical federation (``vertical``)."""
+
+    def __init__(self, vertical: Any) -> None:
+        self.vertical = vertical
+        self.models: dict[str, _Booster] = {}
+        self._pool: Any = None
+
+    def pool(self) -> Any:
+        """Worker processes for the Paillier work, started on first need (none on one core)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self._pool is None and cores > 1:
+            from fednb.privacy.pool import ForkPool
+
+            self._pool = ForkPool(cores)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def handle(self, state: Any, step: str, request: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Reply:
+        if step == "sb.start":
+            return self._start(state, request)
+        model = self.models.get(str(request.get("model")))
+        if model is None:
+            raise ValueError(f"{self.vertical.name} has no boosting model of that name")
+        return getattr(self, "_" + step[3:])(state, model, request, arrays)
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _expect(model: _Booster, stage: str, request: Mapping[str, Any], *, label: bool, next_round: bool = False,
+                next_level: bool = False) -> None:
+        """The step must be this party's and come in protocol order: its round and level are the model's (or the
+        next round's first level, or the next level, where the step opens one); then they are the model's."""
+        if isinstance(model.role, LabelParty) != label:
+            raise ValueError(f"this party is not the {'label' if label else 'feature'} party of this model")
+        if model.stage != stage:
+            raise ValueError(f"this model expects sb.{model.stage}, not sb.{stage}")
+        r, level = request.get("round"), request.get("level", 0)
+        if isinstance(r, bool) or not isinstance(r, int) or isinstance(level, bool) or not isinstance(level, int):
+            raise ValueError("round and level must be integers")
+        if next_round and level == 0:
+            expected = (model.round + 1, 0)
+        elif next_level:
+            expected = (model.round, model.level + 1)
+        else:
+            expected = (model.round, model.level)
+        if (r, level) != expected:
+            raise ValueError(f"round {r} level {level} comes out of order (expected round {expected[0]} level "
+                             f"{expected[1]})")
+        if r >= model.config.trees or level >= model.config.depth:
+            raise ValueError(f"the model has {model.config.trees} rounds of {model.config.depth} levels")
+        model.round, model.level = r, level
+
+    def _context(self, step: str, request: Mapping[str, Any]) -> dict[str, Any]:
+        return {"step": step, "model": str(request["model"]), "round": int(request["round"]),
+                "level": int(request.get("level", 0))}
+
+    def _seal(self, state: Any, to: str, payload: Payload, context: Mapping[str, Any]) -> np.ndarray:
+        return self.vertical.seal_for(state, to, bundle.pack(*payload), context)
+
+    def _open(self, state: Any, sender: str, arrays: Mapping[str, np.ndarray], name: str,
+              context: Mapping[str, Any]) -> Payload:
+        return bundle.unpack(self.vertical.open_from(state, sender, arrays, name, context))
+
+    def _features(self, state: Any) -> list[str]:
+        return [p for p in state.parties if p != state.label_party]
+
+    # -- steps --------------------------------------------------------------------------------------
+
+    def _start(self, state: Any, request: Mapping[str, Any]) -> Reply:
+        config = read_config(request["config"])
+        train, test = self.vertical.rows_of(state, "train"), self.vertical.rows_of(state, "test")
+        table = self.vertical.table
+        x, x_test = (np.asarray(table.x[r], dtype=np.float64).reshape(len(r), -1) for r in (train, test))
+        pool = self.pool() if config.encrypted else None
+        role: LabelParty | FeatureParty
+        if state.role == "label":
+            role = LabelParty(x, np.asarray(table.y[train]), x_test, config, self._features(state), pool=pool)
+            answer = {"rows": int(len(train)), "classes": role.k}
+        else:
+            role = FeatureParty(x, x_test, config, pool=pool)
+            answer = {"rows": int(len(train))}
+        self.models[str(request["model"])] = _Booster(role, config, stage="gradients" if state.role == "label"
+                                                      else "histograms")
+        return {"vertical": answer}, {}
+
+    def _gradients(self, state: Any, model: _Booster, request: Mapping[str, Any],
+                   arrays: Mapping[str, np.ndarray]) -> Reply:
+        self._expect(model, "gradients", request, label=True, next_round=True)
+        assert isinstance(model.role, LabelParty)
+        payload = model.role.begin_round()
+        context = self._context("sb.gradients", request)
+        model.stage = "split"
+        return {"vertical": {}}, {f"sealed.{p}": self._seal(state, p, payload, context) for p in self._features(state)}
+
+    def _histograms(self, state: Any, model: _Booster, request: Mapping[str, Any],
+                    arrays: Mapping[str, np.ndarray]) -> Reply:
+        role = model.role
+        assert isinstance(role, FeatureParty)
+        level = int(request.get("level", 0))
+        self._expect(model, "histograms", request, label=False, next_round=level == 0, next_level=level != 0)
+        step = "sb.gradients" if level == 0 else "sb.grow"
+        context = self._context(step, request)
+        context["level"] = 0 if level == 0 else level - 1
+        payload = self._open(state, state.label_party, arrays, "sealed", context)
+        if level == 0:
+            role.begin_round(payload)
+            payload = ({}, {})
+        reply = role.histograms_for(level, payload)
+        model.stage = "apply"
+        return {"vertical": {}}, {"sealed": self._seal(state, state.label_party, reply,
+                                                       self._context("sb.histograms", request))}
+
+    def _split(self, state: Any, model: _Booster, request: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Reply:
+        self._expect(model, "split", request, label=True)
+        role = model.role
+        assert isinstance(role, LabelParty)
+        context = self._context("sb.histograms", request)
+        replies = {p: self._open(state, p, arrays, f"sealed.{p}", context) for p in self._features(state)}
+        decisions = role.split(model.level, replies)
+        model.stage = "grow"
+        out = self._context("sb.split", request)
+        return {"vertical": {}}, {f"sealed.{p}": self._seal(state, p, decisions[p], out) for p in decisions}
+
+    def _apply(self, state: Any, model: _Booster, request: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Reply:
+        self._expect(model, "apply", request, label=False)
+        role = model.role
+        assert isinstance(role, FeatureParty)
+        payload = self._open(state, state.label_party, arrays, "sealed", self._context("sb.split", request))
+        reply = role.apply(payload)
+        model.stage = "histograms"
+        return {"vertical": {}}, {"sealed": self._seal(state, state.label_party, reply,
+                                                       self._context("sb.apply", request))}
+
+    def _grow(self, state: Any, model: _Booster, request: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Reply:
+        self._expect(model, "grow", request, label=True)
+        role = model.role
+        assert isinstance(role, LabelParty)
+        context = self._context("sb.apply", request)
+        replies = {p: self._open(state, p, arrays, f"sealed.{p}", context) for p in self._features(state)}
+        grown = role.grow(model.level, replies)
+        if grown is not None:
+            model.stage, model.level = "split", model.level + 1
+            out = self._context("sb.grow", request)
+            return {"vertical": {"done": False}}, {f"sealed.{p}": self._seal(state, p, grown, out)
+                                                    for p in self._features(state)}
+        model.stage = "gradients"
+        y_test = np.asarray(self.vertical.table.y[self.vertical.rows_of(state, "test")], dtype=np.float64)
+        return {"vertical": {"done": True, "metrics": role.metrics(y_test)}}, {}
+
+    def _evaluate(self, state: Any, model: _Booster, request: Mapping[str, Any],
+                  arrays: Mapping[str, np.ndarray]) -> Reply:
+        role = model.role
+        if not isinstance(role, LabelParty):
+            raise ValueError("only the label party evaluates")
+        # the test margins hold the rounds completed: a round cut short (a party lost) leaves them as they were
+        y = np.asarray(self.vertical.table.y[self.vertical.rows_of(state, "test")], dtype=np.float64)
+        return {"vertical": {"metrics": test_metrics(role.config.objective, y, role.test_margins)}}, {}
+
+    def _predict(self, state: Any, model: _Booster, request: Mapping[str, Any],
+                 arrays: Mapping[str, np.ndarray]) -> Reply:
+        """Predictions of test rows (positions into the test split; all by default), from the joint traversal the
+        parties made of the test rows as each tree grew (each answered left or right at its own nodes only)."""
+        role = model.role
+        if not isinstance(role, LabelParty):
+            raise ValueError("only the label party predicts")
+        margins = role.test_margins
+        positions = arrays.get("positions")
+        if positions is not None:
+            if positions.dtype != np.int64 or positions.ndim != 1 or (len(positions) and (
+                    positions.min() < 0 or positions.max() >= len(margins))):
+                raise ValueError("'positions' must be int64 positions into the test split")
+            margins = margins[positions]
+        out = bt.probabilities(role.config.objective, margins)
+        return {"vertical": {"rows": int(len(margins))}}, {"predictions": np.asarray(out, dtype=np.float64)}
+
+    def _importance(self, state: Any, model: _Booster, request: Mapping[str, Any],
+                    arrays: Mapping[str, np.ndarray]) -> Reply:
+        return {"vertical": {"importance": model.role.importance()}}, {}
