@@ -196,3 +196,35 @@ def _linear():
 
     torch.manual_seed(0)
     return torch.nn.Linear(20, 2)
+
+
+def test_hetero_lr_with_two_feature_parties_reports_the_loss_of_the_joint_model(tmp_path) -> None:
+    """The label party and two feature parties (breast's host columns cut in two): the loss, with the feature
+    parties' cross terms masked until the coordinator sums them, equals a two-party run on the same columns."""
+    import csv
+
+    host = FATE / "breast_hetero_host.csv"
+    with host.open() as f:
+        rows = list(csv.reader(f))
+    parts = {}
+    for name, columns in (("north", range(1, 11)), ("south", range(11, 21))):
+        path = tmp_path / f"{name}.csv"
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows([[r[0], *(r[c] for c in columns)] for r in rows])
+        parts[name] = path
+    guest = FATE / "breast_hetero_guest.csv"
+    settings = {"epochs": 2, "lr": 0.15, "batch_size": 240, "l2": 0.01, "key_bits": 1024}
+    with fednb.simulate(data={"bank": str(guest), **{k: str(v) for k, v in parts.items()}}, id_column="id",
+                        label="y") as fed:
+        vfl = fed.vertical(id_column="id", label_party="bank")
+        vfl.split(0.2, seed=0)
+        three = vfl.train_logistic(**settings)
+        three_metrics = vfl.evaluate(three)
+    with fednb.simulate(data={"bank": str(guest), "partner": str(host)}, id_column="id", label="y") as fed:
+        vfl = fed.vertical(id_column="id", label_party="bank")
+        vfl.split(0.2, seed=0)
+        two = vfl.train_logistic(**settings)
+        two_metrics = vfl.evaluate(two)
+    assert len(three.losses) == 2 and three.losses == pytest.approx(two.losses, abs=1e-6)
+    assert three_metrics["auc"] == pytest.approx(two_metrics["auc"], abs=1e-9)
+    assert {kind for kind, _p, _n in three.view} == {"gradient", "loss"}

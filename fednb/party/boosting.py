@@ -18,7 +18,6 @@ them and holds no key that opens them). What each party learns is in :mod:`fednb
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,21 +54,6 @@ class Boosting:
     def __init__(self, vertical: Any) -> None:
         self.vertical = vertical
         self.models: dict[str, _Booster] = {}
-        self._pool: Any = None
-
-    def pool(self) -> Any:
-        """Worker processes for the Paillier work, started on first need (none on one core)."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if self._pool is None and cores > 1:
-            from fednb.privacy.pool import ForkPool
-
-            self._pool = ForkPool(cores)
-        return self._pool
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
     def handle(self, state: Any, step: str, request: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Reply:
         if step == "sb.start":
@@ -127,7 +111,7 @@ class Boosting:
         train, test = self.vertical.rows_of(state, "train"), self.vertical.rows_of(state, "test")
         table = self.vertical.table
         x, x_test = (np.asarray(table.x[r], dtype=np.float64).reshape(len(r), -1) for r in (train, test))
-        pool = self.pool() if config.encrypted else None
+        pool = self.vertical.pool() if config.encrypted else None
         role: LabelParty | FeatureParty
         if state.role == "label":
             role = LabelParty(x, np.asarray(table.y[train]), x_test, config, self._features(state), pool=pool)

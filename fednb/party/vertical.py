@@ -28,6 +28,7 @@ masked gradients, blinded points, counts, and scores of test rows.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ import numpy as np
 from fednb.party.boosting import Boosting
 from fednb.party.datasets import Split
 from fednb.privacy import paillier, psi, seal
+from fednb.privacy.pool import ForkPool
 from fednb.vertical import metrics as vmetrics
 from fednb.vertical.logistic import Guest, Host, LogisticConfig, batches
 from fednb.wire.vertical import STEPS
@@ -97,6 +99,15 @@ class Vertical:
         self.name, self.table = name, table
         self.state: VerticalState | None = None
         self.boosting = Boosting(self)
+        self._pool: Any = None
+
+    def pool(self) -> Any:
+        """Worker processes for this party's curve and Paillier work (forked inside its sandbox on first need; none
+        on one core), shared by PSI, hetero LR and SecureBoost for the worker's lifetime."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self._pool is None and cores > 1:
+            self._pool = ForkPool(cores)
+        return self._pool
 
     def handle(self, content: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any],
                                                                                         dict[str, np.ndarray]]:
@@ -134,7 +145,9 @@ class Vertical:
             raise ValueError("the seal keys relayed are not those of the other parties")
         state.peers = {name: seal.read_public(key) for name, key in peers.items()}
         peer = self._peer(state, request)
-        state.psi[peer], points = psi.blind(list(self.table.ids), psi.PSIConfig(group="x25519"))  # type: ignore[arg-type]
+        config = psi.PSIConfig(group="x25519")
+        pool = self.pool() if len(self.table.ids) >= config.serial_below else None  # type: ignore[arg-type]
+        state.psi[peer], points = psi.blind(list(self.table.ids), config, pool=pool)  # type: ignore[arg-type]
         return {"vertical": {"points": int(len(points))}}, {"points": points}
 
     def _peer(self, state: VerticalState, request: Mapping[str, Any]) -> str:
@@ -148,7 +161,9 @@ class Vertical:
     def _psi_double(self, state: VerticalState, request: Mapping[str, Any],
                     arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         peer = self._peer(state, request)
-        twice = psi.double_blind(state.psi[peer], _points(arrays, "points"))
+        theirs = _points(arrays, "points")
+        pool = self.pool() if len(theirs) >= state.psi[peer].config.serial_below else None
+        twice = psi.double_blind(state.psi[peer], theirs, pool=pool)
         return {"vertical": {"points": int(len(twice))}}, {"points": twice}
 
     def _psi_match(self, state: VerticalState, request: Mapping[str, Any],
@@ -227,9 +242,9 @@ class Vertical:
             labels = (y == target).astype(np.int64) if target is not None else y.astype(np.int64)
             if target is None and not np.all((labels == 0) | (labels == 1)):
                 raise ValueError("binary logistic regression needs 0/1 labels; several classes train one-vs-rest")
-            role: Guest | Host = Guest(x, labels, config, key)
+            role: Guest | Host = Guest(x, labels, config, key, self.pool() if key is not None else None)
         else:
-            role = Host(x, config, key)
+            role = Host(x, config, key, self.pool() if key is not None else None)
         state.models[str(request["model"])] = _Model(role, config, key)
         return {"vertical": {"rows": int(len(rows))}}, {}
 
@@ -282,10 +297,20 @@ class Vertical:
         model = self._model(state, request, Host)
         self._update(model, arrays)
         assert isinstance(model.role, Host)
-        forward = model.role.forward(self._batch(model, state, request))
+        earlier, later = self._neighbours(state)
+        forward = model.role.forward(self._batch(model, state, request), masked=bool(earlier) and model.config.loss)
         payload = _vectors([forward.scores] + ([forward.loss] if forward.loss is not None else []))
-        sealed = self.seal_for(state, state.label_party, payload, self._context(state, "forward", request))
-        return {"vertical": {}}, {"sealed": sealed}
+        context = self._context(state, "forward", request)
+        out = {"sealed": self.seal_for(state, state.label_party, payload, context)}
+        if model.config.loss:  # [[u_h]] for each later feature party's cross terms of the loss
+            out.update({f"sealed.{k}": self.seal_for(state, k, _vectors([forward.scores]), context) for k in later})
+        return {"vertical": {}}, out
+
+    def _neighbours(self, state: VerticalState) -> tuple[list[str], list[str]]:
+        """The feature parties before and after this one, in the federation's order."""
+        hosts = [p for p in state.parties if p != state.label_party]
+        i = hosts.index(self.name)
+        return hosts[:i], hosts[i + 1:]
 
     def _lr_residual(self, state: VerticalState, request: Mapping[str, Any],
                      arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -303,7 +328,7 @@ class Vertical:
         for host in hosts:
             out[f"sealed.{host}"] = self.seal_for(state, host, _vectors([residual]),
                                                self._context(state, "residual", request))
-        if model.config.loss and len(hosts) == 1:
+        if model.config.loss:
             out["loss"] = _bytes(_vectors([guest.loss([f[1] for f in forwards if len(f) > 1])]))
         out["masked"] = _bytes(_vectors([guest.gradient()]))
         model.pending = True
@@ -317,7 +342,15 @@ class Vertical:
                                               self._context(state, "residual", request)), model, len(rows))
         masked = model.role.gradient(residual)
         model.pending = True
-        return {"vertical": {}}, {"masked": _bytes(_vectors([masked]))}
+        out = {"masked": _bytes(_vectors([masked]))}
+        earlier, _later = self._neighbours(state)
+        if earlier and model.config.loss:
+            context = self._context(state, "forward", request)
+            others = [_read_vectors(self._open(state, j, _blob(arrays, f"peer.{j}"), context), model, len(rows))[0]
+                      for j in earlier]
+            assert isinstance(model.role, Host)
+            out["cross"] = _bytes(_vectors([model.role.cross_loss(others)]))
+        return {"vertical": {}}, out
 
     def _lr_finish(self, state: VerticalState, request: Mapping[str, Any],
                    arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

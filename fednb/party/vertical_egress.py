@@ -150,8 +150,11 @@ class VerticalGuard(BoostingRules):
         rows = self._batch(run, asked, config)
         expected = HEADER + VECTOR + rows * width + (VECTOR + width if config.loss else 0) + SEALED
         _size(arrays, "sealed", expected)
-        if set(arrays) != {"sealed"} or answer:
-            raise Blocked("forward returns one sealed message only")
+        peers = [name for name in arrays if name.startswith("sealed.")]
+        for name in peers:  # [[u_h]] for a later feature party's cross terms
+            _size(arrays, name, HEADER + VECTOR + rows * width + SEALED)
+        if set(arrays) != {"sealed", *peers} or answer or (peers and not config.loss):
+            raise Blocked("forward returns sealed messages only")
         return {}
 
     def _lr_residual(self, run: str, asked: Any, request: Message, answer: dict, arrays: dict) -> dict[str, Any]:
@@ -172,8 +175,10 @@ class VerticalGuard(BoostingRules):
     def _lr_gradient(self, run: str, asked: Any, request: Message, answer: dict, arrays: dict) -> dict[str, Any]:
         _config, width = self._model(run, asked)
         _size(arrays, "masked", HEADER + VECTOR + self.columns * width)
-        if set(arrays) != {"masked"} or answer:
-            raise Blocked("the gradient step returns a masked gradient only")
+        if "cross" in arrays:  # the masked cross terms of the loss: one ciphertext
+            _size(arrays, "cross", HEADER + VECTOR + width)
+        if not set(arrays) <= {"masked", "cross"} or answer:
+            raise Blocked("the gradient step returns a masked gradient (and masked cross terms) only")
         return {}
 
     def _lr_finish(self, run: str, asked: Any, request: Message, answer: dict, arrays: dict) -> dict[str, Any]:

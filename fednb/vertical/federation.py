@@ -177,8 +177,7 @@ class Vertical:
         if not self.splits:
             self.split()
         config = LogisticConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2, optimizer=optimizer,  # type: ignore[arg-type]
-                                encrypted=encrypted, paillier=paillier.PaillierConfig(key_bits=key_bits), seed=seed,
-                                loss=len(self.features) == 1)
+                                encrypted=encrypted, paillier=paillier.PaillierConfig(key_bits=key_bits), seed=seed)
         name = new_id()[:12]
         if encrypted:
             started = time.perf_counter()
@@ -220,14 +219,18 @@ class Vertical:
                 guest = self._step("lr.residual", [self.label_party], at,
                                    arrays={self.label_party: {**sealed, **_carry(decrypted, self.label_party)}})
                 answer = guest[self.label_party]
-                gradients = self._step("lr.gradient", self.features, at,
-                                       arrays={h: {"sealed": _blob(answer, f"sealed.{h}")} for h in self.features})
+                relayed = {h: {"sealed": _blob(answer, f"sealed.{h}")} for h in self.features}
+                for j, h in enumerate(self.features):  # earlier feature parties' [[u]] for h's cross terms
+                    relayed[h].update({f"peer.{k}": _blob(forward[k], f"sealed.{h}")
+                                       for k in self.features[:j] if config.loss})
+                gradients = self._step("lr.gradient", self.features, at, arrays=relayed)
                 masked = {self.label_party: _blob(answer, "masked")}
                 masked.update({h: _blob(gradients[h], "masked") for h in self.features})
                 decrypted = {p: _decrypt_masked(private, public, data, width) for p, data in masked.items()}
                 model.view += [("gradient", p, len(v) // width) for p, v in decrypted.items()]
                 if config.loss and "loss" in answer.arrays:
-                    loss = _decrypt_loss(private, public, _blob(answer, "loss"), config) / len(batch)
+                    parts = [_blob(answer, "loss")] + [_blob(gradients[h], "cross") for h in self.features[1:]]
+                    loss = _decrypt_loss(private, public, parts) / len(batch)
                     model.view.append(("loss", "", 1))
                     total += loss * len(batch)
             # the epoch's last update is applied now, so that the epoch's model can be scored
@@ -325,13 +328,21 @@ def _decrypt_masked(private: Any, public: Any, data: np.ndarray, width: int) -> 
     return np.frombuffer(paillier.to_wire_ints(paillier.decrypt_raw(private, vector), width), dtype=np.uint8).copy()
 
 
-def _decrypt_loss(private: Any, public: Any, data: np.ndarray, config: LogisticConfig) -> float:
+def _decrypt_loss(private: Any, public: Any, parts: Sequence[np.ndarray]) -> float:
+    """The batch's loss from its parts: the label party's [[B·loss]] and each later feature party's masked cross
+    terms, summed under encryption first (each part alone is masked; only the sum is the loss)."""
     if private is None:
-        return float(np.frombuffer(_vector_body(data.tobytes()), dtype="<f8")[0])
-    raw = data.tobytes()
-    scale = int.from_bytes(raw[5:7], "little")
-    vector = paillier.from_bytes(public, _vector_body(raw), scale)
-    return float(paillier.decrypt(private, vector)[0])
+        return float(sum(np.frombuffer(_vector_body(p.tobytes()), dtype="<f8")[0] for p in parts))
+    vectors = []
+    for part in parts:
+        raw = part.tobytes()
+        vectors.append(paillier.from_bytes(public, _vector_body(raw), int.from_bytes(raw[5:7], "little")))
+    total = vectors[0]
+    for vector in vectors[1:]:
+        if vector.scale != total.scale or len(vector) != 1:
+            raise FederationError("a cross term of the loss does not match the loss")
+        total = paillier.add(total, vector)
+    return float(paillier.decrypt(private, total)[0])
 
 
 def _vector_body(data: bytes) -> bytes:

@@ -225,24 +225,38 @@ class Host(_Party):
                  pool: Executor | None = None) -> None:
         super().__init__(features, config, public_key, pool, intercept=False)
         self._scores: np.ndarray | None = None
+        self._cross_mask = 0
 
-    def forward(self, rows: np.ndarray) -> HostForward:
-        """Stage Forward: [[u_h]] = [[X_h·w_h]] for the batch rows, and [[⅛·Σu_h² + ½·B·λ·|w_h|²]]."""
+    def forward(self, rows: np.ndarray, masked: bool = False) -> HostForward:
+        """Stage Forward: [[u_h]] = [[X_h·w_h]] for the batch rows, and [[⅛·Σu_h² + ½·B·λ·|w_h|² − r]].
+
+        ``masked``: this host will send cross terms (:meth:`cross_loss`) to the key holder; its loss part
+        carries −r for a fresh r uniform mod n, and its cross terms +r, so that only their sum (inside the
+        loss) means anything to whoever decrypts."""
         self._rows = np.asarray(rows)
         u = self._scores = self.x[self._rows] @ self.weights
         c = self.cipher
         loss = None
+        self._cross_mask = 0
         if self.config.loss:
             part = u @ u / 8 + len(u) * self.config.l2 * self._norm() / 2
             loss = c.encrypt(np.array([part]), c.loss)
+            if masked and isinstance(loss, CipherVector):
+                self._cross_mask = secrets.randbelow(loss.public_key.n)
+                loss = paillier.add_plain(loss, [(-self._cross_mask) % loss.public_key.n])
         return HostForward(c.encrypt(u, c.base), loss)
 
-    def cross_loss(self, other: Vector) -> Vector:
-        """[[¼·Σ u_h·u_k]] against another host's [[u_k]]: the cross term of ⅛·u² when there are several hosts."""
-        assert self._scores is not None, "cross_loss before forward"
-        term = self.cipher.matvec(self._scores.reshape(1, -1) / 4, other)
-        return term if isinstance(term, np.ndarray) else paillier.rerandomize(
-            term, paillier.obfuscators(term.public_key, 1, self.cipher.p))
+    def cross_loss(self, others: Sequence[Vector]) -> Vector:
+        """[[¼·Σ_k u_h·u_k + r]] against earlier hosts' [[u_k]]: the cross terms of ⅛·u² with several hosts, under
+        the mask r that :meth:`forward` took out of this host's loss part (freshly randomized)."""
+        assert self._scores is not None and others, "cross_loss before forward, or without other hosts"
+        total = self.cipher.matvec(self._scores.reshape(1, -1) / 4, others[0])
+        for other in others[1:]:
+            total = self.cipher.add(total, self.cipher.matvec(self._scores.reshape(1, -1) / 4, other))
+        if isinstance(total, np.ndarray):
+            return total
+        masked = paillier.add_plain(total, [self._cross_mask])
+        return paillier.rerandomize(masked, paillier.obfuscators(masked.public_key, 1, self.cipher.p))
 
 
 class Guest(_Party):
@@ -378,10 +392,10 @@ def fit(guest_features: np.ndarray, labels: np.ndarray, host_features: Sequence[
         started = time.perf_counter()
         epoch_loss = 0.0
         for rows in batches(len(guest.x), config, epoch):
-            forwards = [host.forward(rows) for host in hosts]
+            forwards = [host.forward(rows, masked=k > 0) for k, host in enumerate(hosts)]
             residual = guest.residual(rows, [f.scores for f in forwards])
             if config.loss:
-                cross = [hosts[k].cross_loss(forwards[j].scores) for k in range(len(hosts)) for j in range(k)]
+                cross = [hosts[k].cross_loss([forwards[j].scores for j in range(k)]) for k in range(1, len(hosts))]
                 parts = [f.loss for f in forwards if f.loss is not None]
                 epoch_loss += arbiter.decrypt_loss(guest.loss(parts, cross), len(rows)) * len(rows)
             guest.update(arbiter.decrypt_gradient("guest", guest.gradient()))
