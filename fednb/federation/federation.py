@@ -8,29 +8,31 @@ plain script, from a Jupyter cell inside a running asyncio loop, or from a backg
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednb.errors import FederationError, PartyError, RoundError, WireError
+from fednb.errors import FederationError, PartyError, WireError
 from fednb.federation.background import TrainingRun
 from fednb.federation.connection import Connections
-from fednb.federation.events import (EventBus, PrivacyUpdated, PrivacyWarning, RoundAggregated, RoundEvaluated,
-                                     RoundStarted, Subscriber, TrainingFinished, TrainingStarted)
-from fednb.federation.history import History, RoundRecord
+from fednb.federation.checkpoint import fingerprint
+from fednb.federation.events import EventBus, PrivacyUpdated, RoundEvaluated, Subscriber
+from fednb.federation.history import History
 from fednb.federation.privacy import PrivacyBook, PrivacyReport
 from fednb.federation.private_run import PrivateRun
-from fednb.federation.protocol import Stage, Steps, drive, gather
+from fednb.federation.protocol import Stage, drive, gather
 from fednb.federation.results import PartyInfo, PartyResults
-from fednb.federation.rounds import Evaluation, RoundOutcome, evaluate_round, train_round
-from fednb.federation.secure import SecureAggregation, secure_round
+from fednb.federation.rounds import Evaluation, evaluate_round
+from fednb.federation.secure import SecureAggregation
 from fednb.federation.source import check_code, model_source
+from fednb.federation.training import RunPlan, run_rounds
 from fednb.strategies import Strategy, get_strategy
-from fednb.tensors import load_arrays, state_arrays
-from fednb.wire import Message, new_id
+from fednb.tensors import state_arrays
+from fednb.wire import Message
 from fednb.wire.config import check_config
 from fednb.wire.values import unpack_value
 
@@ -133,6 +135,7 @@ class Federation:
         config: Mapping[str, Any] | None = None,
         secure_aggregation: bool | SecureAggregation = False,
         dp: DPSGD | DPFedAvg | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
         **strategy_options: Any,
     ) -> History:
         """Train ``model`` for ``rounds`` rounds; afterwards it holds the global weights.
@@ -155,12 +158,16 @@ class Federation:
         ``dp=fednb.DPFedAvg(clip=…, noise_multiplier=…)`` clips each party's update and noises the
         sum (here, or at the parties with ``noise_at="parties"`` under secure aggregation).
         Parties with a privacy budget refuse what would exceed it; :meth:`privacy` shows the ledgers.
+
+        ``checkpoint="run.ckpt"`` writes the run's state after every round (atomically); the same call
+        again, after a crash or a restart, continues from the next round under the same run id, and
+        refuses when the source, cell, strategy or settings differ (:mod:`fednb.federation.checkpoint`).
         """
         plan = self._plan(model, source, rounds=rounds, strategy=strategy, lr=lr, epochs=epochs, batch_size=batch_size,
                           optimizer=optimizer, momentum=momentum, loss=loss, train_cell=train_cell,
                           min_parties=min_parties, round_timeout=round_timeout, evaluate_every=evaluate_every,
                           parties=parties, seed=seed, config=config, secure_aggregation=secure_aggregation, dp=dp,
-                          **strategy_options)
+                          checkpoint=checkpoint, **strategy_options)
         self._claim()
         try:
             return plan()
@@ -206,7 +213,7 @@ class Federation:
               min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
               parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
               secure_aggregation: bool | SecureAggregation = False, dp: DPSGD | DPFedAvg | None = None,
-              **strategy_options: Any) -> Callable[[], History]:
+              checkpoint: str | os.PathLike[str] | None = None, **strategy_options: Any) -> Callable[[], History]:
         """Check :meth:`train`'s arguments; return the call that runs the rounds."""
         chosen = self._choose(parties)
         if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
@@ -240,104 +247,21 @@ class Federation:
                                  book=self._privacy, train_cell=train_cell)
             chosen_strategy, secure = private.strategy, private.secure
 
+        plan = RunPlan(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties, round_timeout,
+                       evaluate_every, secure, private)
+        if checkpoint is not None:
+            plan.checkpoint = Path(os.fspath(checkpoint))
+            plan.fingerprint = fingerprint(source=code, train_cell=train_cell, config=base,
+                                           strategy={"strategy": strategy if isinstance(strategy, str) else
+                                                     repr(strategy), "options": strategy_options},
+                                           settings={"parties": chosen, "min_parties": min_parties,
+                                                     "secure": repr(secure), "dp": repr(dp)})
+
         def run() -> History:
             self.model, self.source = model, code
-            return self._train_rounds(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties,
-                                      round_timeout, evaluate_every, secure, private)
+            return run_rounds(self, plan)
 
         return run
-
-    def _train_rounds(self, model: torch.nn.Module, code: str, chosen: list[str], rounds: int, strategy: Strategy,
-                      base: dict[str, Any], train_cell: str | None, min_parties: int, round_timeout: float | None,
-                      evaluate_every: int, secure: SecureAggregation | None = None,
-                      private: PrivateRun | None = None) -> History:
-        """The round loop. Round r's request also asks each party to evaluate the weights it
-        carries (round r-1's model) when that round is due an evaluation; the last round's
-        model is evaluated by a request of its own."""
-        weights = {name: np.array(array) for name, array in state_arrays(model).items()}
-        run_id = new_id()
-        first = self.history.last_round + 1
-        last = first + rounds - 1
-        self.events.publish(TrainingStarted(rounds, getattr(strategy, "name", type(strategy).__name__), tuple(chosen), first))
-        observe = self._observer(private)
-        if private is not None:
-            for party in chosen:
-                summary = self._privacy_of(party, self._connections.snapshot()[party]["info"])
-                if summary is not None:
-                    self.events.publish(PrivacyUpdated(party, summary))
-            for party, after, budget in private.forecast(chosen):
-                message = (f"{party}: this run would take ε to {after:.3g}, past its budget of {budget:.3g}; it will "
-                           "refuse the rounds beyond it")
-                log.warning("%s", message)
-                self.events.publish(PrivacyWarning(party, message, after, budget))
-        done, error, unevaluated = 0, None, None
-        try:
-            for round_ in range(first, last + 1):
-                online = [p for p in chosen if p in self._connections.online()]
-                self.events.publish(RoundStarted(round_, last, tuple(online)))
-                started = time.monotonic()
-                content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base),
-                           "run": run_id}
-                dp_round = private.round_dp(online) if private is not None else {}
-                if dp_round:
-                    content["dp"] = dp_round
-                links = self._connections.snapshot()
-                offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
-                           for p in chosen if p not in online}
-                protocol: Steps[RoundOutcome]
-                if secure is None:
-                    protocol = train_round(self.events, strategy, round=round_, parties=online, weights=weights,
-                                           content=content, min_parties=min_parties, timeout=round_timeout,
-                                           evaluate_incoming=unevaluated is not None, unavailable=offline,
-                                           observe=observe)
-                else:
-                    protocol = secure_round(self.events, strategy, round=round_, parties=online, weights=weights,
-                                            content=content, min_parties=min_parties, timeout=round_timeout,
-                                            secure=secure, evaluate_incoming=unevaluated is not None,
-                                            unavailable=offline, observe=observe)
-                try:
-                    outcome = drive(self._connections, self.events, round_, protocol)
-                except RoundError:
-                    if self._abort.is_set():  # stop(now=True) cancelled this round's work at the parties
-                        log.info("training stopped during round %d; the model keeps round %d's weights",
-                                 round_, round_ - 1)
-                        break
-                    raise
-                if unevaluated is not None and outcome.evaluation is not None:
-                    self._record_evaluation(unevaluated, outcome.evaluation)
-                unevaluated = None
-                if private is not None:
-                    private.finish_round(dp_round, run=run_id, round=round_, parties=list(outcome.contributions))
-                weights = outcome.weights
-                load_arrays(model, weights)
-                for party in outcome.contributions:
-                    self._last_round[party] = round_
-                    self._last_error.pop(party, None)
-                self._last_error.update(outcome.dropped)
-                record = RoundRecord(round_, outcome.contributions, outcome.dropped, outcome.metrics, None, {},
-                                     time.monotonic() - started, dict(getattr(outcome, "stages", None) or
-                                                                      {"train": outcome.seconds}),
-                                     dict(getattr(outcome, "secure", None) or {}),
-                                     {k: dp_round[k] for k in ("kind", "noise_multiplier", "clip", "max_grad_norm")
-                                      if k in dp_round})
-                self.history.append(record)
-                done += 1
-                self.events.publish(RoundAggregated(round_, last, outcome.metrics, None, {}, record.seconds))
-                if evaluate_every and (round_ % evaluate_every == 0 or round_ == last):
-                    unevaluated = round_
-                if self._stop.is_set():
-                    log.info("training stopped after round %d", round_)
-                    break
-            if unevaluated is not None and not self._abort.is_set():
-                online = [p for p in chosen if p in self._connections.online()]
-                self._record_evaluation(unevaluated, self._evaluate_weights(weights, code, base, online, round_timeout,
-                                                                            round=unevaluated))
-        except BaseException as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            self.events.publish(TrainingFinished(done, self._stop.is_set() or (error is not None and done < rounds), error))
-        return self.history
 
     def _observer(self, private: PrivateRun | None) -> Callable[[str, Mapping[str, Any]], None]:
         def observe(party: str, content: Mapping[str, Any]) -> None:

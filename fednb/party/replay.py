@@ -2,9 +2,11 @@
 
 CURVE drops a replayed frame inside one connection, but not a recorded request sent again on
 a new one. So a party remembers, per coordinator identity (the ZAP User-Id), the ids of the
-last ``ids`` requests it accepted and, per training run id, the last round it accepted. A
-request id seen before, or a ``train`` whose round is not greater than the last one of its
-run, is refused. A new run (or a resumed one, which gets a run id of its own) starts fresh.
+last ``ids`` requests it accepted and, per training run id, the last round it accepted with the
+run's attempt (how many times the coordinator resumed it from its checkpoint). A request id
+seen before, or a ``train`` whose (attempt, round) is not past the last one of its run, is
+refused: a resumed run (same run id, next attempt) may train again the round its crashed
+coordinator had sent, never an older attempt's. A new run starts fresh.
 
 Memory is bounded: ``ids`` ids and ``runs`` runs per identity, ``identities`` identities
 (least recently heard from forgotten first). The memory lives as long as the party process.
@@ -25,7 +27,7 @@ MAX_IDENTITIES = 256
 @dataclass
 class _Memory:
     ids: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    runs: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    runs: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)  # run → (attempt, round)
 
 
 class Replays:
@@ -51,15 +53,17 @@ class Replays:
         if message.type == "train":
             if not isinstance(run, str) or message.round is None:
                 return "a train request must carry its run id and round"
+            attempt = message.content.get("attempt") or 0
             last = memory.runs.get(run)
-            if last is not None and message.round <= last:
-                return (f"round {message.round} of run {run[:8]} does not move forward: round {last} of that run "
-                        "was already received (start a new run to train again)")
+            if last is not None and (attempt, message.round) <= last:
+                return (f"round {message.round} of run {run[:8]} does not move forward: round {last[1]} of that run "
+                        f"was already received (attempt {last[0]}; start a new run to train again, or resume it "
+                        "from its checkpoint)")
         memory.ids[message.id] = None
         if len(memory.ids) > self.ids:
             memory.ids.popitem(last=False)
         if isinstance(run, str) and message.round is not None:
-            memory.runs[run] = message.round
+            memory.runs[run] = (int(message.content.get("attempt") or 0), message.round)
             memory.runs.move_to_end(run)
             if len(memory.runs) > self.runs:
                 memory.runs.popitem(last=False)

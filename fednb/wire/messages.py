@@ -38,11 +38,13 @@ _CONTENT: dict[str, _Spec] = {
     },
     "heartbeat": {},
     # ``run``: the training run this round belongs to (a party refuses a round that does not move
-    # forward within it); ``evaluate``: first evaluate the incoming weights, then train.
+    # forward within it); ``attempt``: how many times the run was resumed from its checkpoint (a resumed
+    # run may train again a round its crashed coordinator had sent); ``evaluate``: first evaluate the
+    # incoming weights, then train.
     # ``secagg``: train under secure aggregation; the round's setup (run, round, config, dimension),
     # and the reply carries the party's advertised keys instead of its update
     "train": {"source": (str, True), "train_cell": (str, False), "config": (dict, True), "run": (str, True),
-              "evaluate": (bool, False), "secagg": (dict, False), "dp": (dict, False)},
+              "evaluate": (bool, False), "secagg": (dict, False), "dp": (dict, False), "attempt": (int, False)},
     # a later stage of a secure round (see fednb.federation.secure): no code, only the stage's
     # relayed payload, for the round its ``train`` request opened
     "secagg": {"run": (str, True), "stage": (str, True), "request": (dict, True)},
@@ -97,6 +99,8 @@ def check_content(message: Message) -> Message:
         limit = _LIMITS.get(name, MAX_NAME if isinstance(value, str) else None)
         if isinstance(value, str) and limit is not None and len(value) > limit:
             raise WireError(f"{message.type}: field {name!r} is longer than {limit} characters")
+    if message.type == "train" and not 0 <= content.get("attempt", 0) <= 2**20:
+        raise WireError("train: field 'attempt' must be an integer from 0 to 2^20")
     if message.type in ("train", "secagg", "vertical") and not _RUN_ID.fullmatch(content["run"]):
         raise WireError(f"{message.type}: field 'run' must be a run id of 32 lowercase hex digits")
     if message.type == "train" and content.get("secagg") is not None:

@@ -1,0 +1,189 @@
+"""The round loop of horizontal training: rounds as protocols of stages, checkpointed after each one.
+
+:meth:`fednb.Federation.train` checks its arguments into a :class:`RunPlan`; :func:`run_rounds`
+drives the rounds (plain or under secure aggregation, with differential privacy where asked),
+records each in the federation's history and, with ``checkpoint=``, writes the run's state
+after every completed round and resumes from it (:mod:`fednb.federation.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fednb.errors import RoundError
+from fednb.federation import checkpoint as ckpt
+from fednb.federation.events import (PrivacyUpdated, PrivacyWarning, RoundAggregated, RoundStarted, TrainingFinished,
+                                     TrainingStarted)
+from fednb.federation.history import History, RoundRecord
+from fednb.federation.private_run import PrivateRun
+from fednb.federation.protocol import Steps, drive
+from fednb.federation.rounds import RoundOutcome, train_round
+from fednb.federation.secure import SecureAggregation, secure_round
+from fednb.strategies import Strategy
+from fednb.tensors import load_arrays, state_arrays
+from fednb.wire import new_id
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("fednb.federation.federation")
+
+
+@dataclass
+class RunPlan:
+    """One call of ``train``, checked: what to train, how, and where its checkpoint goes."""
+
+    model: torch.nn.Module
+    code: str
+    chosen: list[str]
+    rounds: int
+    strategy: Strategy
+    base: dict[str, Any]
+    train_cell: str | None
+    min_parties: int
+    round_timeout: float | None
+    evaluate_every: int
+    secure: SecureAggregation | None = None
+    private: PrivateRun | None = None
+    checkpoint: Path | None = None
+    fingerprint: dict[str, str] | None = None
+
+
+def _resume(fed: Any, plan: RunPlan, model: torch.nn.Module, strategy: Strategy) -> ckpt.Checkpoint | None:
+    """The checkpoint to continue from (its weights loaded into ``model``, its state into the strategy), if any."""
+    if plan.checkpoint is None or not plan.checkpoint.exists():
+        return None
+    saved = ckpt.load(plan.checkpoint)
+    ckpt.check(saved, plan.fingerprint or {}, plan.checkpoint)
+    expected = {name: array.shape for name, array in state_arrays(model).items()}
+    if {name: array.shape for name, array in saved.weights.items()} != expected:
+        raise ckpt.CheckpointError(f"cannot resume from {plan.checkpoint}: its weights do not fit the model")
+    load_arrays(model, saved.weights)
+    if saved.strategy and hasattr(strategy, "load_state"):
+        strategy.load_state(saved.strategy)
+    fed.history.rounds = [r for r in fed.history if r.round < saved.first] + list(saved.history)
+    return saved
+
+
+def _save(fed: Any, plan: RunPlan, state: ckpt.Checkpoint, strategy: Strategy) -> None:
+    """Write the run's state after a round: ``state`` completed with the fingerprint, strategy and history."""
+    if plan.checkpoint is None:
+        return
+    state.fingerprint = plan.fingerprint or {}
+    state.strategy = strategy.state() if hasattr(strategy, "state") else {}
+    state.history = [r for r in fed.history if r.round >= state.first]
+    ckpt.save(plan.checkpoint, state)
+
+
+def run_rounds(fed: Any, plan: RunPlan) -> History:
+    """The round loop. Round r's request also asks each party to evaluate the weights it
+    carries (round r-1's model) when that round is due an evaluation; the last round's
+    model is evaluated by a request of its own."""
+    model, code, chosen, rounds, strategy = plan.model, plan.code, plan.chosen, plan.rounds, plan.strategy
+    base, train_cell, min_parties, round_timeout = plan.base, plan.train_cell, plan.min_parties, plan.round_timeout
+    evaluate_every, secure, private = plan.evaluate_every, plan.secure, plan.private
+    weights = {name: np.array(array) for name, array in state_arrays(model).items()}
+    run_id, first, attempt = new_id(), fed.history.last_round + 1, 0
+    resumed = _resume(fed, plan, model, strategy)
+    if resumed is not None:
+        run_id, first, weights, attempt = resumed.run, resumed.first, resumed.weights, resumed.attempt + 1
+    last = first + rounds - 1
+    if resumed is not None:
+        first = resumed.round + 1
+        if first > last:
+            log.info("the checkpoint %s holds the whole run (rounds to %d)", plan.checkpoint, resumed.round)
+            return fed.history
+        log.info("resuming run %s from %s at round %d of %d", run_id[:8], plan.checkpoint, first, last)
+    start, planned = (first if resumed is None else resumed.first), last - first + 1
+    fed.events.publish(TrainingStarted(planned, getattr(strategy, "name", type(strategy).__name__), tuple(chosen),
+                                       first))
+    observe = fed._observer(private)
+    if private is not None:
+        for party in chosen:
+            summary = fed._privacy_of(party, fed._connections.snapshot()[party]["info"])
+            if summary is not None:
+                fed.events.publish(PrivacyUpdated(party, summary))
+        for party, after, budget in private.forecast(chosen):
+            message = (f"{party}: this run would take ε to {after:.3g}, past its budget of {budget:.3g}; it will "
+                       "refuse the rounds beyond it")
+            log.warning("%s", message)
+            fed.events.publish(PrivacyWarning(party, message, after, budget))
+    done, error, unevaluated = 0, None, None
+    try:
+        for round_ in range(first, last + 1):
+            online = [p for p in chosen if p in fed._connections.online()]
+            fed.events.publish(RoundStarted(round_, last, tuple(online)))
+            started = time.monotonic()
+            content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base),
+                       "run": run_id, "attempt": attempt}
+            dp_round = private.round_dp(online) if private is not None else {}
+            if dp_round:
+                content["dp"] = dp_round
+            links = fed._connections.snapshot()
+            offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
+                       for p in chosen if p not in online}
+            protocol: Steps[RoundOutcome]
+            if secure is None:
+                protocol = train_round(fed.events, strategy, round=round_, parties=online, weights=weights,
+                                       content=content, min_parties=min_parties, timeout=round_timeout,
+                                       evaluate_incoming=unevaluated is not None, unavailable=offline,
+                                       observe=observe)
+            else:
+                protocol = secure_round(fed.events, strategy, round=round_, parties=online, weights=weights,
+                                        content=content, min_parties=min_parties, timeout=round_timeout,
+                                        secure=secure, evaluate_incoming=unevaluated is not None,
+                                        unavailable=offline, observe=observe)
+            try:
+                outcome = drive(fed._connections, fed.events, round_, protocol)
+            except RoundError:
+                if fed._abort.is_set():  # stop(now=True) cancelled this round's work at the parties
+                    log.info("training stopped during round %d; the model keeps round %d's weights",
+                             round_, round_ - 1)
+                    break
+                raise
+            if unevaluated is not None and outcome.evaluation is not None:
+                fed._record_evaluation(unevaluated, outcome.evaluation)
+            unevaluated = None
+            if private is not None:
+                private.finish_round(dp_round, run=run_id, round=round_, parties=list(outcome.contributions))
+            weights = outcome.weights
+            load_arrays(model, weights)
+            for party in outcome.contributions:
+                fed._last_round[party] = round_
+                fed._last_error.pop(party, None)
+            fed._last_error.update(outcome.dropped)
+            record = RoundRecord(round_, outcome.contributions, outcome.dropped, outcome.metrics, None, {},
+                                 time.monotonic() - started, dict(getattr(outcome, "stages", None) or
+                                                                  {"train": outcome.seconds}),
+                                 dict(getattr(outcome, "secure", None) or {}),
+                                 {k: dp_round[k] for k in ("kind", "noise_multiplier", "clip", "max_grad_norm")
+                                  if k in dp_round})
+            fed.history.append(record)
+            done += 1
+            _save(fed, plan, ckpt.Checkpoint(run_id, start, last, round_, {}, weights, attempt=attempt), strategy)
+            fed.events.publish(RoundAggregated(round_, last, outcome.metrics, None, {}, record.seconds))
+            if evaluate_every and (round_ % evaluate_every == 0 or round_ == last):
+                unevaluated = round_
+            if fed._stop.is_set():
+                log.info("training stopped after round %d", round_)
+                break
+        if unevaluated is not None and not fed._abort.is_set():
+            online = [p for p in chosen if p in fed._connections.online()]
+            fed._record_evaluation(unevaluated, fed._evaluate_weights(weights, code, base, online, round_timeout,
+                                                                        round=unevaluated))
+            _save(fed, plan, ckpt.Checkpoint(run_id, start, last, fed.history.last_round, {}, weights,
+                                             attempt=attempt), strategy)
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        fed.events.publish(TrainingFinished(done, fed._stop.is_set() or (error is not None and done < planned),
+                                            error))
+    return fed.history
+
