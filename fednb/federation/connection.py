@@ -150,13 +150,15 @@ class Connections:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Each party's status, detail, seconds since last heard, what it said in welcome, and what
-        it holds for its owner's approval (``awaiting``: the party's words, or None)."""
+        it holds for its owner's approval (``awaiting``: the party's words, or None), and how many of its
+        replies came after their request was settled and were discarded (``late``)."""
         now = time.monotonic()
         with self._lock:
             return {
                 name: {"endpoint": link.spec.endpoint, "status": link.status, "detail": link.detail,
                        "awaiting": next(iter(link.awaiting.values()), None),
-                       "silent_for": (now - link.last_seen) if link.last_seen else None, "info": dict(link.info)}
+                       "silent_for": (now - link.last_seen) if link.last_seen else None, "info": dict(link.info),
+                       "late": link.late}
                 for name, link in self._links.items()
             }
 

@@ -63,6 +63,9 @@ class Link:
     #: Requests the party holds for its owner's approval: message id -> the party's words.
     awaiting: dict[str, str] = field(default_factory=dict)
     next_hello: float = 0.0
+    #: Replies that came after their request was settled (a party late past its round's deadline, or
+    #: answering a cancelled request): counted and discarded, never taken into a round.
+    late: int = 0
 
     @property
     def name(self) -> str:
@@ -134,8 +137,11 @@ class Link:
                 self.settled(message.reply_to)
                 resolve(self.pending.pop(message.reply_to), message)
             elif message.type == "error":
+                self.late += message.reply_to is not None
                 log.warning("%s reported: %s: %s", self.name, message.content["error_type"], message.content["message"])
             else:
+                if message.reply_to is not None:
+                    self.late += 1
                 log.debug("%s: ignored a late or unsolicited %s", self.name, message.type)
 
     def fail_pending(self, error: FederationError) -> None:
