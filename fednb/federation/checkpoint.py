@@ -98,7 +98,7 @@ def _flatten(state: Mapping[str, Any], arrays: dict[str, np.ndarray], prefix: st
 
 def _unflatten(scalars: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     state: dict[str, Any] = {}
-    nested = set()
+    nested: set[str] = set()
     for key, value in scalars.items():
         if isinstance(value, Mapping) and "__arrays__" in value:
             state[key] = {name: np.array(arrays[f"strategy/{key}/{name}"]) for name in value["__arrays__"]}

@@ -37,6 +37,8 @@ class RoundStarted:
     round: int
     rounds: int
     parties: tuple[str, ...]
+    #: with party sampling: the online parties the round's were drawn from (the others are "not sampled")
+    sampled_from: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

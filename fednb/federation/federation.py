@@ -29,7 +29,7 @@ from fednb.federation.results import PartyInfo, PartyResults
 from fednb.federation.rounds import Evaluation, evaluate_round
 from fednb.federation.secure import SecureAggregation
 from fednb.federation.source import check_code, model_source
-from fednb.federation.training import RunPlan, run_rounds
+from fednb.federation.training import RunPlan, run_rounds, sampled_count
 from fednb.strategies import Strategy, get_strategy
 from fednb.tensors import state_arrays
 from fednb.wire import Message
@@ -136,6 +136,8 @@ class Federation:
         secure_aggregation: bool | SecureAggregation = False,
         dp: DPSGD | DPFedAvg | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
+        parties_per_round: int | None = None,
+        fraction: float | None = None,
         **strategy_options: Any,
     ) -> History:
         """Train ``model`` for ``rounds`` rounds; afterwards it holds the global weights.
@@ -162,12 +164,16 @@ class Federation:
         ``checkpoint="run.ckpt"`` writes the run's state after every round (atomically); the same call
         again, after a crash or a restart, continues from the next round under the same run id, and
         refuses when the source, cell, strategy or settings differ (:mod:`fednb.federation.checkpoint`).
+
+        ``parties_per_round=k`` (or ``fraction=f`` of the parties) trains each round on k of the online
+        parties, drawn from ``seed`` and the round; ``min_parties`` (default: a majority of k) applies to them.
         """
         plan = self._plan(model, source, rounds=rounds, strategy=strategy, lr=lr, epochs=epochs, batch_size=batch_size,
                           optimizer=optimizer, momentum=momentum, loss=loss, train_cell=train_cell,
                           min_parties=min_parties, round_timeout=round_timeout, evaluate_every=evaluate_every,
                           parties=parties, seed=seed, config=config, secure_aggregation=secure_aggregation, dp=dp,
-                          checkpoint=checkpoint, **strategy_options)
+                          checkpoint=checkpoint, parties_per_round=parties_per_round, fraction=fraction,
+                          **strategy_options)
         self._claim()
         try:
             return plan()
@@ -213,15 +219,18 @@ class Federation:
               min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
               parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
               secure_aggregation: bool | SecureAggregation = False, dp: DPSGD | DPFedAvg | None = None,
-              checkpoint: str | os.PathLike[str] | None = None, **strategy_options: Any) -> Callable[[], History]:
+              checkpoint: str | os.PathLike[str] | None = None, parties_per_round: int | None = None,
+              fraction: float | None = None, **strategy_options: Any) -> Callable[[], History]:
         """Check :meth:`train`'s arguments; return the call that runs the rounds."""
         chosen = self._choose(parties)
         if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
             raise ValueError("rounds must be a positive integer")
+        per_round = sampled_count(len(chosen), parties_per_round, fraction)
         if min_parties is None:
-            min_parties = len(chosen) // 2 + 1
-        if not 1 <= min_parties <= len(chosen):
-            raise ValueError(f"min_parties must be between 1 and {len(chosen)}")
+            min_parties = (per_round or len(chosen)) // 2 + 1
+        if not 1 <= min_parties <= (per_round or len(chosen)):
+            raise ValueError(f"min_parties must be between 1 and {per_round or len(chosen)}"
+                             + (" (the parties sampled per round)" if per_round else ""))
         if round_timeout is not None and round_timeout <= 0:
             raise ValueError("round_timeout must be positive (or None to wait for ever)")
         if train_cell is not None and not isinstance(train_cell, str):
@@ -248,13 +257,14 @@ class Federation:
             chosen_strategy, secure = private.strategy, private.secure
 
         plan = RunPlan(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties, round_timeout,
-                       evaluate_every, secure, private)
+                       evaluate_every, secure, private, sample=per_round)
         if checkpoint is not None:
             plan.checkpoint = Path(os.fspath(checkpoint))
             plan.fingerprint = fingerprint(source=code, train_cell=train_cell, config=base,
                                            strategy={"strategy": strategy if isinstance(strategy, str) else
                                                      repr(strategy), "options": strategy_options},
                                            settings={"parties": chosen, "min_parties": min_parties,
+                                                     "sample": per_round,
                                                      "secure": repr(secure), "dp": repr(dp)})
 
         def run() -> History:

@@ -199,6 +199,9 @@ def _training_started(state: RunState, event: TrainingStarted) -> RunState:
 
 def _round_started(state: RunState, event: RoundStarted) -> RunState:
     parties = state.parties
+    for name in event.sampled_from:
+        if name not in event.parties:
+            parties = _replace_party(parties, name, status="not sampled", detail="", seconds=None, stage="")
     for name in event.parties:
         parties = _replace_party(parties, name, status="training", detail="", seconds=None, stage="train")
     return replace(state, parties=parties, in_round=frozenset(event.parties), round=event.round,

@@ -53,6 +53,32 @@ class RunPlan:
     private: PrivateRun | None = None
     checkpoint: Path | None = None
     fingerprint: dict[str, str] | None = None
+    #: parties sampled per round (``parties_per_round``, or ``fraction`` of the chosen), None: every online party
+    sample: int | None = None
+
+
+def sampled_count(parties: int, per_round: int | None, fraction: float | None) -> int | None:
+    """The parties sampled each round (None: no sampling); ValueError for a count or fraction out of range."""
+    if per_round is not None and fraction is not None:
+        raise ValueError("give parties_per_round or fraction, not both")
+    if per_round is not None:
+        if isinstance(per_round, bool) or not isinstance(per_round, int) or not 1 <= per_round <= parties:
+            raise ValueError(f"parties_per_round must be an integer from 1 to {parties}")
+        return per_round
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError("fraction must lie in (0, 1]")
+        return max(1, int(round(fraction * parties)))
+    return None
+
+
+def sample(online: list[str], count: int, *, seed: int, round_: int) -> list[str]:
+    """The round's parties: ``count`` of the online ones, drawn from the run's seed and the round (the same
+    draw on a resumed run; which parties train is not secret)."""
+    if len(online) <= count:
+        return list(online)
+    rng = np.random.default_rng([seed, round_])
+    return sorted(rng.choice(online, size=count, replace=False).tolist())
 
 
 def _resume(fed: Any, plan: RunPlan, model: torch.nn.Module, strategy: Strategy) -> ckpt.Checkpoint | None:
@@ -118,7 +144,11 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
     try:
         for round_ in range(first, last + 1):
             online = [p for p in chosen if p in fed._connections.online()]
-            fed.events.publish(RoundStarted(round_, last, tuple(online)))
+            available = online
+            if plan.sample is not None:
+                online = sample(online, plan.sample, seed=int(base.get("seed", 0)), round_=round_)
+            fed.events.publish(RoundStarted(round_, last, tuple(online),
+                                            tuple(available) if plan.sample is not None else ()))
             started = time.monotonic()
             content = {"source": code, "train_cell": train_cell, "config": strategy.configure_train(round_, base),
                        "run": run_id, "attempt": attempt}
