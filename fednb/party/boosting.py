@@ -101,6 +101,12 @@ class Boosting:
               context: Mapping[str, Any]) -> Payload:
         return bundle.unpack(self.vertical.open_from(state, sender, arrays, name, context))
 
+    def _from_features(self, state: Any, arrays: Mapping[str, np.ndarray], step: str,
+                       request: Mapping[str, Any]) -> dict[str, Payload]:
+        """Every feature party's payload of ``step`` (sealed for this, the label party), opened."""
+        context = self._context(step, request)
+        return {p: self._open(state, p, arrays, f"sealed.{p}", context) for p in self._features(state)}
+
     def _features(self, state: Any) -> list[str]:
         return [p for p in state.parties if p != state.label_party]
 
@@ -154,9 +160,7 @@ class Boosting:
         self._expect(model, "split", request, label=True)
         role = model.role
         assert isinstance(role, LabelParty)
-        context = self._context("sb.histograms", request)
-        replies = {p: self._open(state, p, arrays, f"sealed.{p}", context) for p in self._features(state)}
-        decisions = role.split(model.level, replies)
+        decisions = role.split(model.level, self._from_features(state, arrays, "sb.histograms", request))
         model.stage = "grow"
         out = self._context("sb.split", request)
         return {"vertical": {}}, {f"sealed.{p}": self._seal(state, p, decisions[p], out) for p in decisions}
@@ -175,9 +179,7 @@ class Boosting:
         self._expect(model, "grow", request, label=True)
         role = model.role
         assert isinstance(role, LabelParty)
-        context = self._context("sb.apply", request)
-        replies = {p: self._open(state, p, arrays, f"sealed.{p}", context) for p in self._features(state)}
-        grown = role.grow(model.level, replies)
+        grown = role.grow(model.level, self._from_features(state, arrays, "sb.apply", request))
         if grown is not None:
             model.stage, model.level = "split", model.level + 1
             out = self._context("sb.grow", request)

@@ -45,7 +45,6 @@ class BoostingConfig:
     key_bits: int = 2048
     #: fractional bits of each packed gradient and hessian (relative to the tree's largest)
     precision: int = 40
-    seed: int = 0
 
     def __post_init__(self) -> None:
         for name, low, high in (("trees", 1, 1000), ("depth", 1, 8), ("bins", 2, 256), ("precision", 16, 52)):
@@ -56,7 +55,8 @@ class BoostingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or value < 0 or (value == 0 and name == "lr"):
-                raise ValueError(f"{name} must be a finite number at least 0 (lr: above 0), not {value!r}")
+                bound = "above 0" if name == "lr" else "at least 0"
+                raise ValueError(f"{name} must be a finite number {bound}, not {value!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
         if self.key_bits not in (1024, 2048, 3072):

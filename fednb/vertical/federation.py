@@ -250,12 +250,12 @@ class Vertical:
 
     def train_boosting(self, trees: int = 10, depth: int = 3, bins: int = 32, lr: float = 0.3, l2: float = 1.0,
                        min_child_weight: float = 1.0, objective: str = "binary", key_bits: int = 2048,
-                       encrypted: bool = True, seed: int = 0) -> BoostingModel:
+                       encrypted: bool = True) -> BoostingModel:
         """SecureBoost (Cheng et al., 2021): gradient-boosted trees over encrypted gradients, the label party holding
         the Paillier key (see :mod:`fednb.vertical.secureboost` for what each party learns). ``objective``:
         "binary", "multiclass" (one tree per class per round) or "regression" (squared loss)."""
         config = BoostingConfig(trees=trees, depth=depth, bins=bins, lr=lr, l2=l2, min_child_weight=min_child_weight,
-                                objective=objective, key_bits=key_bits, encrypted=encrypted, seed=seed)  # type: ignore[arg-type]
+                                objective=objective, key_bits=key_bits, encrypted=encrypted)  # type: ignore[arg-type]
         return boosted.train(self, config)
 
     def importance(self, model: BoostingModel) -> dict[str, dict[str, dict[str, float]]]:
