@@ -21,7 +21,7 @@ import fednb
 from fednb.party.audit import new_chain, verify, who
 from fednb.transport import AllowList, generate
 from fednb.wire import Message, encode, new_id
-from tests.conftest import cli, wait_until
+from tests.conftest import MLP, cli, wait_until
 from tests.test_party import dealer  # noqa: F401 - the raw DEALER fixture
 
 RUN = "5eed" * 8
@@ -328,3 +328,26 @@ def test_normal_disconnects_are_info_and_the_audit_names_the_label(start_party, 
     (entry, _) = verify(directory).entries
     assert entry["label"] == "alice" and entry["coordinator"] == coordinator.public.decode()
     assert who(entry) == f"alice ({coordinator.public.decode()[:12]})"
+
+
+def test_a_restarted_party_still_refuses_a_round_its_run_already_trained(start_party, private_dir, tmp_path, dealer):
+    """The runs' last rounds live in the party directory (replay.json): a restart does not forget them."""
+    endpoint = f"ipc://{private_dir}/r.sock"
+    directory = tmp_path / "party"
+    party = start_party(endpoint, policy="open", directory=directory)
+    sock = dealer(endpoint)
+    train = header("train", {"source": MLP, "config": {"lr": 0.1, "epochs": 1, "batch_size": 16}, "run": RUN},
+                   round_=3)
+    assert ask(sock, [train], timeout=60)["type"] in ("result", "error")
+    party.stop()
+    assert json.loads((directory / "replay.json").read_text())  # written, atomically, once per round
+    restarted = start_party(endpoint, policy="open", directory=directory)
+    sock = dealer(endpoint)
+    again = header("train", {"source": MLP, "config": {"lr": 0.1, "epochs": 1, "batch_size": 16}, "run": RUN},
+                   round_=2)
+    reply = ask(sock, [again], timeout=60)
+    assert reply["type"] == "error" and "does not move forward" in reply["content"]["message"]
+    restarted.stop()
+    (directory / "replay.json").write_text("{not json")
+    with pytest.raises(ValueError, match="replay.json cannot be read"):
+        start_party(endpoint, index=1, policy="open", directory=directory)

@@ -9,19 +9,31 @@ refused: a resumed run (same run id, next attempt) may train again the round its
 coordinator had sent, never an older attempt's. A new run starts fresh.
 
 Memory is bounded: ``ids`` ids and ``runs`` runs per identity, ``identities`` identities
-(least recently heard from forgotten first). The memory lives as long as the party process.
+(least recently heard from forgotten first). With a party directory, each run's last round is
+also written there (``replay.json``, atomically, once per round) and read back at start-up, so
+a restarted party still refuses a round its run already trained, and a coordinator that
+reconnects with the same key after its own restart resumes where the party knows it was. Request
+ids are remembered for the process's lifetime only (CURVE drops a frame replayed in another session).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from fednb.atomic import write_atomic
 
 from fednb.wire import Message
 
 MAX_IDS = 4096
 MAX_RUNS = 64
 MAX_IDENTITIES = 256
+FILE = "replay.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,11 +45,35 @@ class _Memory:
 class Replays:
     """What each coordinator sent lately; :meth:`check` refuses what would replay it."""
 
-    def __init__(self, *, ids: int = MAX_IDS, runs: int = MAX_RUNS, identities: int = MAX_IDENTITIES) -> None:
+    def __init__(self, *, ids: int = MAX_IDS, runs: int = MAX_RUNS, identities: int = MAX_IDENTITIES,
+                 directory: Path | None = None) -> None:
         if min(ids, runs, identities) < 1:
             raise ValueError("replay memory sizes must be at least 1")
         self.ids, self.runs, self.identities = ids, runs, identities
         self._memory: OrderedDict[str, _Memory] = OrderedDict()
+        self._path = Path(directory) / FILE if directory is not None else None
+        if self._path is not None and self._path.exists():
+            self._load(self._path)
+
+    def _load(self, path: Path) -> None:
+        """The runs' last rounds as the party wrote them; ValueError (the party does not start) when unreadable."""
+        try:
+            saved = json.loads(path.read_text())
+            for identity, runs in list(saved.items())[-self.identities:]:
+                memory = self._memory[str(identity)] = _Memory()
+                for run, (attempt, round_) in list(runs.items())[-self.runs:]:
+                    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (attempt, round_)):
+                        raise ValueError("a round is not an integer")
+                    memory.runs[str(run)] = (attempt, round_)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path} cannot be read ({exc}): the party would forget which rounds it trained; "
+                             "restore it, or remove it to forget them") from None
+
+    def _save(self) -> None:
+        if self._path is not None:
+            data = {identity: {run: list(last) for run, last in memory.runs.items()}
+                    for identity, memory in self._memory.items() if memory.runs}
+            write_atomic(self._path, json.dumps(data).encode())
 
     def check(self, identity: str, message: Message) -> str | None:
         """Why ``message`` is a replay (and it is not remembered), or None (and it is)."""
@@ -67,4 +103,5 @@ class Replays:
             memory.runs.move_to_end(run)
             if len(memory.runs) > self.runs:
                 memory.runs.popitem(last=False)
+            self._save()
         return None

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -37,6 +38,7 @@ from fednb.party.egress import EgressRules
 from fednb.party.gate import Gate, Ticket, who
 from fednb.party.inprocess import InProcess
 from fednb.party.reach import check_start
+from fednb.party.replay import Replays
 from fednb.party.policy import POLICIES, check_policy
 from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT, Sandbox
 from fednb.privacy.ledger import check_budget
@@ -202,6 +204,8 @@ class PartyServer:
         """
         if self.gate is not None:
             return
+        # read before anything starts: a party that cannot read which rounds it trained does not serve
+        replays = Replays(directory=Path(self.directory) if self.directory else None)
         gate = Gate(self.name, self.policy, self.datasets, directory=self.directory, rules=self.egress,
                     require_secure_aggregation=self.require_secure_aggregation, min_aggregate=self.min_aggregate,
                     dp_budget=self.dp_budget)
@@ -217,7 +221,7 @@ class PartyServer:
         self.gate = gate
         hint = f"fednb approve {self.directory}" if self.directory is not None else "the owner's approval"
         self.admission = Admission(self.name, gate, self.sandbox, approve_hint=hint,
-                                   max_held_bytes=self.max_held_bytes)
+                                   max_held_bytes=self.max_held_bytes, replays=replays)
 
     def _check_containment(self) -> None:
         check_start(self.name, self.policy, self.sandbox.containment, allow_weak=self.allow_weak_containment)
