@@ -104,6 +104,27 @@ def secure_aggregation(on: bool, clip: float | None) -> Any:
         raise UsageError(f"--clip: {exc}") from None
 
 
+#: The strategies' options (``train(strategy=…, **options)``) as ``%fed_train`` spells them.
+STRATEGY_FLAGS = {"mu": "--mu", "server_lr": "--server-lr", "server_momentum": "--server-momentum",
+                  "beta1": "--beta1", "beta2": "--beta2", "tau": "--tau", "trim": "--trim", "byzantine": "--byzantine",
+                  "select": "--select"}
+
+
+def strategy_options(args: Any) -> dict[str, Any]:
+    """``%fed_train --strategy NAME``'s options as ``train``'s keywords (None: the strategy's default),
+    checked as ``get_strategy`` checks them before anything is shown or sent, its errors in the flags' names."""
+    from fednb.strategies import get_strategy
+
+    options = {name: getattr(args, name) for name in STRATEGY_FLAGS}
+    try:
+        get_strategy(args.strategy, **options)
+    except ValueError as exc:
+        names = "|".join(STRATEGY_FLAGS)
+        message = re.sub(rf"(?<![-\w])({names})\b=?", lambda m: STRATEGY_FLAGS[m.group(1)], str(exc).splitlines()[0])
+        raise UsageError(message) from None
+    return options
+
+
 #: ``DPSGD``'s and ``DPFedAvg``'s field names as ``%fed_train`` spells them, for their errors.
 DP_FLAGS = {"noise_multiplier": "--dp-noise", "target_epsilon": "--dp-epsilon", "max_grad_norm": "--dp-clip",
             "clip": "--dp-clip", "delta": "--dp-delta", "clipped_count_stddev": "--clipped-count-stddev"}
@@ -224,3 +245,49 @@ def logistic_options(*, epochs: int, lr: float, batch_size: int, l2: float, opti
               LOGISTIC_FLAGS)
     return {"epochs": epochs, "lr": lr, "batch_size": batch_size, "l2": l2, "optimizer": optimizer,
             "key_bits": key_bits, "encrypted": not plaintext, "classes": classes, "seed": seed}
+
+
+#: ``Vertical.train_logistic``'s and ``Vertical.train_boosting``'s defaults, as ``%fed_vtrain`` fills them in for
+#: the options left out (a test keeps them equal to the API's); ``--key-bits``, ``--plaintext`` and ``--seed``
+#: are both algorithms' and default to the same values.
+LOGISTIC_DEFAULTS: dict[str, Any] = {"epochs": 20, "lr": 0.15, "batch_size": 240, "l2": 0.01, "optimizer": "sgd"}
+BOOSTING_DEFAULTS: dict[str, Any] = {"trees": 10, "depth": 3, "bins": 32, "lr": 0.3, "l2": 1.0,
+                                     "min_child_weight": 1.0, "objective": "binary"}
+
+#: ``BoostingConfig``'s field names as ``%fed_vtrain boosting`` spells them, for its errors.
+BOOSTING_FLAGS = {"trees": "--trees", "depth": "--depth", "bins": "--bins", "lr": "--lr", "l2": "--l2",
+                  "min_child_weight": "--min-child-weight", "objective": "--objective", "key_bits": "--key-bits"}
+
+
+def vertical_options(args: Any) -> dict[str, Any]:
+    """``%fed_vtrain ALGORITHM``'s flags as the keywords of ``train_logistic`` or ``train_boosting``: the other
+    algorithm's options refused, the ones left out the API's defaults."""
+    mine, theirs = ((BOOSTING_DEFAULTS, LOGISTIC_DEFAULTS) if args.algorithm == "boosting"
+                    else (LOGISTIC_DEFAULTS, BOOSTING_DEFAULTS))
+    other = "logistic" if args.algorithm == "boosting" else "boosting"
+    for name in [*(n for n in theirs if n not in mine), *(["classes"] if other == "logistic" else [])]:
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            hint = " (boosting: --objective multiclass)" if name == "classes" else ""
+            raise UsageError(f"{flag} applies to %fed_vtrain {other}, not {args.algorithm}{hint}")
+    given = {name: default if getattr(args, name) is None else getattr(args, name) for name, default in mine.items()}
+    shared = {"key_bits": args.key_bits, "plaintext": args.plaintext}
+    if args.algorithm == "boosting":
+        if args.seed:
+            raise UsageError("--seed applies to %fed_vtrain logistic (its batches), not boosting: SecureBoost's "
+                             "shuffles draw from the system's CSPRNG and nothing else in it is random")
+        return boosting_options(**given, **shared)
+    return logistic_options(**given, **shared, seed=args.seed, classes=class_labels(args.classes))
+
+
+def boosting_options(*, trees: int, depth: int, bins: int, lr: float, l2: float, min_child_weight: float,
+                     objective: str, key_bits: int, plaintext: bool) -> dict[str, Any]:
+    """``%fed_vtrain boosting``'s flags as ``Vertical.train_boosting``'s keywords, checked as ``BoostingConfig``
+    checks them (before anything is shown or sent), its errors in the flags' names."""
+    from fednb.vertical.boosting import BoostingConfig
+
+    settings: dict[str, Any] = {"trees": trees, "depth": depth, "bins": bins, "lr": lr, "l2": l2,
+                                "min_child_weight": min_child_weight, "objective": objective, "key_bits": key_bits,
+                                "encrypted": not plaintext}
+    _in_flags(lambda: BoostingConfig(**settings), BOOSTING_FLAGS)
+    return settings

@@ -14,6 +14,7 @@
     %fed_sim --data bank=guest.csv --data partner=host.csv --id-column id --label y
     %fed_align --id-column id --label-party bank   # private set intersection: `vfl`
     %fed_vtrain logistic --epochs 20 --key-bits 1024   # hetero logistic regression: `vmodel`
+    %fed_vtrain boosting --trees 10 --depth 3      # SecureBoost's trees instead (vertical_magics.py)
     %fed_veval                                     # AUC, accuracy, KS and log-loss on the test rows
 
 Mistakes a user can make (bad arguments, no federation yet, a party error ending a round)
@@ -24,7 +25,6 @@ end any magic line. What the magics set up lives in the shell's
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -35,18 +35,16 @@ from IPython.display import display
 from fednb.federation import Federation
 from fednb.federation.background import TrainingRun
 from fednb.notebook.arguments import TRAIN_DEFAULTS as DEFAULTS
-from fednb.notebook.arguments import (budget, class_labels, differential_privacy, logistic_options, no_arguments,
-                                      parse, parties, secure_aggregation, simulation_source, usage_errors)
+from fednb.notebook.arguments import (budget, differential_privacy, no_arguments, parse, parties, secure_aggregation,
+                                      simulation_source, strategy_options, usage_errors)
 from fednb.notebook.display import PartyOutputs, PrivacyView, evaluation_table, parties_table
 from fednb.notebook.session import Session
-from fednb.vertical.federation import LogisticModel, Vertical
-
-#: What ``%fed_align`` calls the API's keywords in its errors.
-ALIGN_WORDS = {"label_party": "--label-party", "id_column": "--id-column", "test_fraction": "--test-fraction"}
+from fednb.notebook.vertical_magics import VerticalMagics
+from fednb.vertical.federation import Vertical
 
 
 @magics_class
-class FedMagics(Magics):
+class FedMagics(VerticalMagics, Magics):
     """The ``%fed_*`` magics; what they set up is the shell's :class:`Session`."""
 
     shell: Any  # the IPython shell, set by Magics.__init__
@@ -221,8 +219,21 @@ class FedMagics(Magics):
 
     @magic_arguments()
     @argument("--rounds", type=int, default=10, help="rounds of training (default: %(default)s)")
-    @argument("--strategy", default=DEFAULTS["strategy"], help="fedavg, fedprox or fedavgm (default: %(default)s)")
+    @argument("--strategy", default=DEFAULTS["strategy"],
+              help="fedavg, fedprox, fedavgm; fedadam, fedyogi, fedadagrad (server optimizers); median, "
+                   "trimmed-mean, krum, multi-krum, bulyan (robust; not with --secure-aggregation) "
+                   "(default: %(default)s)")
     @argument("--mu", type=float, default=None, help="FedProx proximal weight (default: FedProx's, 0.01)")
+    @argument("--server-lr", type=float, default=None,
+              help="fedavgm, fedadam, fedyogi, fedadagrad: the coordinator's learning rate η (default: each one's)")
+    @argument("--server-momentum", type=float, default=None, help="fedavgm: the coordinator's momentum (default 0.9)")
+    @argument("--beta1", type=float, default=None, help="fedadam, fedyogi, fedadagrad: β1 (default 0.9; fedadagrad 0)")
+    @argument("--beta2", type=float, default=None, help="fedadam, fedyogi: β2 (default 0.99)")
+    @argument("--tau", type=float, default=None, help="fedadam, fedyogi, fedadagrad: the adaptivity τ (default 1e-3)")
+    @argument("--trim", type=float, default=None, help="trimmed-mean: fraction β cut at each end (default 0.2)")
+    @argument("--byzantine", type=int, default=None,
+              help="krum, multi-krum, bulyan: Byzantine parties f tolerated (default 1)")
+    @argument("--select", type=int, default=None, help="multi-krum: updates m averaged (default: n - f)")
     @argument("--lr", type=float, default=DEFAULTS["lr"], help="learning rate of the local optimizer (default: %(default)s)")
     @argument("--epochs", type=int, default=DEFAULTS["epochs"], help="local epochs per round (default: %(default)s)")
     @argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="local batch size (default: %(default)s)")
@@ -294,7 +305,7 @@ class FedMagics(Magics):
         options = {"rounds": args.rounds, "strategy": args.strategy, "lr": args.lr, "epochs": args.epochs,
                    "batch_size": args.batch_size, "optimizer": args.optimizer, "momentum": args.momentum,
                    "loss": args.loss, "min_parties": args.min_parties, "round_timeout": args.round_timeout,
-                   "parties": parties(args.parties), "train_cell": cell, "mu": args.mu,
+                   "parties": parties(args.parties), "train_cell": cell, **strategy_options(args),
                    "secure_aggregation": secure_aggregation(args.secure_aggregation, args.clip),
                    "dp": differential_privacy(noise=args.dp_noise, epsilon=args.dp_epsilon, clip=args.dp_clip,
                                               delta=args.dp_delta, fedavg=args.dp_fedavg, adaptive=args.adaptive_clip,
@@ -362,108 +373,13 @@ class FedMagics(Magics):
                                              parties=parties(args.parties), loss=args.loss)
         return evaluation_table(evaluation)
 
-    # -- vertical learning: parties holding different columns of the same rows ----------------
+    # -- vertical learning: parties holding different columns of the same rows (vertical_magics.py) ---
 
-    @magic_arguments()
-    @argument("--id-column", default="id", help="the id column every party's table has (default: %(default)s)")
-    @argument("--label-party", required=True, help="the party that holds the label column")
-    @argument("--parties", default=None, help="comma-separated parties to align (default: all)")
-    @argument("--test-fraction", type=float, default=0.2, help="aligned rows held out for testing (default: %(default)s)")
-    @argument("--seed", type=int, default=0, help="seed of the train/test split, shared by the parties")
-    @argument("--timeout", type=float, default=600.0, help="seconds to wait for the parties at each step")
-    @line_magic
-    def fed_align(self, line: str) -> Any:
-        """Align the parties' rows by private set intersection on their ids and split them; binds `vfl`."""
-        args = parse(self.fed_align, line)
-        federation = self._require()
-        if self.session.is_training:
-            raise UsageError("training is already running; %fed_stop ends it")
-        if not 0 < args.test_fraction < 1:
-            raise UsageError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}")
-        started = time.perf_counter()
-        with usage_errors(self.fed_align, ALIGN_WORDS):
-            vfl = federation.vertical(id_column=args.id_column, label_party=args.label_party,
-                                      parties=parties(args.parties), timeout=args.timeout)
-            split = vfl.split(test_fraction=args.test_fraction, seed=args.seed)
-        self.vertical = self.shell.user_ns["vfl"] = vfl
-        from fednb.notebook.vertical_view import alignment_table  # widgets' imports only where they are used
-
-        print(f"vfl: {vfl.size} rows in common, found by private set intersection in "
-              f"{time.perf_counter() - started:.1f} s; train {split['train']}, test {split['test']} (seed {args.seed})")
-        return alignment_table(vfl)
-
-    @magic_arguments()
-    @argument("algorithm", choices=["logistic"], help="the model: logistic (hetero logistic regression)")
-    @argument("--epochs", type=int, default=20, help="passes over the training rows (default: %(default)s)")
-    @argument("--lr", type=float, default=0.15, help="learning rate (default: %(default)s)")
-    @argument("--batch-size", type=int, default=240, help="rows per batch (default: %(default)s)")
-    @argument("--l2", type=float, default=0.01, help="L2 regularisation λ (default: %(default)s)")
-    @argument("--optimizer", default="sgd", help="sgd or rmsprop (default: %(default)s)")
-    @argument("--key-bits", type=int, default=2048, help="the coordinator's Paillier key: 1024, 2048 or 3072 bits "
-                                                         "(default: %(default)s)")
-    @argument("--classes", default=None, help="comma-separated class labels: one-vs-rest, one model per class")
-    @argument("--plaintext", action="store_true", help="no encryption: the baseline (parties that guard their "
-                                                        "data refuse it; a simulation allows it)")
-    @argument("--seed", type=int, default=0, help="seed of the batches (default: %(default)s)")
-    @argument("--name", default="vmodel", help="the variable the trained model is bound to (default: %(default)s)")
-    @line_magic
-    def fed_vtrain(self, line: str) -> None:
-        """Train a model across the aligned parties of `vfl` (%fed_align), with live progress; binds `vmodel`."""
-        args = parse(self.fed_vtrain, line)
-        vfl = self._vertical()
-        if not args.name.isidentifier():
-            raise UsageError(f"--name must be a variable name, got {args.name!r}")
-        if self.session.is_training:
-            raise UsageError("training is already running; %fed_stop ends it")
-        settings = logistic_options(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, l2=args.l2,
-                                    optimizer=args.optimizer, key_bits=args.key_bits, plaintext=args.plaintext,
-                                    classes=class_labels(args.classes), seed=args.seed)
-        from fednb.notebook.vertical_view import Following
-
-        view = Following(self.shell, vfl, settings)
-        try:
-            with usage_errors(self.fed_vtrain):
-                model = vfl.train_logistic(**settings)
-        except BaseException as exc:
-            view.failed(exc)
-            raise
-        self.shell.user_ns[args.name] = model
-        view.trained(model, vfl)
-        print(view.summary(args.name, model))
-
-    @magic_arguments()
-    @argument("--model", default="vmodel", help="the notebook variable holding the model (default: %(default)s)")
-    @line_magic
-    def fed_veval(self, line: str) -> Any:
-        """The model's AUC, accuracy, KS and log-loss on the aligned test rows, scored by the label party."""
-        args = parse(self.fed_veval, line)
-        vfl = self._vertical()
-        model = self.shell.user_ns.get(args.model)
-        if not isinstance(model, LogisticModel):
-            raise UsageError(f"no vertical model named `{args.model}`: train one with %fed_vtrain logistic")
-        with usage_errors(self.fed_veval):
-            metrics = vfl.evaluate(model)
-        from fednb.notebook.vertical_view import metrics_table
-
-        return metrics_table(metrics, model=args.model, test_rows=vfl.splits.get("test"))
+    fed_align = line_magic(VerticalMagics.fed_align)
+    fed_vtrain = line_magic(VerticalMagics.fed_vtrain)
+    fed_veval = line_magic(VerticalMagics.fed_veval)
 
     # -- plumbing ---------------------------------------------------------------------------
-
-    def _vertical(self) -> Vertical:
-        """The notebook's `vfl` (or the last %fed_align's): an aligned vertical federation."""
-        vfl = self.shell.user_ns.get("vfl")
-        vfl = vfl if isinstance(vfl, Vertical) else self.vertical
-        if vfl is None:
-            raise UsageError("no aligned vertical federation yet: run %fed_align --label-party NAME first")
-        return vfl
-
-    def _forget_vertical(self) -> None:
-        """The session's federation changed: a vertical federation of the one before is gone with it."""
-        vfl = self.vertical
-        if vfl is not None and vfl.federation is not self.session.federation:
-            self.vertical = None
-            if self.shell.user_ns.get("vfl") is vfl:
-                del self.shell.user_ns["vfl"]
 
     def _require(self) -> Federation:
         if self.session.federation is None:

@@ -1,13 +1,16 @@
 """The live view of vertical training: an anywidget that follows ``VerticalProgress`` events.
 
 ``%fed_vtrain`` displays a :class:`VerticalDashboard` under the cell and subscribes it to the
-federation's events (:meth:`VerticalDashboard.attach`): each epoch of each model (one per class
-for one-vs-rest) becomes one batch of trait changes, which the ESM beside this file
-(``vertical_view.js``, styled by the federation dashboard's ``dashboard.css``) draws as progress,
-one row per party with its role (label or features) and table size, and an SVG chart of the
-loss per epoch; after training, the test split's metrics. Front ends without widgets (terminal
-IPython, nbconvert, papermill) get :meth:`summary_text` and :meth:`summary_html` from the same
-MIME bundle. In a terminal :class:`VerticalLines` prints one line per event instead.
+federation's events (:meth:`VerticalDashboard.attach`); each event becomes one batch of trait
+changes, which the ESM beside this file (``vertical_view.js``, styled by the federation
+dashboard's ``dashboard.css``) draws: progress, one row per party with its role (label or
+features) and table size, an SVG chart, and after training the test split's metrics. Its
+``mode`` is the algorithm's. Hetero logistic regression ("logistic"): the loss per epoch of
+each model (one per class for one-vs-rest). SecureBoost ("boosting"): the tree and level
+growing now, the training loss and a test metric per tree, and after training each party's
+feature importance as horizontal bars. Front ends without widgets (terminal IPython,
+nbconvert, papermill) get :meth:`summary_text` and :meth:`summary_html` from the same MIME
+bundle. In a terminal :class:`VerticalLines` prints one line per epoch or tree instead.
 """
 
 from __future__ import annotations
@@ -25,12 +28,20 @@ import traitlets as t
 
 from fednb.federation.events import VerticalProgress
 from fednb.notebook.display import Table
+from fednb.vertical.boosted import BoostingModel
 
 STATES = ("idle", "training", "done", "error")
-#: Epochs listed per model in the text/HTML summaries; older ones are counted, not shown.
+MODES = ("logistic", "boosting")
+#: Epochs (trees) listed per model in the text/HTML summaries; older ones are counted, not shown.
 SUMMARY_EPOCHS = 20
+#: Features drawn in an importance chart, the largest gains first; the others are counted.
+IMPORTANCE_SHOWN = 20
 #: The metrics of ``Vertical.evaluate``, in the order the view shows them, with their names there.
-METRICS = {"auc": "AUC", "accuracy": "accuracy", "ks": "KS", "logloss": "log-loss"}
+METRICS = {"auc": "AUC", "accuracy": "accuracy", "ks": "KS", "logloss": "log-loss", "mse": "MSE", "r2": "R²"}
+#: The test metric a boosting curve follows: the first of these that the objective has.
+CURVE_METRICS = ("auc", "accuracy", "r2")
+#: The same colours as vertical_view.js's, one per party in importance charts.
+PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac")
 
 
 def _number(value: Any) -> float | None:
@@ -44,15 +55,36 @@ def _fixed(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def mode_of(settings: Mapping[str, Any]) -> str:
+    """"boosting" for ``train_boosting``'s keywords, "logistic" for ``train_logistic``'s."""
+    return "boosting" if "trees" in settings else "logistic"
+
+
 def describe(settings: Mapping[str, Any]) -> str:
-    """``train_logistic``'s keywords in a few words: encryption, optimiser, batches."""
+    """The training keywords in a few words: encryption, then the optimiser and batches, or the trees' shape."""
     encryption = f"Paillier {settings['key_bits']} bits" if settings.get("encrypted", True) else "plaintext (no encryption)"
+    if mode_of(settings) == "boosting":
+        return (f"{encryption} · {settings['objective']}, {settings['trees']} trees of depth {settings['depth']}, "
+                f"{settings['bins']} bins, lr {settings['lr']:g}, L2 {settings['l2']:g}")
     return (f"{encryption} · {settings['optimizer']} lr {settings['lr']:g}, batch {settings['batch_size']}, "
             f"L2 {settings['l2']:g}")
 
 
+def curve_metric(rounds: Sequence[Mapping[str, Any]]) -> str | None:
+    """The test metric a boosting curve follows: AUC (binary), accuracy (multiclass) or R² (regression)."""
+    return next((k for k in CURVE_METRICS if any(r.get(k) is not None for r in rounds)), None)
+
+
+def importance_rows(importance: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """``Vertical.importance`` as rows (party, feature, splits, gain), the largest gain first."""
+    rows = [{"party": party, "feature": str(feature), "splits": int(v.get("splits", 0)),
+             "gain": _number(v.get("gain")) or 0.0} for party, features in importance.items()
+            for feature, v in features.items()]
+    return sorted(rows, key=lambda r: (-r["gain"], r["party"], int(r["feature"]) if r["feature"].isdigit() else 0))
+
+
 class VerticalDashboard(anywidget.AnyWidget):
-    """Live view of hetero logistic regression: epochs with their loss, the parties' roles, test metrics.
+    """Live view of vertical training: progress, the parties' roles, a curve per epoch or tree, test metrics.
 
     The traits are the whole state; :meth:`handle` turns events into trait changes. It can be
     built and fed events without a federation (tests, replays).
@@ -61,24 +93,34 @@ class VerticalDashboard(anywidget.AnyWidget):
     _esm = pathlib.Path(__file__).with_name("vertical_view.js")
     _css = pathlib.Path(__file__).with_name("dashboard.css")
 
+    mode = t.Enum(MODES, default_value="logistic").tag(sync=True)
     title = t.Unicode("").tag(sync=True)
-    detail = t.Unicode("").tag(sync=True)  # encryption and optimiser, in a few words
+    detail = t.Unicode("").tag(sync=True)  # encryption and optimiser or trees, in a few words
     state = t.Enum(STATES, default_value="idle").tag(sync=True)
     parties = t.List(t.Dict()).tag(sync=True)  # rows: name, role ("label" / "features"), rows (table size)
     aligned = t.Int(0).tag(sync=True)  # rows in the intersection
     split = t.Dict().tag(sync=True)  # {"train": n, "test": m}
-    epochs = t.Int(0).tag(sync=True)  # epochs per model
+    epochs = t.Int(0).tag(sync=True)  # logistic: epochs per model
     labels = t.List(t.Unicode()).tag(sync=True)  # one per model: "" for a binary model, "class k" for one-vs-rest
     models = t.List(t.Dict()).tag(sync=True)  # per model started: label, history [{epoch, loss, seconds}]
+    trees = t.Int(0).tag(sync=True)  # boosting: rounds of trees
+    depth = t.Int(0).tag(sync=True)  # boosting: levels per tree
+    position = t.Dict().tag(sync=True)  # boosting: {"tree": k, "level": l}, the level growing now
+    rounds = t.List(t.Dict()).tag(sync=True)  # boosting, per tree done: tree, loss (training), seconds, test metrics
+    importance = t.List(t.Dict()).tag(sync=True)  # boosting, after training: party, feature, splits, gain
     metrics = t.Dict().tag(sync=True)  # the test split's, after training
     note = t.Unicode("").tag(sync=True)  # why there are no metrics, when there are none
     elapsed = t.Float(0.0).tag(sync=True)  # seconds since the run started, as of the last event
     error = t.Unicode("").tag(sync=True)
 
-    def __init__(self, *, title: str = "hetero logistic regression", detail: str = "",
-                 classes: Sequence[int] | None = None, epochs: int = 0, **kwargs: Any) -> None:
+    def __init__(self, *, mode: str = "logistic", title: str | None = None, detail: str = "",
+                 classes: Sequence[int] | None = None, epochs: int = 0, trees: int = 0, depth: int = 0,
+                 **kwargs: Any) -> None:
         labels = [f"class {k}" for k in classes] if classes is not None else [""]
-        super().__init__(title=title, detail=detail, labels=labels, epochs=epochs, **kwargs)
+        if title is None:
+            title = "SecureBoost" if mode == "boosting" else "hetero logistic regression"
+        super().__init__(mode=mode, title=title, detail=detail, labels=labels, epochs=epochs, trees=trees,
+                         depth=depth, **kwargs)
         self._started = time.monotonic()
         self._names: dict[str, int] = {}  # model name at the parties -> its index in models
 
@@ -93,7 +135,8 @@ class VerticalDashboard(anywidget.AnyWidget):
         return vertical.federation.subscribe(self.handle)
 
     def handle(self, event: Any) -> None:
-        """Apply one event: an epoch appends to its model's curve; others are not this view's."""
+        """Apply one event: an epoch or a tree appends to its curve, a level moves the progress; others are not
+        this view's."""
         if not isinstance(event, VerticalProgress):
             return
         with self.hold_sync():
@@ -101,6 +144,8 @@ class VerticalDashboard(anywidget.AnyWidget):
                 self.parties = [{"name": p, "role": r, "rows": 0} for p, r in event.roles.items()]
             if event.stage == "epoch":
                 self._epoch(event)
+            elif event.stage in ("level", "tree"):
+                self._tree(event)
             self.elapsed = time.monotonic() - self._started
 
     def _epoch(self, event: VerticalProgress) -> None:
@@ -117,10 +162,25 @@ class VerticalDashboard(anywidget.AnyWidget):
                                          "auc": _number(event.metrics.get("auc")), "seconds": _number(event.seconds)})
         self.models = models
 
-    def finished(self, metrics: Mapping[str, Any] | None = None, *, note: str = "", error: str = "") -> None:
-        """The run ended: its test metrics (or why there are none), or its error."""
+    def _tree(self, event: VerticalProgress) -> None:
+        self.state = "training"
+        if event.trees:
+            self.trees, self.depth = int(event.trees), int(event.depth)
+        if event.stage == "level":
+            self.position = {"tree": int(event.tree), "level": int(event.level)}
+            return
+        self.position = {"tree": int(event.tree), "level": int(event.depth)}
+        scored = {k: _number(v) for k, v in event.metrics.items()}
+        self.rounds = [*self.rounds, {"tree": int(event.tree), "loss": _number(event.loss),
+                                      "seconds": _number(event.seconds), **scored}]
+
+    def finished(self, metrics: Mapping[str, Any] | None = None, *, note: str = "", error: str = "",
+                 importance: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None) -> None:
+        """The run ended: its test metrics (or why there are none) and, for trees, the features' importance; or
+        its error."""
         with self.hold_sync():
             self.metrics = {k: _number(v) for k, v in (metrics or {}).items()}
+            self.importance = importance_rows(importance or {})
             self.note, self.error = note, error
             self.state = "error" if error else "done"
             self.elapsed = time.monotonic() - self._started
@@ -128,6 +188,8 @@ class VerticalDashboard(anywidget.AnyWidget):
     # -- without a browser ----------------------------------------------------------------------
 
     def _progress(self) -> str:
+        if self.mode == "boosting":
+            return self._tree_progress()
         done = sum(len(m["history"]) for m in self.models)
         total = self.epochs * len(self.labels)
         parts = [f"{done}/{total} epochs" if total else f"{done} epochs"]
@@ -139,9 +201,21 @@ class VerticalDashboard(anywidget.AnyWidget):
         parts.append(f"elapsed {self.elapsed:.1f} s")
         return ", ".join(parts)
 
+    def _tree_progress(self) -> str:
+        done, at = len(self.rounds), self.position
+        parts = [f"{done}/{self.trees} trees" if self.trees else f"{done} trees"]
+        if self.state == "training" and at.get("tree", 0) > done:
+            parts.append(f"tree {at['tree']}/{self.trees}, level {at['level']}/{self.depth}")
+        if self.rounds:
+            last, metric = self.rounds[-1], curve_metric(self.rounds)
+            shown = f", test {METRICS[metric]} {_fixed(last.get(metric))}" if metric else ""
+            parts.append(f"tree {last['tree']}: loss {_fixed(last['loss'])}{shown}, {_fixed(last['seconds'], 1)} s")
+        parts.append(f"elapsed {self.elapsed:.1f} s")
+        return ", ".join(parts)
+
     def _headline(self) -> list[str]:
-        state = {"idle": "waiting for the first epoch", "training": "training", "done": "done",
-                 "error": "failed"}[self.state]
+        first = "the first tree" if self.mode == "boosting" else "the first epoch"
+        state = {"idle": f"waiting for {first}", "training": "training", "done": "done", "error": "failed"}[self.state]
         lines = [f"{self.title}: {state}"]
         if self.detail:
             lines.append(self.detail)
@@ -160,6 +234,15 @@ class VerticalDashboard(anywidget.AnyWidget):
     def _tables(self) -> list[Table]:
         parties = Table(["party", "role", "table rows"], [[p["name"], p["role"], p["rows"]] for p in self.parties])
         tables = [parties]
+        if self.mode == "boosting":
+            shown = self.rounds[-SUMMARY_EPOCHS:]
+            names = [k for k in ("auc", "accuracy", "mse", "r2") if any(r.get(k) is not None for r in shown)]
+            title = f"last {len(shown)} trees" if len(self.rounds) > len(shown) else ""
+            tables.append(Table(["tree", "loss", *(f"test {METRICS[k]}" for k in names), "seconds"],
+                                [[r["tree"], _fixed(r["loss"]), *(_fixed(r.get(k)) for k in names),
+                                  _fixed(r["seconds"], 2)] for r in shown], title=title))
+            if self.importance:
+                tables.append(Importance(self.importance, parties=[p["name"] for p in self.parties]).table())
         for model in self.models:
             shown = model["history"][-SUMMARY_EPOCHS:]
             older = len(model["history"]) - len(shown)
@@ -170,7 +253,8 @@ class VerticalDashboard(anywidget.AnyWidget):
         return tables
 
     def summary_text(self) -> str:
-        """The current state as plain text: headline, the parties, each model's epochs."""
+        """The current state as plain text: headline, the parties, each model's epochs (or the trees and the
+        features' importance)."""
         return "\n\n".join(["\n".join(self._headline()), *(repr(table) for table in self._tables())])
 
     def summary_html(self) -> str:
@@ -189,7 +273,7 @@ class VerticalDashboard(anywidget.AnyWidget):
 
 
 class VerticalLines:
-    """A terminal's view of vertical training: each event's message on a line of its own."""
+    """A terminal's view of vertical training: each epoch's or tree's message on a line of its own."""
 
     def __init__(self, stream: IO[str] | None = None) -> None:
         self.stream = stream or sys.stdout
@@ -200,6 +284,11 @@ class VerticalLines:
             loss = "" if event.loss is None else f", loss {event.loss:.4f}"
             print(f"{f'class {label}, ' if dot else ''}epoch {event.epoch}/{event.epochs}{loss}, {event.seconds:.1f} s",
                   file=self.stream, flush=True)
+        elif isinstance(event, VerticalProgress) and event.stage == "tree":
+            loss = "" if event.loss is None else f", loss {event.loss:.4f}"
+            metric = curve_metric([event.metrics])
+            shown = f", test {METRICS[metric]} {event.metrics[metric]:.4f}" if metric else ""
+            print(f"tree {event.tree}/{event.trees}{loss}{shown}, {event.seconds:.1f} s", file=self.stream, flush=True)
 
 
 def metrics_table(metrics: Mapping[str, Any], *, model: str = "", test_rows: int | None = None) -> Table:
@@ -215,8 +304,71 @@ def alignment_table(vertical: Any) -> Table:
                  [[p, vertical.roles.get(p, ""), vertical.sizes.get(p, ""), vertical.size] for p in vertical.parties])
 
 
+class Importance:
+    """Feature importance by party (``Vertical.importance``): the gain of each feature's splits as horizontal bars,
+    one colour per party, in a notebook (SVG); a table of splits and gain elsewhere."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]], *, parties: Sequence[str] = ()) -> None:
+        self.rows = [dict(r) for r in rows]
+        named = [*parties, *sorted({r["party"] for r in self.rows} - set(parties))]
+        self.colours = {p: PALETTE[i % len(PALETTE)] for i, p in enumerate(named)}
+
+    @classmethod
+    def of(cls, importance: Mapping[str, Mapping[str, Mapping[str, Any]]], *, parties: Sequence[str] = ()) -> Importance:
+        return cls(importance_rows(importance), parties=parties)
+
+    def table(self) -> Table:
+        return Table(["party", "feature", "splits", "gain"],
+                     [[r["party"], r["feature"], r["splits"], r["gain"]] for r in self.rows],
+                     title="feature importance: total gain of each feature's splits (features by column index)")
+
+    def svg(self) -> str:
+        """The chart: a bar per feature (the largest gains first), labelled party:feature, each party's colour."""
+        shown, row, label, width = self.rows[:IMPORTANCE_SHOWN], 16, 120, 600
+        bar, top = width - label - 110, 34
+        high = max([r["gain"] for r in shown] or [1.0]) or 1.0
+        height = top + row * len(shown) + (18 if len(self.rows) > len(shown) else 6)
+        esc = html.escape
+        parts = [f'<svg class="fednb-importance" width="{width}" height="{height}" '
+                 f'viewBox="0 0 {width} {height}" role="img" font-family="sans-serif" font-size="11" '
+                 'fill="currentColor"><text x="0" y="12" font-weight="600">feature importance: gain of each '
+                 "feature's splits</text>"]
+        for i, (party, colour) in enumerate(self.colours.items()):
+            parts.append(f'<rect x="{i * 110}" y="19" width="10" height="10" fill="{colour}"/>'
+                         f'<text x="{i * 110 + 14}" y="28">{esc(party)}</text>')
+        for i, r in enumerate(shown):
+            y, size = top + i * row, max(bar * r["gain"] / high, 1.0)
+            parts.append(f'<text x="{label - 6}" y="{y + 11}" text-anchor="end">{esc(r["party"])}:{esc(r["feature"])}'
+                         f'</text><rect x="{label}" y="{y + 2}" width="{size:.1f}" height="{row - 4}" '
+                         f'fill="{self.colours[r["party"]]}"><title>{esc(r["party"])}:{esc(r["feature"])}: gain '
+                         f'{r["gain"]:.4g}, {r["splits"]} splits</title></rect><text x="{label + size + 4:.1f}" '
+                         f'y="{y + 11}">{r["gain"]:.4g} ({r["splits"]} split{"s" if r["splits"] != 1 else ""})</text>')
+        if len(self.rows) > len(shown):
+            parts.append(f'<text x="{label}" y="{height - 4}">… and {len(self.rows) - len(shown)} more features</text>')
+        return "".join(parts) + "</svg>"
+
+    def __repr__(self) -> str:
+        return repr(self.table())
+
+    def _repr_html_(self) -> str:
+        return f'<div class="fednb-importance-chart">{self.svg()}</div>'
+
+
+class TreeScores:
+    """What ``%fed_veval`` shows of a boosting model: its metrics, then its feature importance."""
+
+    def __init__(self, metrics: Table, importance: Importance) -> None:
+        self.metrics, self.importance = metrics, importance
+
+    def __repr__(self) -> str:
+        return f"{self.metrics!r}\n\n{self.importance!r}"
+
+    def _repr_html_(self) -> str:
+        return self.metrics._repr_html_() + self.importance._repr_html_()
+
+
 class Following:
-    """What ``%fed_vtrain`` shows while a model trains: the widget in a kernel, a line per epoch elsewhere.
+    """What ``%fed_vtrain`` shows while a model trains: the widget in a kernel, a line per epoch or tree elsewhere.
 
     Built (and shown) just before training starts; :meth:`trained` or :meth:`failed` ends it. A
     foreground run's error is the magic's own one-line error, so the widget points there.
@@ -226,27 +378,34 @@ class Following:
         self.widget: VerticalDashboard | None = None
         self.metrics: dict[str, float] = {}
         self.note = ""
+        self.label_party = vertical.label_party
         if getattr(shell, "kernel", None) is None:
             self._detach = vertical.federation.subscribe(VerticalLines())
             self._handle: Any = None
             return
         from IPython.display import display
 
-        self.widget = VerticalDashboard(detail=describe(settings), classes=settings.get("classes"),
-                                        epochs=int(settings["epochs"]))
+        mode = mode_of(settings)
+        self.widget = VerticalDashboard(mode=mode, detail=describe(settings), classes=settings.get("classes"),
+                                        epochs=int(settings.get("epochs", 0)), trees=int(settings.get("trees", 0)),
+                                        depth=int(settings.get("depth", 0)))
         self._detach = self.widget.attach(vertical)
         self._handle = display(self.widget, display_id=True)
 
     def trained(self, model: Any, vertical: Any) -> None:
-        """Training ended: the test split's metrics, scored by the label party, end the view."""
+        """Training ended: the test split's metrics, scored by the label party, and for trees each party's feature
+        importance end the view."""
         from fednb.errors import FednbError
 
         self._detach()
+        importance = None
         try:
             self.metrics = vertical.evaluate(model)
+            if isinstance(model, BoostingModel):
+                importance = vertical.importance(model)
         except (FednbError, ValueError) as exc:  # a party that has not approved scoring: train, don't score
             self.note = f"not scored on the test rows: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        self._show(metrics=self.metrics, note=self.note)
+        self._show(metrics=self.metrics, note=self.note, importance=importance)
 
     def failed(self, error: BaseException) -> None:
         self._detach()
@@ -260,13 +419,21 @@ class Following:
 
     def summary(self, name: str, model: Any) -> str:
         """One line on the trained model: where it is, how long it took, how it scores."""
-        count = len(model.models)
-        what = f"{count} one-vs-rest models" if count > 1 else "hetero logistic regression"
         seconds = sum(model.seconds)
-        per_epoch = seconds / len(model.seconds) if model.seconds else 0.0
-        line = f"{name}: {what}, {model.config.epochs} epochs in {seconds:.1f} s ({per_epoch:.2f} s per epoch)"
+        per = seconds / len(model.seconds) if model.seconds else 0.0
+        if isinstance(model, BoostingModel):
+            trees = f"{len(model.seconds)} rounds of {model.classes} trees" if model.classes > 1 else \
+                f"{len(model.seconds)} trees"
+            line = (f"{name}: SecureBoost, {trees} of depth {model.config.depth} in {seconds:.1f} s "
+                    f"({per:.2f} s per {'round' if model.classes > 1 else 'tree'}, set up in {model.setup_seconds:.1f} s)")
+            keeps = f"each party keeps its own thresholds, {self.label_party} the leaf weights"
+        else:
+            count = len(model.models)
+            what = f"{count} one-vs-rest models" if count > 1 else "hetero logistic regression"
+            line = f"{name}: {what}, {model.config.epochs} epochs in {seconds:.1f} s ({per:.2f} s per epoch)"
+            keeps = "each party keeps its own weights"
         if self.metrics:
             line += "; test " + ", ".join(f"{METRICS.get(k, k)} {v:.4f}" for k, v in self.metrics.items())
         elif self.note:
             line += f"; {self.note}"
-        return line + " — each party keeps its own weights"
+        return f"{line} — {keeps}"
