@@ -12,9 +12,12 @@ from hypothesis import strategies as st
 
 from fednb.strategies import (
     STRATEGIES,
+    FedAdagrad,
+    FedAdam,
     FedAvg,
     FedAvgM,
     FedProx,
+    FedYogi,
     RunningMean,
     Strategy,
     get_strategy,
@@ -204,7 +207,7 @@ def test_fedprox_adds_mu_without_mutating() -> None:
 
 
 def test_fedavgm_closed_form_over_two_rounds() -> None:
-    strategy = FedAvgM(server_lr=0.5, momentum=0.9)
+    strategy = FedAvgM(server_lr=0.5, server_momentum=0.9)
     w0 = _readonly(w=np.array([1.0, 1.0], np.float32), n=np.array(4, np.int64))
     agg = strategy.start_round(1, w0)
     agg.add(_readonly(w=np.array([0.0, 2.0], np.float32), n=np.array(5, np.int64)), 1)
@@ -222,12 +225,12 @@ def test_fedavgm_closed_form_over_two_rounds() -> None:
 
 
 def test_fedavgm_without_momentum_is_fedavg_and_resets_on_new_model() -> None:
-    strategy = FedAvgM(server_lr=1.0, momentum=0.0)
+    strategy = FedAvgM(server_lr=1.0, server_momentum=0.0)
     agg = strategy.start_round(1, {"w": np.zeros(2)})
     agg.add({"w": np.array([1.0, 2.0])}, 1)
     agg.add({"w": np.array([3.0, 4.0])}, 3)
     np.testing.assert_allclose(agg.result()["w"], [2.5, 3.5])
-    strategy = FedAvgM(server_lr=1.0, momentum=0.5)
+    strategy = FedAvgM(server_lr=1.0, server_momentum=0.5)
     for shape in ((2,), (3,)):  # a new model shape starts again from zero velocity
         agg = strategy.start_round(1, {"w": np.zeros(shape)})
         agg.add({"w": np.ones(shape)}, 1)
@@ -236,10 +239,165 @@ def test_fedavgm_without_momentum_is_fedavg_and_resets_on_new_model() -> None:
 
 def test_fedavgm_current_is_copied() -> None:
     current = {"w": np.zeros(2)}
-    agg = FedAvgM(momentum=0.0).start_round(1, current)
+    agg = FedAvgM(server_momentum=0.0).start_round(1, current)
     current["w"][:] = 5  # the caller reuses its buffer
     agg.add({"w": np.ones(2)}, 1)
     np.testing.assert_allclose(agg.result()["w"], [1, 1])
+
+
+def test_fedavgm_state_survives_a_checkpoint(tmp_path) -> None:
+    rounds = [{"w": np.array([0.0, 2.0]), "b": np.array([1.0])}, {"w": np.array([0.5, 1.0]), "b": np.array([3.0])}]
+    a, b = FedAvgM(server_lr=0.5, server_momentum=0.9), FedAvgM(server_lr=0.5, server_momentum=0.9)
+    w = {"w": np.array([1.0, 1.0]), "b": np.array([0.0])}
+    for mean in rounds:
+        agg = a.start_round(1, w)
+        agg.add(mean, 1)
+        w = agg.result()
+    state = a.state()
+    assert set(state) == {"velocity/w", "velocity/b", "steps"} and state["steps"] == 2
+    np.savez(tmp_path / "fedavgm.npz", **state)
+    with np.load(tmp_path / "fedavgm.npz", allow_pickle=False) as saved:
+        b.load_state(dict(saved))
+    outs = []
+    for strategy in (a, b):
+        agg = strategy.start_round(3, w)
+        agg.add({"w": np.array([2.0, 0.0]), "b": np.array([1.0])}, 1)
+        outs.append(agg.result())
+    np.testing.assert_array_equal(outs[0]["w"], outs[1]["w"])
+    a.reset()
+    assert a.state() == {"steps": 0}
+
+
+# ------------------------------------------------------------------ adaptive (Reddi et al.)
+
+
+def _reddi(rule: str, x0: np.ndarray, means: list[np.ndarray], eta: float, b1: float, b2: float, tau: float):
+    """Algorithm 2 of Reddi et al. (ICLR 2021), written out: the weights after each round."""
+    m, v, x, out = np.zeros_like(x0), np.full_like(x0, tau**2), x0, []
+    for mean in means:
+        d = mean - x
+        m = b1 * m + (1 - b1) * d
+        if rule == "adagrad":
+            v = v + d**2
+        elif rule == "adam":
+            v = b2 * v + (1 - b2) * d**2
+        else:
+            v = v - (1 - b2) * d**2 * np.sign(v - d**2)
+        x = x + eta * m / (np.sqrt(v) + tau)
+        out.append(x)
+    return out, m, v
+
+
+ADAPTIVE = [("adam", FedAdam, {"server_lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}),
+            ("yogi", FedYogi, {"server_lr": 0.1, "beta1": 0.8, "beta2": 0.9, "tau": 1e-2}),
+            ("adagrad", FedAdagrad, {"server_lr": 0.5, "beta1": 0.5, "tau": 1e-3})]
+
+
+@pytest.mark.parametrize(("rule", "cls", "options"), ADAPTIVE)
+def test_adaptive_strategies_closed_form_over_three_rounds(rule, cls, options) -> None:
+    x0 = np.array([1.0, -2.0, 0.5])
+    # two parties a round, weighted by examples; for Yogi, Δ² is above v in rounds 1-2 and below it in round 3
+    replies = [[(np.array([0.0, -1.0, 0.5]), 1), (np.array([2.0, -2.0, 0.5]), 3)],
+               [(np.array([1.5, -1.0, 0.4]), 2), (np.array([1.5, -1.0, 0.4]), 2)],
+               [(np.array([1.2, -1.7, 0.401]), 1), (np.array([1.22, -1.68, 0.402]), 1)]]
+    strategy, x, got = cls(**options), _readonly(w=x0, n=np.array(4, np.int64)), []
+    means = []
+    for r, parties in enumerate(replies, 1):
+        agg = strategy.start_round(r, x)
+        for w, n in parties:
+            agg.add(_readonly(w=w, n=np.array(2 * r, np.int64)), n)
+        means.append(sum(w * n for w, n in parties) / sum(n for _, n in parties))
+        x = agg.result()
+        assert x["w"].dtype == np.float64 and int(x["n"]) == 2 * r  # integers: the plain mean
+        got.append(x["w"])
+    b2 = options.get("beta2", 0.0)
+    expected, m, v = _reddi(rule, x0, means, options["server_lr"], options["beta1"], b2, options["tau"])
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-12)
+    state = strategy.state()
+    np.testing.assert_allclose(state["m/w"], m, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(state["v/w"], v, rtol=0, atol=1e-12)
+    assert state["steps"] == 3 and set(state) == {"m/w", "v/w", "steps"}
+    np.testing.assert_array_equal(x0, [1.0, -2.0, 0.5])  # inputs untouched
+
+
+def test_fedadam_first_step_by_hand() -> None:
+    # Δ = [-1, 1]; m = 0.1 Δ; v = 0.99 τ² + 0.01 Δ² = 0.01 + 0.99e-6; x1 = x0 + η m / (√v + τ)
+    agg = FedAdam(server_lr=0.01, tau=1e-3).start_round(1, {"w": np.array([1.0, 1.0])})
+    agg.add({"w": np.array([0.0, 2.0])}, 5)
+    step = 0.01 * 0.1 / (np.sqrt(0.01 + 0.99e-6) + 1e-3)
+    np.testing.assert_allclose(agg.result()["w"], [1 - step, 1 + step], rtol=0, atol=1e-15)
+    assert 0.0098 < step < 0.01  # ≈ η: Adam's first step is about η per coordinate
+
+
+@pytest.mark.parametrize(("rule", "cls", "options"), ADAPTIVE)
+def test_adaptive_strategies_keep_float32(rule, cls, options) -> None:
+    x0 = np.array([[1.0, -2.0], [0.5, 0.0]], np.float32)
+    strategy, x, x64 = cls(**options), {"w": x0}, [x0.astype(np.float64)]
+    for r in range(1, 3):
+        agg = strategy.start_round(r, x)
+        agg.add({"w": x["w"] + np.float32(0.25 * r)}, 1)
+        x = agg.result()
+        assert x["w"].dtype == np.float32
+        assert strategy.state()["m/w"].dtype == np.float32 == strategy.state()["v/w"].dtype
+    means = [x0.astype(np.float64) + 0.25]
+    first, _, _ = _reddi(rule, x64[0], means, options["server_lr"], options["beta1"], options.get("beta2", 0.0),
+                         options["tau"])
+    second, _, _ = _reddi(rule, x64[0], [means[0], first[0] + 0.5], options["server_lr"], options["beta1"],
+                          options.get("beta2", 0.0), options["tau"])
+    np.testing.assert_allclose(x["w"], second[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi, FedAdagrad])
+def test_adaptive_state_survives_a_checkpoint_and_resets(cls, tmp_path) -> None:
+    a, b = cls(), cls()
+    x = {"w": np.array([1.0, 2.0]), "b": np.array([0.5])}
+    for r in (1, 2):
+        agg = a.start_round(r, x)
+        agg.add({"w": x["w"] * 0.9, "b": x["b"] + 0.1}, 3)
+        x = agg.result()
+    np.savez(tmp_path / "opt.npz", **a.state())
+    with np.load(tmp_path / "opt.npz", allow_pickle=False) as saved:
+        b.load_state(dict(saved))
+    assert b.state()["steps"] == 2
+    outs = []
+    for strategy in (a, b):
+        agg = strategy.start_round(3, x)
+        agg.add({"w": np.array([0.0, 0.0]), "b": np.array([1.0])}, 1)
+        outs.append(agg.result())
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(outs[0][key], outs[1][key])
+    # a fresh strategy (or reset, or a new model shape) starts from m = 0, v = τ²
+    fresh = cls()
+    agg = fresh.start_round(3, x)
+    agg.add({"w": np.array([0.0, 0.0]), "b": np.array([1.0])}, 1)
+    assert not np.allclose(agg.result()["w"], outs[0]["w"])
+    a.reset()
+    assert a.state() == {"steps": 0}
+    agg = b.start_round(4, {"w": np.zeros(3)})  # another model: the moments start again
+    agg.add({"w": np.ones(3)}, 1)
+    agg.result()
+    assert b.state()["steps"] == 1 and b.state()["m/w"].shape == (3,)
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        ({"m/w": np.zeros(2)}, "do not cover the same tensors"),
+        ({"m/w": np.zeros(2), "v/w": np.zeros(3)}, "do not cover the same tensors"),
+        ({"m/w": np.zeros(2), "v/w": -np.ones(2)}, ">= 0"),
+        ({"m/w": np.zeros(2), "v/w": np.full(2, np.nan)}, "finite float"),
+        ({"m/w": np.zeros(2, np.int64), "v/w": np.zeros(2)}, "finite float"),
+        ({"momentum/w": np.zeros(2)}, "unexpected state entry 'momentum/w'"),
+        ({"steps": -1}, "steps"),
+        ([1, 2], "mapping"),
+    ],
+)
+def test_bad_adaptive_states_are_refused(state, match: str) -> None:
+    strategy = FedAdam()
+    with pytest.raises(ValueError, match=match):
+        strategy.load_state(state)
+    assert strategy.state() == {"steps": 0}  # nothing half-loaded
 
 
 @pytest.mark.parametrize(
@@ -248,9 +406,14 @@ def test_fedavgm_current_is_copied() -> None:
         (lambda: FedProx(mu=-1), "mu"),
         (lambda: FedProx(mu=float("nan")), "mu"),
         (lambda: FedAvgM(server_lr=0), "server_lr"),
-        (lambda: FedAvgM(momentum=1.0), "momentum"),
-        (lambda: FedAvgM(momentum=-0.1), "momentum"),
-        (lambda: FedAvgM(momentum="0.9"), "momentum"),
+        (lambda: FedAvgM(server_momentum=1.0), "server_momentum"),
+        (lambda: FedAvgM(server_momentum=-0.1), "server_momentum"),
+        (lambda: FedAvgM(server_momentum="0.9"), "server_momentum"),
+        (lambda: FedAdam(server_lr=0), "server_lr"),
+        (lambda: FedAdam(beta1=1.0), "beta1"),
+        (lambda: FedYogi(beta2=-0.5), "beta2"),
+        (lambda: FedYogi(tau=0), "tau"),
+        (lambda: FedAdagrad(tau=float("inf")), "tau"),
     ],
 )
 def test_constructor_arguments_are_validated(factory, match: str) -> None:
@@ -259,17 +422,20 @@ def test_constructor_arguments_are_validated(factory, match: str) -> None:
 
 
 def test_get_strategy() -> None:
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedavgm"}
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median",
+                               "trimmed-mean", "krum", "multi-krum", "bulyan"}
     assert all(issubclass(c, Strategy) and c.name == n for n, c in STRATEGIES.items())
     assert isinstance(get_strategy("fedavg"), FedAvg)
     assert get_strategy("FedProx", mu=0.3).mu == 0.3
     assert isinstance(get_strategy("fedavg", mu=None, momentum=None), FedAvg)
-    m = get_strategy("fedavgm", server_lr=0.5, momentum=None)
-    assert (m.server_lr, m.momentum) == (0.5, 0.9)
+    m = get_strategy("fedavgm", server_lr=0.5, server_momentum=None, momentum=None)
+    assert (m.server_lr, m.server_momentum) == (0.5, 0.9)
+    with pytest.raises(ValueError, match="does not take momentum"):  # the local optimizer's, not the server's
+        get_strategy("fedavgm", momentum=0.5)
     instance = FedProx()
     assert get_strategy(instance) is instance
     assert get_strategy(instance, mu=None) is instance
-    with pytest.raises(ValueError, match="known strategies: fedavg, fedprox, fedavgm"):
+    with pytest.raises(ValueError, match="known strategies: fedavg, fedprox, fedavgm, fedadam"):
         get_strategy("scaffold")
     with pytest.raises(ValueError, match="does not take mu"):
         get_strategy("fedavg", mu=0.1)

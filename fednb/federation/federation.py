@@ -30,7 +30,7 @@ from fednb.federation.rounds import Evaluation, evaluate_round
 from fednb.federation.secure import SecureAggregation
 from fednb.federation.source import check_code, model_source
 from fednb.federation.training import RunPlan, run_rounds, sampled_count
-from fednb.strategies import Strategy, get_strategy
+from fednb.strategies import Strategy, get_strategy, summable
 from fednb.tensors import state_arrays
 from fednb.wire import Message
 from fednb.wire.config import check_config
@@ -241,7 +241,16 @@ class Federation:
         secure = SecureAggregation.of(secure_aggregation)
         if secure is not None and getattr(chosen_strategy, "individual_updates", False):
             raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update, "
-                             "which secure aggregation hides; use fedavg, fedavgm or fedprox")
+                             "which secure aggregation hides; use one of " + ", ".join(summable()))
+        from fednb.privacy.dpfedavg import DPFedAvg
+
+        if isinstance(dp, DPFedAvg) and getattr(chosen_strategy, "individual_updates", False):
+            raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update; "
+                             "DP-FedAvg gives it one noised sum; use one of " + ", ".join(summable()))
+        needed = getattr(chosen_strategy, "min_updates", 1)
+        if needed > (per_round or len(chosen)):
+            raise ValueError(f"strategy {chosen_strategy.name!r} needs at least {needed} updates a round, and a "
+                             f"round here has at most {per_round or len(chosen)}")
         code = self._source_of(model, source)
         if train_cell is not None:
             check_code(train_cell, "train cell")

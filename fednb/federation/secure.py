@@ -35,7 +35,7 @@ from fednb.federation.protocol import Gathered, Stage, Steps, summarize_drops
 from fednb.federation.rounds import Evaluation, RoundOutcome, _Evaluations
 from fednb.privacy import SecAggAbort, SecAggConfig, SecAggCoordinator, SecAggError
 from fednb.privacy.secagg import apply_update, dimension, model_hash
-from fednb.strategies import Strategy
+from fednb.strategies import Strategy, summable
 from fednb.wire import Message
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def secure_round(
     """
     if getattr(strategy, "individual_updates", False):
         raise ValueError(f"strategy {getattr(strategy, 'name', strategy)!r} needs every party's update, which "
-                         "secure aggregation hides; use fedavg, fedavgm or fedprox")
+                         "secure aggregation hides; use one of " + ", ".join(summable()))
     dropped: dict[str, str] = dict(unavailable or {})
     stages: dict[str, float] = {}
     evaluations = _Evaluations()

@@ -1,7 +1,10 @@
 """Federated strategies: how a round is configured and how updates become new weights.
 
 Numpy only; nothing here imports torch. ``get_strategy("fedprox", mu=0.1)`` is how the
-magics and the CLI pick one by name.
+magics and the CLI pick one by name: fedavg, fedprox and fedavgm; the adaptive server
+optimizers fedadam, fedyogi and fedadagrad (:mod:`~fednb.strategies.adaptive`); the robust
+rules median, trimmed-mean, krum, multi-krum and bulyan (:mod:`~fednb.strategies.robust`),
+which need every party's update (``individual_updates``) and so refuse secure aggregation.
 """
 
 from __future__ import annotations
@@ -9,27 +12,41 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from fednb.strategies.adaptive import FedAdagrad, FedAdam, FedYogi
 from fednb.strategies.aggregate import RunningMean, weighted_mean, weighted_metrics
 from fednb.strategies.base import Aggregation, Strategy
 from fednb.strategies.fedavg import FedAvg, MeanAggregation
 from fednb.strategies.fedavgm import FedAvgM
 from fednb.strategies.fedprox import FedProx
+from fednb.strategies.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
 
 __all__ = [
     "STRATEGIES",
     "Aggregation",
+    "Bulyan",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
     "FedAvgM",
     "FedProx",
+    "FedYogi",
+    "Krum",
     "MeanAggregation",
+    "Median",
+    "MultiKrum",
     "RunningMean",
     "Strategy",
+    "TrimmedMean",
     "get_strategy",
+    "summable",
     "weighted_mean",
     "weighted_metrics",
 ]
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAvgM)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls
+    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, Krum, MultiKrum, Bulyan)
+}
 
 
 def get_strategy(name_or_instance: str | Strategy, **kwargs: Any) -> Strategy:
@@ -49,7 +66,7 @@ def get_strategy(name_or_instance: str | Strategy, **kwargs: Any) -> Strategy:
         return name_or_instance
     if not isinstance(name_or_instance, str):
         raise ValueError(f"strategy must be a name or a Strategy instance, got {type(name_or_instance).__name__}")
-    cls = STRATEGIES.get(name_or_instance.strip().lower())
+    cls = STRATEGIES.get(name_or_instance.strip().lower().replace("_", "-"))  # trimmed_mean too
     if cls is None:
         raise ValueError(f"unknown strategy {name_or_instance!r}; known strategies: {', '.join(STRATEGIES)}")
     accepted = {
@@ -62,3 +79,8 @@ def get_strategy(name_or_instance: str | Strategy, **kwargs: Any) -> Strategy:
         takes = ", ".join(sorted(accepted)) or "no options"
         raise ValueError(f"strategy {cls.name!r} does not take {', '.join(unknown)} (it takes: {takes})")
     return cls(**given)
+
+
+def summable() -> list[str]:
+    """The strategies that work on the mean alone (so under secure aggregation and DP-FedAvg's noised sum)."""
+    return [name for name, cls in STRATEGIES.items() if not getattr(cls, "individual_updates", False)]

@@ -78,10 +78,10 @@ def _check_weight(weight: float, what: str) -> float:
 
 
 def _accumulator_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    """float32/float64 accumulate in their own dtype; float16 and integers do not."""
-    if dtype.kind == "f":
-        return np.dtype(np.float64) if dtype.itemsize > 4 else np.dtype(np.float32)
-    if dtype.kind in "biu":
+    """Everything accumulates in float64: an example count times a float32 value is exact there, so the
+    sum hardly depends on the order the parties replied in (and a round's mean is the same, to the last
+    float32 bit, whoever was first: a resumed run matches an uninterrupted one)."""
+    if dtype.kind in "fbiu":
         return np.dtype(np.float64)
     raise ValueError(f"cannot average arrays of dtype {dtype}")
 
@@ -135,8 +135,7 @@ class RunningMean:
         self._scratch: dict[str, np.ndarray] = {}
         self.count = 0
         self.total_weight = 0.0
-        self._unit = 1.0
-        self._relative_total = 0.0
+        self._weight_total = 0.0
 
     def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold ``update`` in with ``weight`` (> 0); the update itself is only read."""
@@ -150,16 +149,15 @@ class RunningMean:
             arrays = _conform(update, self._spec)
         if not self._acc:
             self._acc = {k: np.zeros(shape, _accumulator_dtype(dtype)) for k, (shape, dtype) in self._spec.items()}
-            self._unit = w
-        # weights are taken relative to the first one, so a lone update (or one party that
-        # trained nothing) comes out bit for bit as it went in: 0 + 1·x, divided by 1
-        relative = w / self._unit
+        # absolute weights (example counts): w·x is exact in float64, so a lone update comes out bit for bit
+        # as it went in (w·x / w), and the sum is the same in any order but for float64 rounding
+        relative = w
         with _one_blas_thread():
             for key, x in arrays.items():
                 self._accumulate(key, x, relative)
         self.count += 1
         self.total_weight += w
-        self._relative_total += relative
+        self._weight_total += relative
 
     def _accumulate(self, key: str, x: np.ndarray, w: float) -> None:
         acc = self._acc[key]
@@ -183,7 +181,7 @@ class RunningMean:
         """The weighted mean so far, as new arrays in the updates' dtypes and key order."""
         if self.count == 0 or self._spec is None:
             raise ValueError("no updates to average: add() was never called")
-        return {k: _finish(self._acc[k], self._relative_total, dtype) for k, (_, dtype) in self._spec.items()}
+        return {k: _finish(self._acc[k], self._weight_total, dtype) for k, (_, dtype) in self._spec.items()}
 
 
 def weighted_mean(

@@ -2,28 +2,39 @@
 
 Hsu, Qi & Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
 Visual Classification", 2019. Each round the averaged update defines a pseudo-gradient
-``d = current − mean(updates)``; the coordinator keeps a velocity ``v = momentum · v + d``
-across rounds and steps ``new = current − server_lr · v``. With ``server_lr = 1`` and
-``momentum = 0`` this is FedAvg.
+``d = current − mean(updates)``; the coordinator keeps a velocity
+``v = server_momentum · v + d`` across rounds and steps ``new = current − server_lr · v``.
+With ``server_lr = 1`` and ``server_momentum = 0`` this is FedAvg. The option is named
+``server_momentum`` so that it never meets the local optimizer's ``momentum`` in ``train()``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from fednb.strategies.base import Aggregation, Strategy
-from fednb.strategies.fedavg import MeanAggregation
+from fednb.strategies.server_step import (ServerStepAggregation, check_number, float_dtype, pack_state, same_model,
+                                          unpack_state)
 
 __all__ = ["FedAvgM"]
 
 
-def _float_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    """The dtype momentum is kept in: float32, or float64 for float64 weights."""
-    return np.dtype(np.float64) if dtype.itemsize > 4 else np.dtype(np.float32)
+def momentum_step(w: np.ndarray, mean: np.ndarray, velocity: np.ndarray | None, server_lr: float,
+                  server_momentum: float) -> tuple[np.ndarray, np.ndarray]:
+    """One FedAvgM step for one float tensor: ``(new weights, new velocity)``, inputs untouched."""
+    dtype = float_dtype(w.dtype)
+    w_acc = w.astype(dtype, copy=False)
+    d = np.subtract(w_acc, mean, dtype=dtype)
+    if velocity is None:
+        v = d
+    else:
+        v = np.multiply(velocity.astype(dtype, copy=False), dtype.type(server_momentum))
+        v += d
+    new = np.subtract(w_acc, np.multiply(v, dtype.type(server_lr))).astype(w.dtype, copy=False)
+    return new, v
 
 
 class FedAvgM(Strategy):
@@ -31,79 +42,49 @@ class FedAvgM(Strategy):
 
     Integer tensors (such as BatchNorm's ``num_batches_tracked``) are averaged as in
     FedAvg, without momentum. When the model's names or shapes change, the velocity
-    starts again from zero.
+    starts again from zero. :meth:`state` and :meth:`load_state` carry the velocity
+    through a checkpoint.
     """
 
     name = "fedavgm"
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9) -> None:
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)):
-            raise ValueError(f"server_lr must be a number, got {server_lr!r}")
-        if not math.isfinite(server_lr) or server_lr <= 0:
-            raise ValueError(f"server_lr must be finite and > 0, got {server_lr!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise ValueError(f"momentum must be a number, got {momentum!r}")
-        if not (0 <= momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.server_lr = float(server_lr)
-        self.momentum = float(momentum)
+    def __init__(self, server_lr: float = 1.0, server_momentum: float = 0.9) -> None:
+        self.server_lr = check_number("server_lr", server_lr, 0.0, low_open=True)
+        self.server_momentum = check_number("server_momentum", server_momentum, 0.0, 1.0)
         self._velocity: dict[str, np.ndarray] = {}
+        self._steps = 0
 
     def reset(self) -> None:
         """Forget the velocity, as before the first round."""
         self._velocity = {}
+        self._steps = 0
+
+    def state(self) -> dict[str, Any]:
+        """The velocity as ``{"velocity/<tensor>": array, "steps": n}``: numpy arrays and an int."""
+        return pack_state({"velocity": self._velocity}, self._steps)
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state` (e.g. read back from a checkpoint)."""
+        slots, steps = unpack_state(state, ("velocity",))
+        self._velocity, self._steps = slots["velocity"], steps
 
     def start_round(self, round: int, current: Mapping[str, np.ndarray]) -> Aggregation:
-        return _MomentumAggregation(self, current)
+        return ServerStepAggregation(current, self._step)
 
     def _step(self, current: Mapping[str, np.ndarray], mean: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Apply one momentum step; updates the velocity, returns the new weights."""
-        floats = [k for k, w in current.items() if w.dtype.kind == "f"]
-        same_model = set(self._velocity) == set(floats) and all(
-            self._velocity[k].shape == current[k].shape for k in floats
-        )
-        velocity = self._velocity if same_model else {}
+        velocity = self._velocity if same_model(self._velocity, current) else {}
         new: dict[str, np.ndarray] = {}
         updated: dict[str, np.ndarray] = {}
         for key, w in current.items():
             if w.dtype.kind != "f":
                 new[key] = mean[key]
                 continue
-            dtype = _float_dtype(w.dtype)
-            w_acc = w.astype(dtype, copy=False)
-            d = np.subtract(w_acc, mean[key], dtype=dtype)
-            if key in velocity:
-                v = np.multiply(velocity[key], dtype.type(self.momentum))
-                v += d
-            else:
-                v = d
-            updated[key] = v
-            step = np.multiply(v, dtype.type(self.server_lr))
-            new[key] = np.subtract(w_acc, step).astype(w.dtype, copy=False)
+            new[key], updated[key] = momentum_step(w, mean[key], velocity.get(key), self.server_lr,
+                                                   self.server_momentum)
         self._velocity = updated
+        self._steps = self._steps + 1 if velocity else 1
         return new
 
     def __repr__(self) -> str:
-        return f"FedAvgM(server_lr={self.server_lr!r}, momentum={self.momentum!r})"
-
-
-class _MomentumAggregation(Aggregation):
-    """FedAvg's streaming mean, then one momentum step when the result is taken."""
-
-    def __init__(self, strategy: FedAvgM, current: Mapping[str, np.ndarray]) -> None:
-        self._strategy = strategy
-        # a private copy: the caller may load the weights into a model and change them
-        self._current = {k: np.array(v, copy=True) for k, v in current.items()}
-        self._mean = MeanAggregation(self._current)
-        self._result: dict[str, np.ndarray] | None = None
-
-    def add(self, update: Mapping[str, np.ndarray], examples: int) -> None:
-        if self._result is not None:
-            raise ValueError("this round's result was already taken; start a new round")
-        self._mean.add(update, examples)
-
-    def result(self) -> dict[str, np.ndarray]:
-        # the momentum step changes the strategy's state, so it runs once per round
-        if self._result is None:
-            self._result = self._strategy._step(self._current, self._mean.result())
-        return {k: v.copy() for k, v in self._result.items()}
+        return f"FedAvgM(server_lr={self.server_lr!r}, server_momentum={self.server_momentum!r})"
