@@ -246,3 +246,20 @@ def test_the_magics_training_defaults_are_the_apis():
     assert {name: defaults[name] for name in shared} == {name: parameters[name].default for name in shared}
     for shown in ("--lr", "default: 0.05", "default: 16", "default: 0.9"):
         assert shown in FedMagics.fed_train.__doc__
+
+
+def test_fed_train_checkpoints_resumes_and_samples(ip, tmp_path):
+    """--checkpoint FILE writes after each round and the same magic continues the run; --parties-per-round samples."""
+    from fednb.federation.checkpoint import load
+
+    define_model(ip)
+    fed = ip.user_ns["fed"]
+    path = tmp_path / "run.ckpt"
+    before = len(fed.history)
+    ip.run_line_magic("fed_train", f"--rounds 2 --lr 0.05 --checkpoint {path} --parties-per-round 2")
+    saved = load(path)
+    assert saved.round == before + 2 and all(len(r.parties) == 2 for r in saved.history)
+    ip.run_line_magic("fed_train", f"--rounds 3 --lr 0.05 --checkpoint {path} --parties-per-round 2")
+    assert load(path).round == before + 3 and load(path).run == saved.run and len(fed.history) == before + 3
+    with pytest.raises(UsageError, match="the configuration differ"):
+        ip.run_line_magic("fed_train", f"--rounds 3 --lr 0.5 --checkpoint {path} --parties-per-round 2")

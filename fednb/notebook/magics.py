@@ -245,6 +245,11 @@ class FedMagics(VerticalMagics, Magics):
     @argument("--round-timeout", type=float, default=DEFAULTS["round_timeout"],
               help="seconds before a silent party is dropped (default: %(default)s)")
     @argument("--parties", default=None, help="comma-separated parties to train with (default: all)")
+    @argument("--parties-per-round", type=int, default=None,
+              help="sample this many online parties each round (drawn from --seed and the round)")
+    @argument("--fraction", type=float, default=None, help="sample this fraction of the parties each round")
+    @argument("--checkpoint", default=None,
+              help="write the run's state to FILE after every round; the same %%fed_train again continues it")
     @argument("--model", default="model", help="the notebook variable holding the model")
     @argument("--background", action="store_true", help="return at once; %%fed_stop ends training")
     @argument("--secure-aggregation", action="store_true",
@@ -306,6 +311,8 @@ class FedMagics(VerticalMagics, Magics):
                    "batch_size": args.batch_size, "optimizer": args.optimizer, "momentum": args.momentum,
                    "loss": args.loss, "min_parties": args.min_parties, "round_timeout": args.round_timeout,
                    "parties": parties(args.parties), "train_cell": cell, **strategy_options(args),
+                   "parties_per_round": args.parties_per_round, "fraction": args.fraction,
+                   "checkpoint": args.checkpoint,
                    "secure_aggregation": secure_aggregation(args.secure_aggregation, args.clip),
                    "dp": differential_privacy(noise=args.dp_noise, epsilon=args.dp_epsilon, clip=args.dp_clip,
                                               delta=args.dp_delta, fedavg=args.dp_fedavg, adaptive=args.adaptive_clip,
