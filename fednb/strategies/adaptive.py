@@ -119,13 +119,10 @@ class ServerOptimizer:
         return f"server_lr={self.server_lr!r}, beta1={self.beta1!r}, beta2={self.beta2!r}, tau={self.tau!r}"
 
 
-class FedAdam(Strategy):
-    """FedAvg's parties, Adam on the coordinator (Reddi et al. 2021)."""
+class _OnServerOptimizer:
+    """What the three strategies share: a round's mean goes through their :class:`ServerOptimizer`."""
 
-    name = "fedadam"
-
-    def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
-        self.optimizer = ServerOptimizer("adam", server_lr=server_lr, beta1=beta1, beta2=beta2, tau=tau)
+    optimizer: ServerOptimizer
 
     def start_round(self, round: int, current: Mapping[str, np.ndarray]) -> Aggregation:
         return ServerStepAggregation(current, self.optimizer.step)
@@ -146,7 +143,16 @@ class FedAdam(Strategy):
         return f"{type(self).__name__}({self.optimizer.options()})"
 
 
-class FedYogi(Strategy):
+class FedAdam(_OnServerOptimizer, Strategy):
+    """FedAvg's parties, Adam on the coordinator (Reddi et al. 2021)."""
+
+    name = "fedadam"
+
+    def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        self.optimizer = ServerOptimizer("adam", server_lr=server_lr, beta1=beta1, beta2=beta2, tau=tau)
+
+
+class FedYogi(_OnServerOptimizer, Strategy):
     """FedAvg's parties, Yogi on the coordinator: ``v`` moves additively, so it grows more slowly
     than Adam's after large updates (Reddi et al. 2021)."""
 
@@ -155,26 +161,8 @@ class FedYogi(Strategy):
     def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
         self.optimizer = ServerOptimizer("yogi", server_lr=server_lr, beta1=beta1, beta2=beta2, tau=tau)
 
-    def start_round(self, round: int, current: Mapping[str, np.ndarray]) -> Aggregation:
-        return ServerStepAggregation(current, self.optimizer.step)
 
-    def reset(self) -> None:
-        """Forget ``m`` and ``v``, as before the first round."""
-        self.optimizer.reset()
-
-    def state(self) -> dict[str, Any]:
-        """``{"m/<tensor>": array, "v/<tensor>": array, "steps": n}``: numpy arrays and an int."""
-        return self.optimizer.state()
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from a :meth:`state` (e.g. read back from a checkpoint)."""
-        self.optimizer.load_state(state)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.optimizer.options()})"
-
-
-class FedAdagrad(Strategy):
+class FedAdagrad(_OnServerOptimizer, Strategy):
     """FedAvg's parties, Adagrad on the coordinator: ``v`` sums every round's Δ² (Reddi et al. 2021)."""
 
     name = "fedadagrad"
@@ -182,21 +170,6 @@ class FedAdagrad(Strategy):
     def __init__(self, server_lr: float = 1e-1, beta1: float = 0.0, tau: float = 1e-3) -> None:
         # Adagrad has no β2; the optimizer's is unused
         self.optimizer = ServerOptimizer("adagrad", server_lr=server_lr, beta1=beta1, beta2=0.0, tau=tau)
-
-    def start_round(self, round: int, current: Mapping[str, np.ndarray]) -> Aggregation:
-        return ServerStepAggregation(current, self.optimizer.step)
-
-    def reset(self) -> None:
-        """Forget ``m`` and ``v``, as before the first round."""
-        self.optimizer.reset()
-
-    def state(self) -> dict[str, Any]:
-        """``{"m/<tensor>": array, "v/<tensor>": array, "steps": n}``: numpy arrays and an int."""
-        return self.optimizer.state()
-
-    def load_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from a :meth:`state` (e.g. read back from a checkpoint)."""
-        self.optimizer.load_state(state)
 
     def __repr__(self) -> str:
         o = self.optimizer
