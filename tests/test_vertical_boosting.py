@@ -211,7 +211,7 @@ def test_secureboost_on_breast_across_guarded_parties_matches_scikit_learn(parti
         metrics = vfl.evaluate(model)
         predictions = vfl.predict(model)
         importance = vfl.importance(model)
-        with pytest.raises(FederationError, match="boosts encrypted only"):
+        with pytest.raises(FederationError, match="encrypted only"):
             vfl.train_boosting(trees=1, encrypted=False)
     x, y, xt, yt = joined("breast")
     reference = sklearn_model("binary", model.config).fit(x, y)

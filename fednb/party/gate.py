@@ -191,12 +191,17 @@ class Gate:
             if refusal is not None:
                 ticket.decision = refusal
                 return refusal
-        if message.type == "vertical" and self.guarded and message.content["step"] == "lr.start" and \
-                not (message.content["request"].get("config") or {}).get("encrypted", True):
-            ticket.decision = Decision(Verdict.REFUSE, f"{self.party} trains hetero logistic regression encrypted "
-                                                       "only (its plaintext mode would let scores of training rows "
-                                                       "out)")
-            return ticket.decision
+        if message.type == "vertical" and self.guarded and message.content["step"] in ("lr.start", "sb.start"):
+            config = message.content["request"].get("config")
+            why = None
+            if not isinstance(config, dict):
+                why = f"{message.content['step']} must carry its settings as an object"
+            elif not config.get("encrypted", True):
+                why = (f"{self.party} trains vertical models encrypted only (plaintext mode would let scores or "
+                       "gradients of training rows out)")
+            if why is not None:
+                ticket.decision = Decision(Verdict.REFUSE, why)
+                return ticket.decision
         standing = self.approvals.standing(code.hash) if self.approvals is not None else "unknown"
         ticket.decision = decision = decide(self.policy, standing, self.party, code)
         if self.approvals is not None and standing == "unknown" and decision.verdict is not Verdict.RUN and not again:

@@ -58,4 +58,7 @@ def receive(sock: zmq.Socket, *, router: bool, limits: Limits = DEFAULT_LIMITS) 
         message = check_content(decode(frames, limits))
     except WireError as exc:
         return Received(message=None, error=exc, routing=routing, user=user, nbytes=nbytes)
+    except Exception as exc:  # noqa: BLE001 - a decoder bug must cost this message, never the socket's thread
+        error = WireError(f"the message could not be decoded ({type(exc).__name__}: {exc})")
+        return Received(message=None, error=error, routing=routing, user=user, nbytes=nbytes)
     return Received(message=message, error=None, routing=routing, user=user, nbytes=nbytes)

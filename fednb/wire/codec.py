@@ -77,8 +77,8 @@ def check_descriptor(raw: Any, limits: Limits = DEFAULT_LIMITS) -> BufferDescrip
         raise WireError(f"buffer {name!r}: dtype {kind!r} is not allowed")
     if not isinstance(shape, list) or len(shape) > limits.max_ndim:
         raise WireError(f"buffer {name!r}: shape must be a list of at most {limits.max_ndim} sizes")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
-        raise WireError(f"buffer {name!r}: shape entries must be non-negative integers")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= limits.max_buffer_bytes for n in shape):
+        raise WireError(f"buffer {name!r}: shape entries must be integers from 0 to {limits.max_buffer_bytes}")
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
         raise WireError(f"buffer {name!r}: nbytes must be a non-negative integer")
     if nbytes > limits.max_buffer_bytes:
@@ -101,6 +101,9 @@ def decode_array(descriptor: BufferDescriptor, frame: Any) -> np.ndarray:
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     array = np.frombuffer(view, dtype=DTYPES[descriptor["dtype"]])
-    array = array.reshape(descriptor["shape"])
+    try:
+        array = array.reshape(descriptor["shape"])
+    except ValueError as exc:  # an empty buffer with dimensions numpy cannot index (their product overflows)
+        raise WireError(f"buffer {descriptor['name']!r}: shape {descriptor['shape']} cannot be built ({exc})") from None
     array.flags.writeable = False
     return array

@@ -118,12 +118,25 @@ def check_content(message: Message) -> Message:
             raise WireError("secagg: a secure stage belongs to a round")
         if message.arrays:
             raise WireError("secagg: a secure stage's request carries no tensors")
+    if message.type == "welcome":
+        check_datasets(content["datasets"])
     if message.type == "result":
         if content.get("metrics") is not None:
             check_metrics(content["metrics"], where="result")
         if content.get("evaluation") is not None:
             check_evaluation(content["evaluation"], where="result")
     return message
+
+
+def check_datasets(datasets: Any) -> None:
+    """A welcome's datasets: each split a JSON object, its ``examples`` a count, its ``ids``/``label`` flags."""
+    for name, split in datasets.items():
+        if not isinstance(split, dict):
+            raise WireError(f"welcome: dataset {name!r} must be an object")
+        examples = split.get("examples")
+        if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int)
+                                     or not 0 <= examples <= 2**48):
+            raise WireError(f"welcome: dataset {name!r} has no valid example count")
 
 
 def check_evaluation(evaluation: Any, *, where: str) -> dict[str, Any]:
