@@ -126,6 +126,10 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
             log.info("the checkpoint %s holds the whole run (rounds to %d)", plan.checkpoint, resumed.round)
             return fed.history
         log.info("resuming run %s from %s at round %d of %d", run_id[:8], plan.checkpoint, first, last)
+        # the attempt is written before any round goes out: a round that fails again (or a coordinator killed
+        # again) resumes with a later attempt still, which the parties accept
+        _save(fed, plan, ckpt.Checkpoint(run_id, resumed.first, last, resumed.round, {}, weights, attempt=attempt),
+              strategy)
     start, planned = (first if resumed is None else resumed.first), last - first + 1
     fed.events.publish(TrainingStarted(planned, getattr(strategy, "name", type(strategy).__name__), tuple(chosen),
                                        first))
