@@ -77,8 +77,8 @@ def check_descriptor(raw: Any, limits: Limits = DEFAULT_LIMITS) -> BufferDescrip
         raise WireError(f"buffer {name!r}: dtype {kind!r} is not allowed")
     if not isinstance(shape, list) or len(shape) > limits.max_ndim:
         raise WireError(f"buffer {name!r}: shape must be a list of at most {limits.max_ndim} sizes")
-    if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= limits.max_buffer_bytes for n in shape):
-        raise WireError(f"buffer {name!r}: shape entries must be integers from 0 to {limits.max_buffer_bytes}")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise WireError(f"buffer {name!r}: shape entries must be non-negative integers")
     if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
         raise WireError(f"buffer {name!r}: nbytes must be a non-negative integer")
     if nbytes > limits.max_buffer_bytes:
@@ -88,6 +88,8 @@ def check_descriptor(raw: Any, limits: Limits = DEFAULT_LIMITS) -> BufferDescrip
         count *= n
     if count * DTYPES[kind].itemsize != nbytes:
         raise WireError(f"buffer {name!r}: shape {shape} of {kind} does not make {nbytes} bytes")
+    if any(n > limits.max_buffer_bytes for n in shape):  # an empty buffer with dimensions numpy cannot hold
+        raise WireError(f"buffer {name!r}: a dimension of shape {shape} exceeds the limit of {limits.max_buffer_bytes}")
     return {"name": name, "dtype": kind, "shape": list(shape), "nbytes": nbytes}
 
 
