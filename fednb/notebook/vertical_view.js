@@ -20,6 +20,18 @@ const MARGIN = { left: 44, right: 12, top: 14, bottom: 28 };
 
 let svgNs = null;
 
+// An empty chart: the svg and its two axes, inside the margins (``rightMargin`` on the right).
+function chartFrame(label, rightMargin) {
+  const svg = s("svg", { class: "fednb-chart", viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img", "aria-label": label });
+  const left = MARGIN.left;
+  const right = WIDTH - rightMargin;
+  const top = MARGIN.top;
+  const bottom = HEIGHT - MARGIN.bottom;
+  svg.append(s("line", { class: "fednb-axis-line", x1: left, y1: bottom, x2: right, y2: bottom }),
+    s("line", { class: "fednb-axis-line", x1: left, y1: top, x2: left, y2: bottom }));
+  return { svg, left, right, top, bottom };
+}
+
 // The SVG namespace, read off a parsed <svg> so this file spells out no URL at all.
 function svgNamespace() {
   if (svgNs === null) {
@@ -87,17 +99,10 @@ function partiesTable(state) {
 
 // The loss per epoch of each model (one per class for one-vs-rest), or a note while there is none.
 function lossChart(state) {
-  const svg = s("svg", { class: "fednb-chart", viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img",
-    "aria-label": "loss per epoch" });
   const points = state.models.flatMap((m) => m.history.filter((e) => isNumber(e.loss)));
-  const left = MARGIN.left;
-  const right = WIDTH - MARGIN.right;
-  const top = MARGIN.top;
-  const bottom = HEIGHT - MARGIN.bottom;
-  svg.append(s("line", { class: "fednb-axis-line", x1: left, y1: bottom, x2: right, y2: bottom }),
-    s("line", { class: "fednb-axis-line", x1: left, y1: top, x2: left, y2: bottom }));
+  const { svg, left, right, top, bottom } = chartFrame("loss per epoch", MARGIN.right);
   if (points.length === 0) {
-    const text = state.models.length ? "no loss: it is computed with one feature party" : "waiting for the first epoch";
+    const text = state.models.length ? "no loss reported" : "waiting for the first epoch";
     svg.append(s("text", { class: "fednb-empty-chart", x: (left + right) / 2, y: (top + bottom) / 2,
       "text-anchor": "middle" }, text));
     return svg;
@@ -161,14 +166,8 @@ function curveMetric(state) {
 
 // Per tree: the training loss (left axis, solid) and the test metric (right axis, dashed).
 function treeChart(state) {
-  const svg = s("svg", { class: "fednb-chart", viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img",
-    "aria-label": "training loss and test metric per tree" });
-  const left = MARGIN.left;
-  const right = WIDTH - MARGIN.left;
-  const top = MARGIN.top;
-  const bottom = HEIGHT - MARGIN.bottom;
-  svg.append(s("line", { class: "fednb-axis-line", x1: left, y1: bottom, x2: right, y2: bottom }),
-    s("line", { class: "fednb-axis-line", x1: left, y1: top, x2: left, y2: bottom }));
+  // as wide a margin on the right as on the left: the test metric's axis is there
+  const { svg, left, right, top, bottom } = chartFrame("training loss and test metric per tree", MARGIN.left);
   const losses = state.rounds.filter((r) => isNumber(r.loss));
   if (state.rounds.length === 0) {
     svg.append(s("text", { class: "fednb-empty-chart", x: (left + right) / 2, y: (top + bottom) / 2,
