@@ -131,3 +131,54 @@ def test_fed_serve_in_a_real_kernel_contains_its_workers(kernel, tmp_path, priva
             check_contained(fed, listener, kernel_pid, [str(directory), str(directory / "audit.jsonl")])
     finally:
         execute(kernel, "widget.server.stop()")
+
+
+AFTER_TORCH = """
+import logging, sys, tempfile
+import torch
+from fednb.party.sandbox import can_fork
+
+assert can_fork(), "a fresh process may fork"
+a = torch.randn(800, 800)
+for _ in range(3):
+    a @ a  # starts OpenMP's thread pool
+if torch.get_num_threads() > 1:
+    assert not can_fork(), "OpenMP's pool runs"
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+
+import fednb
+from fednb.data import federated_split, load_dataset
+from fednb.party.server import PartyServer
+from tests.conftest import MLP, build, party_datasets
+
+parts = federated_split(load_dataset("digits"), 2, "iid", seed=0)
+with tempfile.TemporaryDirectory(prefix="fednb-t-") as directory:
+    servers = [PartyServer(f"party-{i}", f"ipc://{directory}/p{i}.sock", party_datasets(parts[i]), policy="open",
+                           heartbeat=0.2) for i in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        specs = [{"name": s.name, "endpoint": s.endpoint} for s in servers]
+        with fednb.connect(specs, heartbeat=0.2, heartbeat_timeout=5.0) as fed:
+            history = fed.train(build(), MLP, rounds=1, evaluate_every=0, round_timeout=120)
+            print("trained", len(history))
+    finally:
+        for server in servers:
+            server.stop()
+"""
+
+
+def test_a_party_started_where_torch_already_ran_spawns_its_zygote_and_trains():
+    """OpenMP's pool does not survive a fork (the child's first parallel operation waits forever):
+    a party started in a process that already ran parallel torch work (a test session, a script)
+    spawns its worker zygote instead of forking it, and its workers train."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", AFTER_TORCH], capture_output=True, text=True, timeout=300,
+                          cwd=root, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "trained 1" in done.stdout
+    assert "party party-0: worker zygote" in done.stdout and "(spawned)" in done.stdout, done.stdout[-3000:]

@@ -40,9 +40,26 @@ DEFAULT_MEMORY_LIMIT = 4 * GiB
 ZYGOTE_START = 120.0  # seconds for a fresh zygote to import torch and map the data
 
 
+def _os_threads() -> int:
+    """The threads of this process as the kernel counts them (native ones included); 0 without /proc."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+#: Threads the imports leave running (OpenBLAS's pool: it stops and restarts itself around a fork).
+_IMPORT_THREADS = _os_threads()
+
+
 def can_fork() -> bool:
-    """Whether forking this process is safe: only the main thread runs (no locks held elsewhere)."""
-    return threading.current_thread() is threading.main_thread() and threading.active_count() == 1
+    """Whether forking this process is safe: only the main thread runs, and no native pool has
+    started since the imports. OpenMP's pool (started by the first parallel torch operation) does
+    not survive a fork: the child's first parallel operation waits for its threads forever.
+    """
+    if threading.current_thread() is not threading.main_thread() or threading.active_count() != 1:
+        return False
+    return _os_threads() <= _IMPORT_THREADS
 
 
 @dataclass
