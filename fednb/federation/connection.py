@@ -123,10 +123,11 @@ class Connections:
         self._command("send", (message.id, frames, futures))
         return futures
 
-    def cancel(self, party: str, message_id: str) -> None:
-        """Ask ``party`` to drop a queued request; its reply, if any, will be ignored."""
+    def cancel(self, party: str, message_id: str, finish: bool = False) -> None:
+        """Ask ``party`` to drop a queued request and stop it if running (with ``finish``, let it run
+        to its end: its session stays warm); its reply, if any, will be ignored."""
         if not self._closed:
-            self._command("cancel", (party, message_id))
+            self._command("cancel", (party, message_id, finish))
 
     def awaiting(self, party: str, message_id: str | None = None) -> str | None:
         """What ``party`` said about a request it holds for its owner's approval (any, or ``message_id``)."""
@@ -273,8 +274,8 @@ class Connections:
                 if link.status == "connecting":
                     link.set_status("unreachable", why)
             elif kind == "cancel":
-                party, message_id = payload
-                self._links[party].cancel(message_id)
+                party, message_id, finish = payload
+                self._links[party].cancel(message_id, finish)
 
     def _say_hello(self, now: float) -> None:
         for link in self._links.values():

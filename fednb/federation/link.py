@@ -100,12 +100,12 @@ class Link:
             self.pending.pop(message_id, None)
             resolve(future, error=FederationError(f"{self.name} is not reachable (send would block)", party=self.name))
 
-    def cancel(self, message_id: str) -> None:
+    def cancel(self, message_id: str, finish: bool = False) -> None:
         future = self.pending.pop(message_id, None)
         self.settled(message_id)
         if future is not None:
             future.cancel()
-            self.send(Message("cancel", {"target": message_id}))
+            self.send(Message("cancel", {"target": message_id, **({"finish": True} if finish else {})}))
 
     # -- receiving ----------------------------------------------------------------------------
 

@@ -57,6 +57,10 @@ class Stage:
     on_reply: OnReply | None = None
     keep: bool = True
     timeout: float | None = 300.0
+    #: At the deadline, let a request already running at a late party run to its end (its reply is
+    #: discarded as late) instead of stopping it: a round's training, whose session, once warm,
+    #: makes that party's next round fast. A request still queued there is dropped either way.
+    finish_late: bool = False
 
     def __post_init__(self) -> None:
         if (self.request is None) == (self.requests is None):
@@ -145,7 +149,7 @@ def gather(connections: Connections, stage: Stage) -> Gathered:
         # A party that holds the request for its owner stays dropped (the round cannot wait for a
         # person), but says so; its owner's approval, when it comes, covers the next round's request.
         awaiting = connections.awaiting(party, message_id)
-        connections.cancel(party, message_id)
+        connections.cancel(party, message_id, finish=stage.finish_late)
         gathered.dropped[party] = (f"{awaiting}: not approved within {stage.timeout:g} s" if awaiting
                                    else f"no reply within {stage.timeout:g} s")
         gathered.late.add(party)

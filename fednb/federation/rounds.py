@@ -134,7 +134,7 @@ def train_round(
 
     request = Message("train", {**content, "evaluate": evaluate_incoming}, round=round, arrays=weights)
     gathered: Gathered = yield Stage("train", tuple(parties), request=request, on_reply=on_reply, keep=False,
-                                     timeout=timeout)
+                                     timeout=timeout, finish_late=True)
     dropped = {**dict(unavailable or {}), **gathered.dropped}
     for party, reason in dropped.items():
         log.info("round %d: %s dropped: %s", round, party, reason)  # the events carry it to every display
@@ -160,5 +160,5 @@ def evaluate_round(*, round: int | None, parties: list[str], weights: Mapping[st
 
     request = Message("evaluate", {"source": source, "config": dict(config)}, round=round, arrays=weights)
     gathered: Gathered = yield Stage("evaluate", tuple(parties), request=request, on_reply=on_reply, keep=False,
-                                     timeout=timeout)
+                                     timeout=timeout, finish_late=True)
     return evaluations.result(gathered.dropped)

@@ -182,7 +182,7 @@ def secure_round(
                 observe(party, reply.content)
 
         gathered = yield Stage("keys", tuple(parties), request=request, keep=False, timeout=timeout,
-                               on_reply=folding("keys", keys, evaluate=evaluate_incoming))
+                               finish_late=True, on_reply=folding("keys", keys, evaluate=evaluate_incoming))
         close("keys", gathered)
         seconds = {party: float(reply.content.get("seconds") or 0.0) for party, reply in gathered.replies.items()
                    if reply is not None}

@@ -156,8 +156,9 @@ class Admission:
                 out.append(Outgoing(routing, self.gate.refusal(ticket), ticket, "refused"))
         return out
 
-    def cancel(self, target: str) -> None:
-        """Cancel a request waiting, queued or running; an id that is none of these is not remembered."""
+    def cancel(self, target: str, finish: bool = False) -> None:
+        """Cancel a request waiting, queued or running (with ``finish``, one running goes on to its end);
+        an id that is none of these is not remembered."""
         waiting = self.waiting.pop(target, None)
         if waiting is not None:
             self._held.pop(target, None)
@@ -167,6 +168,10 @@ class Admission:
             if target in self._queued:
                 self._cancelled.add(target)
                 return
+        if finish:
+            log.info("the coordinator stopped waiting for %s; if it runs, it runs to its end (its reply will be late)",
+                     target[:8])
+            return
         if not self.runner.cancel(target):
             log.info("a cancel for %s found no such request waiting, queued or running", target[:8])
 

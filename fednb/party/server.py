@@ -361,7 +361,7 @@ class PartyServer:
             ticket = Ticket(identity, message, received.nbytes, self._label(identity))
             self._send(router, self.admission.admit(routing, ticket))
         elif message.type == "cancel":
-            self.admission.cancel(message.content["target"])
+            self.admission.cancel(message.content["target"], finish=bool(message.content.get("finish")))
         else:
             self._reply(router, routing, message.reply("error", {
                 "error_type": "ProtocolError", "message": f"a party does not accept {message.type!r} messages"}))

@@ -53,7 +53,9 @@ _CONTENT: dict[str, _Spec] = {
     # parameters, and its bulk data (blinded points, sealed or masked ciphertexts) as tensors
     "vertical": {"run": (str, True), "step": (str, True), "request": (dict, True)},
     "run": {"source": (str, True)},
-    "cancel": {"target": (str, True)},
+    # ``finish``: the coordinator stopped waiting (a round's deadline) but the work may run to its end,
+    # keeping the session it warmed; without it, the running work is stopped (Ctrl-C, a stop button)
+    "cancel": {"target": (str, True), "finish": (bool, False)},
     "result": {
         "examples": (int, False),
         "metrics": (dict, False),
