@@ -163,3 +163,29 @@ def test_a_coordinator_killed_with_sigkill_resumes_from_its_checkpoint_over_tcp_
     for name in reference.files:
         np.testing.assert_array_equal(resumed[name], reference[name])
     print(f"resumed at round {killed_at + 1} of 5; the resumed coordinator finished in {resume_seconds:.1f} s")
+
+
+def test_dp_fedavg_checkpoints_the_wrapped_strategys_state_and_its_adaptive_clip(tmp_path) -> None:
+    """DP-FedAvg wraps the strategy: its checkpoint carries the inner server momentum and the clip as
+    adaptive clipping moved it, so a resumed run continues both."""
+    from fednb.federation.privacy import PrivateStrategy
+    from fednb.privacy.dpfedavg import DPFedAvg
+    from fednb.strategies import FedAvgM
+
+    dp = DPFedAvg(clip=1.0, noise_multiplier=1.0, adaptive=True, clipped_count_stddev=1.0)
+    running = PrivateStrategy(FedAvgM(server_momentum=0.9), dp, 1.0)
+    current = {"w": np.zeros(3, np.float32)}
+    aggregation = running.inner.start_round(1, current)
+    aggregation.add({"w": np.ones(3, np.float32)}, 10)
+    aggregation.result()  # one momentum step: the velocity is no longer zero
+    running.clip = 0.37
+    path = tmp_path / "run.ckpt"
+    ckpt.save(path, ckpt.Checkpoint("ab" * 16, 1, 5, 1, {"source": "x"}, current, running.state(), []))
+
+    resumed = PrivateStrategy(FedAvgM(server_momentum=0.9), dp, 1.0)
+    resumed.load_state(ckpt.load(path).strategy)
+    assert resumed.clip == 0.37
+    assert resumed.inner.state()["steps"] == running.inner.state()["steps"] == 1
+    assert np.array_equal(resumed.inner.state()["velocity/w"], running.inner.state()["velocity/w"])
+    with pytest.raises(ValueError, match="clip"):
+        resumed.load_state({"dp.clip": -1.0})

@@ -111,6 +111,22 @@ class PrivateStrategy(Strategy):
     def aggregate_metrics(self, round: int, results: Sequence[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
         return self.inner.aggregate_metrics(round, results)
 
+    def state(self) -> dict[str, Any]:
+        """The wrapped strategy's state (server momentum, moments) and the adaptive clip, for a checkpoint."""
+        inner = self.inner.state() if hasattr(self.inner, "state") else {}
+        return {**inner, "dp.clip": float(self.clip)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`state`: the clip where the interrupted run had moved it, and the inner state."""
+        inner = {key: value for key, value in state.items() if key != "dp.clip"}
+        clip = state.get("dp.clip")
+        if clip is not None:
+            if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not math.isfinite(clip) or clip <= 0:
+                raise ValueError(f"a checkpoint's DP-FedAvg clip must be a positive number, not {clip!r}")
+            self.clip = float(clip)
+        if inner and hasattr(self.inner, "load_state"):
+            self.inner.load_state(inner)
+
     def adapt(self, bits: Sequence[int]) -> None:
         """Andrew et al.'s step: move the clip toward the target quantile from this round's noised clipped bits."""
         if not self.dp.adaptive or not bits:
