@@ -190,6 +190,35 @@ def test_cancels_of_unknown_requests_are_not_remembered(start_party, private_dir
     assert party.admission._cancelled == set()
 
 
+def test_a_cancel_that_lets_work_finish_keeps_the_worker_and_a_plain_cancel_kills_it(start_party, private_dir,
+                                                                                      dealer):
+    """At a round's deadline the coordinator sends ``finish``: the running request ends normally in its
+    warm worker (its session kept), a queued one is dropped; a plain cancel (Ctrl-C) stops the running one."""
+    party = start_party(f"ipc://{private_dir}/p.sock", policy="open")
+    sock = dealer(party.endpoint)
+    assert ask(sock, [header("run", {"source": "warm = 41\nwarm"})], timeout=60)["type"] == "result"
+    slow = [header("run", {"source": "import time\ntime.sleep(1.5)\nwarm + 1"})]
+    queued = [header("run", {"source": "'never ran'"})]
+    sock.send_multipart(slow)
+    sock.send_multipart(queued)
+    slow_id, queued_id = (json.loads(frames[0])["id"] for frames in (slow, queued))
+    time.sleep(0.3)
+    for target in (slow_id, queued_id):
+        sock.send_multipart([header("cancel", {"target": target, "finish": True})])
+    finished = answer(sock, slow_id)
+    assert finished["type"] == "result" and finished["content"]["value"] == 42  # same worker, same session
+    dropped = answer(sock, queued_id)
+    assert dropped["content"]["error_type"] == "Cancelled" and "before it ran" in dropped["content"]["message"]
+    stopped = [header("run", {"source": "import time\ntime.sleep(30)"})]
+    sock.send_multipart(stopped)
+    time.sleep(0.3)
+    sock.send_multipart([header("cancel", {"target": json.loads(stopped[0])["id"]})])
+    killed = answer(sock, json.loads(stopped[0])["id"])
+    assert killed["content"]["error_type"] == "Cancelled" and "starts afresh" in killed["content"]["message"]
+    bad = ask(sock, [header("cancel", {"target": new_id(), "finish": "yes"})])
+    assert bad["type"] == "error" and "finish" in bad["content"]["message"]
+
+
 def test_max_message_bytes_bounds_frames_and_messages(cli_parties, npz, tmp_path, private_dir, dealer):
     party = cli_parties(*party_args("clinic", f"ipc://{private_dir}/c.sock", npz, tmp_path / "clinic",
                                     "--policy", "open", "--max-message-bytes", "1M"))
