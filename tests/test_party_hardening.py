@@ -210,10 +210,11 @@ def test_a_cancel_that_lets_work_finish_keeps_the_worker_and_a_plain_cancel_kill
     dropped = answer(sock, queued_id)
     assert dropped["content"]["error_type"] == "Cancelled" and "before it ran" in dropped["content"]["message"]
     stopped = [header("run", {"source": "import time\ntime.sleep(30)"})]
+    stopped_id = json.loads(stopped[0])["id"]
     sock.send_multipart(stopped)
     time.sleep(0.3)
-    sock.send_multipart([header("cancel", {"target": json.loads(stopped[0])["id"]})])
-    killed = answer(sock, json.loads(stopped[0])["id"])
+    sock.send_multipart([header("cancel", {"target": stopped_id})])
+    killed = answer(sock, stopped_id)
     assert killed["content"]["error_type"] == "Cancelled" and "starts afresh" in killed["content"]["message"]
     bad = ask(sock, [header("cancel", {"target": new_id(), "finish": "yes"})])
     assert bad["type"] == "error" and "finish" in bad["content"]["message"]

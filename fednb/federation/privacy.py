@@ -30,6 +30,7 @@ from fednb.privacy.dpfedavg import DPFedAvg, clip_update, next_clip, noise_rng, 
 from fednb.privacy.dpsgd import DPSGD
 from fednb.privacy.request import mechanism_for, read_dp
 from fednb.strategies.base import Aggregation, Strategy
+from fednb.strategies.server_step import check_number
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +120,8 @@ class PrivateStrategy(Strategy):
     def load_state(self, state: Mapping[str, Any]) -> None:
         """Continue from a :meth:`state`: the clip where the interrupted run had moved it, and the inner state."""
         inner = {key: value for key, value in state.items() if key != "dp.clip"}
-        clip = state.get("dp.clip")
-        if clip is not None:
-            if not isinstance(clip, (int, float)) or isinstance(clip, bool) or not math.isfinite(clip) or clip <= 0:
-                raise ValueError(f"a checkpoint's DP-FedAvg clip must be a positive number, not {clip!r}")
-            self.clip = float(clip)
+        if state.get("dp.clip") is not None:
+            self.clip = check_number("the checkpoint's dp.clip", state["dp.clip"], 0.0, low_open=True)
         if inner and hasattr(self.inner, "load_state"):
             self.inner.load_state(inner)
 
