@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PARTITIONS", "partition", "train_test_split"]
+__all__ = ["PARTITIONS", "partition", "sample_population", "train_test_split"]
 
 PARTITIONS: tuple[str, ...] = ("dirichlet", "iid", "shards")
 
@@ -180,8 +180,12 @@ def train_test_split(
         short = n_test - int(take.sum())
         if short:
             remainder = quota - take + rng.random(len(counts)) * 1e-9  # random tie-break
-            spare = take < counts - 1
-            take[np.lexsort((-remainder, ~spare))[:short]] += 1
+            while short:  # one more each, to the classes that can spare one first; again while still short
+                spare = take < counts - 1
+                room = spare if spare.any() else take < counts
+                given = np.lexsort((-remainder, ~spare, ~room))[:min(short, int(room.sum()))]
+                take[given] += 1
+                short -= len(given)
         picks = [rng.permutation(np.flatnonzero(codes == c))[:t] for c, t in enumerate(take)]
         test_pos = np.concatenate(picks)
     else:
@@ -189,3 +193,63 @@ def train_test_split(
     mask = np.zeros(count, dtype=bool)
     mask[test_pos] = True
     return np.sort(idx[~mask]), np.sort(idx[mask])
+
+
+def sample_population(
+    y: np.ndarray,
+    n: int,
+    examples: int,
+    *,
+    alpha: float = 0.5,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, test)`` row indices, shape ``(n, examples)`` and ``(n, t)``, of a population of
+    ``n`` parties larger than the dataset could hold disjointly.
+
+    Cross-device simulations (thousands of parties of ~100 examples each) draw every party's
+    rows *with replacement*: its label proportions from Dir(alpha · 1) (label skew, as the
+    ``dirichlet`` partition), then ``examples`` training rows from the first ``1 - test_fraction``
+    of the shuffled dataset and ``t = max(1, round(examples · test_fraction / (1 - test_fraction)))``
+    test rows, with the same proportions, from the rest, so that no party tests on a row any
+    party trains on. Vectorised: 10,000 parties take milliseconds.
+    """
+    labels = np.asarray(y)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise ValueError("y must be one-dimensional integer class labels")
+    for what, value in (("n", n), ("examples", examples)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if not (isinstance(alpha, (int, float, np.floating)) and np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if not (isinstance(test_fraction, (int, float, np.floating)) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(labels.shape[0])
+    cut = int(round(labels.shape[0] * (1 - test_fraction)))
+    pools = (order[:cut], order[cut:])
+    classes = np.unique(labels)
+    proportions = rng.dirichlet(np.full(len(classes), float(alpha)), size=int(n))
+    tests = max(1, int(round(examples * test_fraction / (1 - test_fraction))))
+    out = []
+    for pool, size in zip(pools, (int(examples), tests)):
+        by_class = [pool[labels[pool] == c] for c in classes]
+        present = np.array([len(rows) > 0 for rows in by_class])
+        if not present.any():
+            raise ValueError("the dataset is too small to hold out a test part")
+        p = proportions * present
+        p /= p.sum(axis=1, keepdims=True)
+        counts = rng.multinomial(size, p)  # (n, classes)
+        rows = np.empty((int(n), size), dtype=np.int64)
+        start = np.concatenate([np.zeros((int(n), 1), np.int64), np.cumsum(counts, axis=1)], axis=1)
+        for c, members in enumerate(by_class):
+            total = int(counts[:, c].sum())
+            if not total:
+                continue
+            drawn = members[rng.integers(0, len(members), size=total)]
+            # the parties' column ranges for class c, filled in one scatter
+            owner = np.repeat(np.arange(int(n)), counts[:, c])
+            offset = np.arange(total) - np.repeat(np.cumsum(counts[:, c]) - counts[:, c], counts[:, c])
+            rows[owner, start[owner, c] + offset] = drawn
+        out.append(np.sort(rows, axis=1))
+    return out[0], out[1]
