@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml labextension/package.json labextension/yarn.lock $(wild
 	@command -v node >/dev/null || [ "$${FEDNB_SKIP_JS:-0}" != 0 ] || { echo "*** node >= 18 builds the JupyterLab extension: install it (apt-get install nodejs), or set FEDNB_SKIP_JS=1 to skip it"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 _LIVE: weakref.WeakSet[SimHost] = weakref.WeakSet()
 
 MAX_PARTIES = 512
+#: Virtual parties of one pool simulation (backend "pool" or "ray").
+MAX_POOL_PARTIES = 100_000
+#: ``process``: one process per party; ``pool``: worker processes serving virtual parties on shared
+#: endpoints (:mod:`fednb.party.population_server`); ``ray``: those workers as Ray actors.
+BACKENDS = ("process", "pool", "ray")
 #: A simulated party's name names its socket and directory in the private directory too.
 PARTY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: What a party of ``simulate(data=...)`` serves: a .npz or .csv file, or arrays {"x", "y", "ids"}.
@@ -62,13 +67,15 @@ class SimHost:
     directory: Path
     log_file: IO[bytes]
     parties: list[dict[str, Any]] = field(default_factory=list)
+    #: A pool simulation's worker processes, each one shared endpoint for its share of the parties.
+    workers: list[dict[str, Any]] = field(default_factory=list)
     ready_seconds: float = 0.0
     _stopped: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def pids(self) -> list[int]:
-        return [self.process.pid] + [int(p["pid"]) for p in self.parties]
+        return [self.process.pid] + [int(p["pid"]) for p in (*self.parties, *self.workers)]
 
     def stop(self, grace: float = 5.0) -> None:
         """Close the lifeline, wait for the host to stop its parties, then make sure by PID."""
@@ -85,8 +92,8 @@ class SimHost:
                 log.warning("the simulation host did not stop within %.0f s; killing it", grace)
                 self.process.kill()
                 self.process.wait()
-            for party in self.parties:
-                _kill_if_alive(int(party["pid"]))
+            for child in (*self.parties, *self.workers):
+                _kill_if_alive(int(child["pid"]))
         finally:
             if self.process.stdout is not None:
                 self.process.stdout.close()
@@ -118,10 +125,14 @@ def _kill_if_alive(pid: int) -> None:
 
 
 def check_arguments(n: int | None, dataset: str, partition: str, alpha: float, *, dp_epsilon: float | None = None,
-                    dp_delta: float = 1e-5) -> None:
+                    dp_delta: float = 1e-5, backend: str = "process") -> None:
     """ValueError for a simulation that cannot start, before anything is started."""
-    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_PARTIES:
-        raise ValueError(f"n must be an integer between 1 and {MAX_PARTIES}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    most = MAX_PARTIES if backend == "process" else MAX_POOL_PARTIES
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= most:
+        raise ValueError(f"n must be an integer between 1 and {most}" +
+                         (" (the pool backend simulates more: backend='pool')" if backend == "process" else ""))
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; bundled: {', '.join(DATASETS)}")
     if partition not in PARTITIONS:
@@ -180,14 +191,17 @@ def start_host(n: int | None = None, *, dataset: str = "digits", partition: str 
                authorized: bytes | None = None, heartbeat: float = 1.0, heartbeat_timeout: float = 10.0,
                threads: int | None = None, tcp: bool = False, contained: bool = False, timeout: float = 120.0,
                require_secure_aggregation: bool = False, dp_epsilon: float | None = None,
-               dp_delta: float = 1e-5) -> SimHost:
+               dp_delta: float = 1e-5, workers: int = 0, examples_per_party: int | None = None,
+               members: int = 64) -> SimHost:
     """Start the host and wait until all parties listen; raise with their log otherwise.
 
     ``n`` parties on a partition of ``dataset``, or one party per entry of ``data`` (see
-    :func:`simulate`); DataError when a party's file cannot be used.
+    :func:`simulate`); DataError when a party's file cannot be used. ``workers`` > 0: the
+    ``n`` parties are a population served by that many worker processes (the pool backend).
     """
     if data is None:
-        check_arguments(n, dataset, partition, alpha, dp_epsilon=dp_epsilon, dp_delta=dp_delta)
+        check_arguments(n, dataset, partition, alpha, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+                        backend="pool" if workers else "process")
         assert n is not None  # checked
         count = n
     else:
@@ -198,12 +212,15 @@ def start_host(n: int | None = None, *, dataset: str = "digits", partition: str 
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
     if tcp and authorized is None:
         raise ValueError("TCP endpoints always use CURVE: a simulation over tcp needs secure=True")
-    threads = threads or max(1, (os.cpu_count() or 1) // count)
+    threads = threads or max(1, (os.cpu_count() or 1) // (min(workers, count) if workers else count))
     options = ["--seed", str(seed), "--test-fraction", repr(test_fraction), "--threads",
                str(threads), "--heartbeat", repr(heartbeat), "--timeout", repr(heartbeat_timeout)]
     if data is None:
         options += ["--n", str(count), "--dataset", dataset, "--partition", partition, "--alpha", repr(alpha),
                     "--shards", str(shards_per_party)]
+    if workers:
+        options += ["--pool-workers", str(workers), "--members", str(members)]
+        options += ["--examples-per-party", str(examples_per_party)] * (examples_per_party is not None)
     # the "--flag=value" form: a column name, key or path may start with '-'
     options += [f"--id-column={id_column}"] * (id_column is not None) + [f"--label={label}"] * (label is not None)
     if authorized is not None:
@@ -243,8 +260,12 @@ def start_host(n: int | None = None, *, dataset: str = "digits", partition: str 
         host.stop()
         if ready.get("data"):
             raise DataError(str(ready["error"]))
+        if ready.get("usage"):
+            hint = "; examples_per_party=E gives each party E rows drawn with replacement" if workers else ""
+            raise ValueError(f"{ready['error']}{hint}")
         raise FederationError(f"the simulation did not start: {ready['error']}\n{tail}")
-    host.parties = ready["parties"]
+    host.parties = ready.get("parties", [])
+    host.workers = ready.get("workers", [])
     host.ready_seconds = time.monotonic() - started
     return host
 
@@ -299,7 +320,9 @@ def simulate(n: int | None = None, dataset: str | None = None, partition: str | 
              shards_per_party: int = 2, test_fraction: float = 0.2,
              heartbeat: float = 1.0, heartbeat_timeout: float = 10.0, timeout: float = 120.0,
              require_secure_aggregation: bool = False, dp_epsilon: float | None = None,
-             dp_delta: float = 1e-5) -> Federation:
+             dp_delta: float = 1e-5, backend: str = "process", workers: int = 2,
+             examples_per_party: int | None = None, members: int = 64,
+             ray_address: str | None = None) -> Federation:
     """Start ``n`` (default 4) local party processes on a partition of ``dataset`` and connect to them.
 
     ``dataset`` is a bundled one (default ``digits``); ``partition`` is ``iid``, ``dirichlet``
@@ -324,13 +347,34 @@ def simulate(n: int | None = None, dataset: str | None = None, partition: str | 
     ids, and ``label`` is taken from the files that have that column (a feature party's does
     not). ``n``, ``dataset``, ``partition``, ``alpha`` and ``shards_per_party`` do not go with
     ``data`` (ValueError).
+
+    ``backend="pool"`` simulates up to 100,000 *virtual* parties with ``workers`` processes: each
+    worker serves its share of them on one shared endpoint, building a party's data, gate and
+    kernel when a request names it and keeping the ``members`` most recently asked warm
+    (:mod:`fednb.party.population`), so memory follows the workers, not the parties, and a round
+    costs what its sampled parties cost (sample with ``train(..., parties_per_round=…)``). The
+    same party code runs, so results match one process per party for the same seed.
+    ``examples_per_party=E`` gives every party E training rows drawn with replacement under the
+    same label skew (a population larger than the dataset); without it the parties partition
+    the dataset as above. ``backend="ray"`` runs those workers as Ray actors
+    (``pip install fednb[ray]``): a local Ray by default, or the cluster at ``ray_address``.
+    The pool backends take bundled datasets only, and no ``contained`` or ``dp_epsilon``.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend != "process":
+        _check_pool(data=data, contained=contained, dp_epsilon=dp_epsilon, workers=workers,
+                    examples_per_party=examples_per_party, members=members)
+    elif examples_per_party is not None or ray_address is not None:
+        raise ValueError("examples_per_party and ray_address go with backend='pool' or 'ray'")
+    if backend != "ray" and ray_address is not None:
+        raise ValueError("ray_address goes with backend='ray'")
     if data is None:
         if id_column is not None or label is not None:
             raise ValueError("id_column and label describe the files of data=...; a simulation on a bundled "
                              "dataset has neither")
         n, dataset, partition = 4 if n is None else n, dataset or "digits", partition or "dirichlet"
-        check_arguments(n, dataset, partition, alpha, dp_epsilon=dp_epsilon, dp_delta=dp_delta)
+        check_arguments(n, dataset, partition, alpha, dp_epsilon=dp_epsilon, dp_delta=dp_delta, backend=backend)
     else:
         given = [f"{what}={value!r}" for what, value, default in
                  (("n", n, None), ("dataset", dataset, None), ("partition", partition, None), ("alpha", alpha, 0.5),
@@ -346,17 +390,60 @@ def simulate(n: int | None = None, dataset: str | None = None, partition: str | 
     keypair = generate() if secure else None
     bundled: dict[str, Any] = {} if data is not None else {
         "dataset": dataset, "partition": partition, "alpha": alpha, "shards_per_party": shards_per_party}
-    host = start_host(n, seed=seed, test_fraction=test_fraction, data=data, id_column=id_column, label=label,
-                      authorized=keypair.public if keypair else None,
-                      heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, tcp=transport == "tcp",
-                      contained=contained, require_secure_aggregation=require_secure_aggregation,
-                      dp_epsilon=dp_epsilon, dp_delta=dp_delta, timeout=timeout, **bundled)
+    if backend == "ray":
+        from fednb.sim_ray import start_ray
+
+        host: Any = start_ray(n, seed=seed, test_fraction=test_fraction, authorized=keypair.public if keypair else None,
+                              heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, tcp=transport == "tcp",
+                              require_secure_aggregation=require_secure_aggregation, timeout=timeout,
+                              workers=workers, examples_per_party=examples_per_party, members=members,
+                              address=ray_address, **bundled)
+    else:
+        host = start_host(n, seed=seed, test_fraction=test_fraction, data=data, id_column=id_column, label=label,
+                          authorized=keypair.public if keypair else None,
+                          heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout, tcp=transport == "tcp",
+                          contained=contained, require_secure_aggregation=require_secure_aggregation,
+                          dp_epsilon=dp_epsilon, dp_delta=dp_delta, timeout=timeout,
+                          workers=workers if backend == "pool" else 0, examples_per_party=examples_per_party,
+                          members=members, **bundled)
     specs = [{"name": p["name"], "endpoint": p["endpoint"], **({"public_key": p["public_key"]} if secure else {})}
-             for p in host.parties]
+             for p in host.parties] + pool_specs(host.workers, secure)
     federation = connect(specs, keypair, timeout=timeout, heartbeat=heartbeat, heartbeat_timeout=heartbeat_timeout,
                          on_close=[host.stop], name="simulation")
     federation.simulation = host  # type: ignore[attr-defined]
     return federation
+
+
+def _check_pool(*, data: Any, contained: bool, dp_epsilon: float | None, workers: int,
+                examples_per_party: int | None, members: int) -> None:
+    """ValueError for what a pool simulation does not do (before anything starts)."""
+    if data is not None:
+        raise ValueError("the pool backends simulate parties of a bundled dataset; data=... starts one process "
+                         "per party (backend='process')")
+    if contained:
+        raise ValueError("the pool backends run party code in their worker processes; contained=True needs "
+                         "backend='process'")
+    if dp_epsilon is not None:
+        raise ValueError("a privacy budget keeps a ledger in each party's own directory; dp_epsilon needs "
+                         "backend='process'")
+    for what, value in (("workers", workers), ("members", members)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if examples_per_party is not None and (isinstance(examples_per_party, bool) or
+                                           not isinstance(examples_per_party, int) or examples_per_party < 1):
+        raise ValueError(f"examples_per_party must be a positive integer, got {examples_per_party!r}")
+
+
+def pool_specs(workers: list[dict[str, Any]], secure: bool) -> list[dict[str, Any]]:
+    """The parties of pool workers as connect() takes them, in the population's order (worker ``i``
+    serves parties ``i``, ``i + W``, …)."""
+    specs = []
+    for turn in range(max((len(w["parties"]) for w in workers), default=0)):
+        for worker in workers:
+            if turn < len(worker["parties"]):
+                specs.append({"name": worker["parties"][turn], "endpoint": worker["endpoint"], "shared": True,
+                              **({"public_key": worker["public_key"]} if secure else {})})
+    return specs
 
 
 @atexit.register

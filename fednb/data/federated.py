@@ -15,7 +15,7 @@ import numpy as np
 from fednb.data.datasets import Dataset
 from fednb.data.partition import partition, train_test_split
 
-__all__ = ["PartyData", "federated_split", "pooled"]
+__all__ = ["PartyData", "federated_indices", "federated_split", "pooled"]
 
 
 @dataclass(frozen=True)
@@ -46,30 +46,29 @@ def federated_split(
     :func:`fednb.data.partition`; each party's share is then split into train and test
     (stratified where possible) with ``test_fraction`` held out.
     """
-    parts = partition(
-        dataset.y,
-        n,
-        method,
-        alpha=alpha,
-        shards_per_party=shards_per_party,
-        seed=seed,
-        min_size=min_size,
-    )
+    return [PartyData(f"party-{k}", dataset.x[train], dataset.y[train], dataset.x[test], dataset.y[test])
+            for k, (train, test) in enumerate(federated_indices(dataset.y, n, method, alpha=alpha,
+                                                                 shards_per_party=shards_per_party, seed=seed,
+                                                                 test_fraction=test_fraction, min_size=min_size))]
+
+
+def federated_indices(
+    y: np.ndarray,
+    n: int,
+    method: str = "dirichlet",
+    *,
+    alpha: float = 0.5,
+    shards_per_party: int = 2,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    min_size: int = 10,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train, test) row indices of each party of :func:`federated_split`, without copying rows."""
+    parts = partition(y, n, method, alpha=alpha, shards_per_party=shards_per_party, seed=seed, min_size=min_size)
     # one independent, reproducible stream per party, derived from (seed, party)
     states = [np.random.SeedSequence([seed, k]).generate_state(1)[0] for k in range(len(parts))]
-    result = []
-    for k, (idx, state) in enumerate(zip(parts, states)):
-        train, test = train_test_split(idx, dataset.y, test_fraction=test_fraction, seed=int(state))
-        result.append(
-            PartyData(
-                name=f"party-{k}",
-                x_train=dataset.x[train],
-                y_train=dataset.y[train],
-                x_test=dataset.x[test],
-                y_test=dataset.y[test],
-            )
-        )
-    return result
+    return [train_test_split(idx, y, test_fraction=test_fraction, seed=int(state))
+            for idx, state in zip(parts, states)]
 
 
 def pooled(parts: Sequence[PartyData]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

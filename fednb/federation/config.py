@@ -6,6 +6,7 @@
     name = "clinic-a"
     endpoint = "tcp://10.0.0.5:7410"
     public_key = "keys/clinic-a.key"    # or the key's 40-character Z85 text
+    # shared = true: one of the parties a shared endpoint serves (fednb.party.population_server)
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class PartySpec:
     name: str
     endpoint: str
     public_key: bytes | None = None
+    #: Served at a shared endpoint with other parties (a simulation's population): messages there carry
+    #: the party's name in an address frame (:mod:`fednb.federation.endpoint`).
+    shared: bool = False
 
 
 def load_parties(parties: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) -> list[PartySpec]:
@@ -57,7 +61,7 @@ def load_parties(parties: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) 
     for index, entry in enumerate(entries):
         if not isinstance(entry, Mapping):
             raise ValueError(f"party #{index + 1} must be a table/dict with name, endpoint, public_key")
-        unknown = set(entry) - {"name", "endpoint", "public_key"}
+        unknown = set(entry) - {"name", "endpoint", "public_key", "shared"}
         if unknown:
             raise ValueError(f"party #{index + 1}: unknown field(s) {', '.join(sorted(unknown))}")
         name, endpoint = entry.get("name"), entry.get("endpoint")
@@ -76,7 +80,10 @@ def load_parties(parties: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) 
             key = load_public_key(key_spec)
         elif scheme == "tcp":
             raise ValueError(f"party {name!r}: a tcp endpoint needs the party's public_key (CURVE is always on)")
-        specs.append(PartySpec(name, endpoint, key))
+        shared = entry.get("shared", False)
+        if not isinstance(shared, bool):
+            raise ValueError(f"party {name!r}: shared must be true or false")
+        specs.append(PartySpec(name, endpoint, key, shared))
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError("party names must be unique")

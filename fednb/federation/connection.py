@@ -1,4 +1,4 @@
-"""The coordinator's socket thread: one DEALER per party, heartbeats, replies matched to requests.
+"""The coordinator's socket thread: one DEALER per party (or per shared endpoint), heartbeats, replies matched to requests.
 
 All socket I/O of a federation happens here. Callers on any thread (a notebook cell inside a
 running asyncio loop, a background training thread) hand in requests and get
@@ -15,15 +15,18 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
+from collections.abc import Iterable
 from typing import Any
 
 import zmq
 
 from fednb.errors import FederationError
 from fednb.federation.config import PartySpec, probe
+from fednb.federation.endpoint import SharedEndpoint
 from fednb.federation.events import EventBus
 from fednb.federation.link import MONITORED, Link, resolve
 from fednb.transport import Keypair, client_socket
+from fednb.transport.channel import address_frame
 from fednb.wire import DEFAULT_LIMITS, Limits, Message, encode
 
 log = logging.getLogger(__name__)
@@ -53,22 +56,43 @@ class Connections:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._context = zmq.Context()
         self._links: dict[str, Link] = {}
+        #: What the socket thread polls: a party's own link, or a shared endpoint with its parties' links.
+        self._pollables: list[Link | SharedEndpoint] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fednb-federation-io", daemon=True)
         self._closed = False
         self._sockets_closed = False
+        self._opened: list[zmq.Socket] = []
         try:
+            shared: dict[tuple[str, bytes | None], list[PartySpec]] = {}
             for spec in specs:
-                sock = client_socket(self._context, spec.endpoint, keypair if spec.public_key else None,
-                                     spec.public_key, limits=limits, heartbeat_ms=int(heartbeat * 1000),
-                                     timeout_ms=int(timeout * 1000))
-                monitor = sock.get_monitor_socket(MONITORED)
-                self._links[spec.name] = Link(spec, sock, monitor, bus, self._changed, limits)
+                if spec.shared:
+                    shared.setdefault((spec.endpoint, spec.public_key), []).append(spec)
+                    continue
+                sock, monitor = self._socket(spec.endpoint, spec.public_key)
+                link = self._links[spec.name] = Link(spec, sock, monitor, bus, self._changed, limits)
+                self._pollables.append(link)
+            for (endpoint, public_key), members in shared.items():
+                sock, monitor = self._socket(endpoint, public_key)
+                links = [Link(spec, sock, monitor, bus, self._changed, limits, address=address_frame(spec.name))
+                         for spec in members]
+                self._links.update((link.name, link) for link in links)
+                self._pollables.append(SharedEndpoint(endpoint, sock, monitor, links, limits))
         except BaseException:
             self._close_sockets()
             raise
+
+    def _socket(self, endpoint: str, public_key: bytes | None) -> tuple[zmq.Socket, zmq.Socket]:
+        """A DEALER to ``endpoint`` and its monitor, registered for closing before anything can fail."""
+        sock = client_socket(self._context, endpoint, self.keypair if public_key else None, public_key,
+                             limits=self.limits, heartbeat_ms=int(self.heartbeat * 1000),
+                             timeout_ms=int(self.timeout * 1000))
+        self._opened.append(sock)
+        monitor = sock.get_monitor_socket(MONITORED)
+        self._opened.append(monitor)
+        return sock, monitor
 
     # -- called from any thread -------------------------------------------------------------------
 
@@ -89,11 +113,11 @@ class Connections:
                 # libzmq retries a refused connection silently: ask the endpoint ourselves, so that
                 # nobody listening is said at once instead of as "no answer" after the timeout
                 next_probe = time.monotonic() + PROBE_EVERY
-                for link in waiting:
-                    why = probe(link.spec.endpoint)
-                    refusals[link.spec.name] = refusals.get(link.spec.name, 0) + 1 if why else 0
-                    if why and refusals[link.spec.name] >= PROBE_REFUSALS:
-                        self._command("unreachable", (link.spec.name, why))
+                for endpoint in dict.fromkeys(link.spec.endpoint for link in waiting):  # a shared one once
+                    why = probe(endpoint)
+                    refusals[endpoint] = refusals.get(endpoint, 0) + 1 if why else 0
+                    if why and refusals[endpoint] >= PROBE_REFUSALS:
+                        self._command("unreachable", (endpoint, why))
         with self._changed:
             failed = {name: link for name, link in self._links.items() if link.status != "online"}
         if failed and require_all:
@@ -149,23 +173,29 @@ class Connections:
         for party, message_id in targets:
             self.cancel(party, message_id)
 
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        """Each party's status, detail, seconds since last heard, what it said in welcome, and what
-        it holds for its owner's approval (``awaiting``: the party's words, or None), and how many of its
-        replies came after their request was settled and were discarded (``late``)."""
+    def snapshot(self, parties: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Each party's (or each of ``parties``') status, detail, seconds since last heard, what it said in
+        welcome, and what it holds for its owner's approval (``awaiting``: the party's words, or None), and how
+        many of its replies came after their request was settled and were discarded (``late``)."""
         now = time.monotonic()
         with self._lock:
+            links = self._links if parties is None else {name: self._links[name] for name in parties}
             return {
                 name: {"endpoint": link.spec.endpoint, "status": link.status, "detail": link.detail,
                        "awaiting": next(iter(link.awaiting.values()), None),
                        "silent_for": (now - link.last_seen) if link.last_seen else None, "info": dict(link.info),
                        "late": link.late}
-                for name, link in self._links.items()
+                for name, link in links.items()
             }
 
     def online(self) -> list[str]:
         with self._lock:
             return [name for name, link in self._links.items() if link.status == "online"]
+
+    def endpoints(self) -> list[dict[str, Any]]:
+        """Each shared endpoint: its address, status and how many of the parties are served there."""
+        with self._lock:
+            return [p.describe() for p in self._pollables if isinstance(p, SharedEndpoint)]
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread, fail what is pending, close every socket. Safe to call twice."""
@@ -208,8 +238,8 @@ class Connections:
             for future in link.pending.values():
                 resolve(future, error=FederationError("the federation was closed", party=link.spec.name))
             link.pending.clear()
-            link.monitor.close(linger=0)
-            link.socket.close(linger=0)
+        for sock in self._opened:
+            sock.close(linger=0)
         self._context.term()
         for fd in (self._wake_r, self._wake_w):
             try:
@@ -222,12 +252,12 @@ class Connections:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
-        by_socket: dict[zmq.Socket, Link] = {}
-        by_monitor: dict[zmq.Socket, Link] = {}
-        for link in self._links.values():
-            poller.register(link.socket, zmq.POLLIN)
-            poller.register(link.monitor, zmq.POLLIN)
-            by_socket[link.socket], by_monitor[link.monitor] = link, link
+        by_socket: dict[zmq.Socket, Link | SharedEndpoint] = {}
+        by_monitor: dict[zmq.Socket, Link | SharedEndpoint] = {}
+        for pollable in self._pollables:
+            poller.register(pollable.socket, zmq.POLLIN)
+            poller.register(pollable.monitor, zmq.POLLIN)
+            by_socket[pollable.socket], by_monitor[pollable.monitor] = pollable, pollable
         next_beat = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -269,18 +299,21 @@ class Connections:
                 for party, future in futures.items():
                     self._links[party].request(message_id, frames, future)
             elif kind == "unreachable":
-                party, why = payload
-                link = self._links[party]
-                if link.status == "connecting":
-                    link.set_status("unreachable", why)
+                endpoint, why = payload
+                for pollable in self._pollables:
+                    if isinstance(pollable, SharedEndpoint) and pollable.endpoint == endpoint:
+                        pollable.unreachable(why)
+                    elif isinstance(pollable, Link) and pollable.spec.endpoint == endpoint \
+                            and pollable.status == "connecting":
+                        pollable.set_status("unreachable", why)
             elif kind == "cancel":
                 party, message_id, finish = payload
                 self._links[party].cancel(message_id, finish)
 
     def _say_hello(self, now: float) -> None:
-        for link in self._links.values():
-            link.hello(now, self.heartbeat, self.coordinator)
+        for pollable in self._pollables:
+            pollable.hello(now, self.heartbeat, self.coordinator)
 
     def _beat(self, now: float) -> None:
-        for link in self._links.values():
-            link.beat(now, self.timeout)
+        for pollable in self._pollables:
+            pollable.beat(now, self.timeout)

@@ -26,7 +26,7 @@ from fednb import __version__
 from fednb.errors import FederationError
 from fednb.federation.config import PartySpec
 from fednb.federation.events import EventBus, PartyStatus
-from fednb.transport.channel import receive
+from fednb.transport.channel import Received, receive
 from fednb.wire import Limits, Message, encode
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class Link:
     #: Replies that came after their request was settled (a party late past its round's deadline, or
     #: answering a cancelled request): counted and discarded, never taken into a round.
     late: int = 0
+    #: A party of a shared endpoint (:mod:`fednb.federation.endpoint`): the address frame that names it
+    #: there, before every message; its socket, monitor, hello and heartbeat are the endpoint's.
+    address: bytes | None = None
 
     @property
     def name(self) -> str:
@@ -77,6 +80,8 @@ class Link:
         return self.send_frames(encode(message, self.limits))
 
     def send_frames(self, frames: list[Any]) -> bool:
+        if self.address is not None:
+            frames = [self.address, *frames]
         try:
             self.socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             return True
@@ -117,32 +122,36 @@ class Link:
             except zmq.Again:
                 return
             self.last_seen = time.monotonic()
-            message = received.message
-            if message is None:
-                # Nothing in a malformed message can be trusted, not even whom it answers: what
-                # this party owes us fails now (named), instead of waiting out the timeout.
-                log.warning("%s sent a malformed message: %s", self.name, received.error)
-                self.fail_pending(FederationError(f"{self.name} sent a malformed reply ({received.error})",
-                                                  party=self.name))
-                continue
-            if message.type == "welcome":
-                self._welcomed(message)
-            elif message.type == "heartbeat":
-                if self.status == "offline":
-                    self.next_hello = 0.0
-            elif message.reply_to is not None and message.reply_to in self.pending:
-                if message.type == "status":
-                    self._request_status(message)
-                    continue
-                self.settled(message.reply_to)
-                resolve(self.pending.pop(message.reply_to), message)
-            elif message.type == "error":
-                self.late += message.reply_to is not None
-                log.warning("%s reported: %s: %s", self.name, message.content["error_type"], message.content["message"])
-            else:
-                if message.reply_to is not None:
-                    self.late += 1
-                log.debug("%s: ignored a late or unsolicited %s", self.name, message.type)
+            self.deliver(received)
+
+    def deliver(self, received: Received) -> None:
+        """Handle one message the party sent."""
+        message = received.message
+        if message is None:
+            # Nothing in a malformed message can be trusted, not even whom it answers: what
+            # this party owes us fails now (named), instead of waiting out the timeout.
+            log.warning("%s sent a malformed message: %s", self.name, received.error)
+            self.fail_pending(FederationError(f"{self.name} sent a malformed reply ({received.error})",
+                                              party=self.name))
+            return
+        if message.type == "welcome":
+            self._welcomed(message)
+        elif message.type == "heartbeat":
+            if self.status == "offline":
+                self.next_hello = 0.0
+        elif message.reply_to is not None and message.reply_to in self.pending:
+            if message.type == "status":
+                self._request_status(message)
+                return
+            self.settled(message.reply_to)
+            resolve(self.pending.pop(message.reply_to), message)
+        elif message.type == "error":
+            self.late += message.reply_to is not None
+            log.warning("%s reported: %s: %s", self.name, message.content["error_type"], message.content["message"])
+        else:
+            if message.reply_to is not None:
+                self.late += 1
+            log.debug("%s: ignored a late or unsolicited %s", self.name, message.type)
 
     def fail_pending(self, error: FederationError) -> None:
         for message_id in list(self.pending):

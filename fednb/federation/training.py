@@ -135,8 +135,9 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
                                        first))
     observe = fed._observer(private)
     if private is not None:
+        links = fed._connections.snapshot(chosen)
         for party in chosen:
-            summary = fed._privacy_of(party, fed._connections.snapshot()[party]["info"])
+            summary = fed._privacy_of(party, links[party]["info"])
             if summary is not None:
                 fed.events.publish(PrivacyUpdated(party, summary))
         for party, after, budget in private.forecast(chosen):
@@ -147,7 +148,8 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
     done, error, unevaluated = 0, None, None
     try:
         for round_ in range(first, last + 1):
-            online = [p for p in chosen if p in fed._connections.online()]
+            here = set(fed._connections.online())  # once a round: a population may hold 100,000 parties
+            online = [p for p in chosen if p in here]
             available = online
             if plan.sample is not None:
                 online = sample(online, plan.sample, seed=int(base.get("seed", 0)), round_=round_)
@@ -159,9 +161,9 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
             dp_round = private.round_dp(online) if private is not None else {}
             if dp_round:
                 content["dp"] = dp_round
-            links = fed._connections.snapshot()
+            links = fed._connections.snapshot([p for p in chosen if p not in here])
             offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
-                       for p in chosen if p not in online}
+                       for p in links}
             protocol: Steps[RoundOutcome]
             if secure is None:
                 protocol = train_round(fed.events, strategy, round=round_, parties=online, weights=weights,
@@ -208,7 +210,8 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
                 log.info("training stopped after round %d", round_)
                 break
         if unevaluated is not None and not fed._abort.is_set():
-            online = [p for p in chosen if p in fed._connections.online()]
+            here = set(fed._connections.online())
+            online = [p for p in chosen if p in here]
             fed._record_evaluation(unevaluated, fed._evaluate_weights(weights, code, base, online, round_timeout,
                                                                         round=unevaluated))
             _save(fed, plan, ckpt.Checkpoint(run_id, start, last, fed.history.last_round, {}, weights,

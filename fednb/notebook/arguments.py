@@ -202,6 +202,16 @@ def simulation_source(args: Any) -> dict[str, Any]:
             "alpha": args.alpha}
 
 
+def pool_options(args: Any) -> dict[str, Any]:
+    """``%fed_sim``'s ``--backend``, ``--workers`` and ``--examples-per-party`` as ``simulate``'s keywords."""
+    if args.backend == "process":
+        if args.workers is not None or args.examples_per_party is not None:
+            raise UsageError("--workers and --examples-per-party go with --backend pool or ray")
+        return {}
+    return {"backend": args.backend, **({"workers": args.workers} if args.workers is not None else {}),
+            **({"examples_per_party": args.examples_per_party} if args.examples_per_party is not None else {})}
+
+
 def party_tables(specs: list[str]) -> dict[str, str]:
     """``--data NAME=FILE`` (repeated) as ``simulate``'s ``data=``: {party name: file}."""
     tables: dict[str, str] = {}

@@ -48,6 +48,19 @@ def parties_table(rows: Sequence[Any]) -> Table:
                    r.last_error] for r in rows])
 
 
+def population_summary(federation: Any) -> Table:
+    """A pool simulation's parties by shared endpoint: how many, how many online, their training examples."""
+    groups: dict[str, list[Any]] = {}
+    for row in federation.status():
+        groups.setdefault(row.endpoint, []).append(row)
+    rows = []
+    for endpoint, members in groups.items():
+        examples = sorted(int(r.examples or 0) for r in members)
+        rows.append([endpoint, len(members), sum(r.status == "online" for r in members), sum(examples),
+                     examples[len(examples) // 2] if examples else 0])
+    return Table(["endpoint", "parties", "online", "examples", "median examples"], rows)
+
+
 def evaluation_table(evaluation: Any) -> Table:
     """An :class:`~fednb.federation.Evaluation`: one row per party, then the weighted global row."""
     names = sorted({k for m in evaluation.parties.values() for k in m if k != "examples"})

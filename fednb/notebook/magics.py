@@ -35,9 +35,9 @@ from IPython.display import display
 from fednb.federation import Federation
 from fednb.federation.background import TrainingRun
 from fednb.notebook.arguments import TRAIN_DEFAULTS as DEFAULTS
-from fednb.notebook.arguments import (budget, differential_privacy, no_arguments, parse, parties, secure_aggregation,
-                                      simulation_source, strategy_options, usage_errors)
-from fednb.notebook.display import PartyOutputs, PrivacyView, evaluation_table, parties_table
+from fednb.notebook.arguments import (budget, differential_privacy, no_arguments, parse, parties, pool_options,
+                                      secure_aggregation, simulation_source, strategy_options, usage_errors)
+from fednb.notebook.display import PartyOutputs, PrivacyView, evaluation_table, parties_table, population_summary
 from fednb.notebook.session import Session
 from fednb.notebook.vertical_magics import VerticalMagics
 from fednb.vertical.federation import Vertical
@@ -73,6 +73,13 @@ class FedMagics(VerticalMagics, Magics):
     @argument("--dp-epsilon", type=float, default=None,
               help="give every party a privacy budget ε for its training data (it refuses training past it)")
     @argument("--dp-delta", type=float, default=None, help="with --dp-epsilon: the budget's δ (default 1e-5)")
+    @argument("--backend", default="process", choices=("process", "pool", "ray"),
+              help="process: one process per party (default); pool: worker processes serving virtual parties "
+                   "(thousands); ray: those workers as Ray actors")
+    @argument("--workers", type=int, default=None, help="with --backend pool or ray: worker processes (default 2)")
+    @argument("--examples-per-party", type=int, default=None,
+              help="with --backend pool or ray: training rows each party draws with replacement (a population "
+                   "larger than the dataset)")
     @line_magic
     def fed_sim(self, line: str) -> Any:
         """Start N local party processes on a bundled dataset, or one per --data table; they become this session's `fed`."""
@@ -80,10 +87,13 @@ class FedMagics(VerticalMagics, Magics):
         import fednb
 
         source, limits = simulation_source(args), budget(args.dp_epsilon, args.dp_delta)
+        pool = pool_options(args)
         with usage_errors(self.fed_sim):
             federation = fednb.simulate(**source, seed=args.seed, secure=args.secure, contained=args.contained,
-                                        **limits)
+                                        **limits, **pool)
         self.session.adopt(federation)
+        if pool:  # thousands of rows say less than one: how many, where, and how they are reached
+            return population_summary(federation)
         return parties_table(federation.status())
 
     @magic_arguments()

@@ -59,13 +59,14 @@ class Outgoing:
 class _Job:
     routing: bytes
     ticket: Ticket
+    admission: Admission
 
 
 class Admission:
     """The requests of one party from admission to reply; see the module docstring."""
 
     def __init__(self, name: str, gate: Gate, runner: Runner, *, approve_hint: str, max_held_bytes: int,
-                 replays: Replays | None = None) -> None:
+                 replays: Replays | None = None, jobs: Jobs | None = None) -> None:
         if max_held_bytes < 1:
             raise ValueError("max_held_bytes must be positive")
         self.name = name
@@ -76,16 +77,20 @@ class Admission:
         self.replays = replays or Replays()
         self.waiting: dict[str, tuple[bytes, Ticket]] = {}
         self._held: dict[str, int] = {}  # request id -> bytes, from admission to reply
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._results: queue.Queue[Outgoing] = queue.Queue()
+        # a party's own job thread, or one shared by the virtual parties of a population
+        self.jobs = jobs if jobs is not None else Jobs(name)
+        self._owns_jobs = jobs is None
         self._lock = threading.Lock()  # guards _queued and _cancelled, shared with the job thread
         self._queued: set[str] = set()
         self._cancelled: set[str] = set()
-        self._thread: threading.Thread | None = None
 
     @property
     def held_bytes(self) -> int:
         return sum(self._held.values())
+
+    def holds(self) -> bool:
+        """Whether a request of this party waits, is queued or runs (it has no reply yet)."""
+        return bool(self._held)
 
     # -- the socket thread ------------------------------------------------------------------------
 
@@ -135,7 +140,7 @@ class Admission:
         self._held[ticket.message.id] = ticket.bytes_in
         with self._lock:
             self._queued.add(ticket.message.id)
-        self._jobs.put(_Job(routing, ticket))
+        self.jobs.put(_Job(routing, ticket, self))
 
     def recheck(self) -> list[Outgoing]:
         """The owner decided something: run or refuse what waited for it."""
@@ -176,16 +181,17 @@ class Admission:
             log.info("a cancel for %s found no such request waiting, queued or running", target[:8])
 
     def finished(self) -> list[Outgoing]:
-        """Replies of requests the job thread finished since the last look."""
-        out: list[Outgoing] = []
-        while True:
-            try:
-                done = self._results.get_nowait()
-            except queue.Empty:
-                return out
-            if done.ticket is not None:
-                self._held.pop(done.ticket.message.id, None)
+        """Replies of requests the job thread finished since the last look (a party's own job thread)."""
+        out = []
+        for admission, done in self.jobs.finished():
+            admission.done(done)
             out.append(done)
+        return out
+
+    def done(self, out: Outgoing) -> None:
+        """``out`` ends a request this admission queued: it no longer counts as held."""
+        if out.ticket is not None:
+            self._held.pop(out.ticket.message.id, None)
 
     def seal(self, out: Outgoing, limits: Limits) -> tuple[str, list[Any]]:
         """The type and frames that end ``out.ticket``'s request, recorded in the audit log before they leave.
@@ -242,16 +248,76 @@ class Admission:
     # -- the job thread ---------------------------------------------------------------------------
 
     def start(self, context: zmq.Context, wake_address: str) -> None:
+        if self._owns_jobs:
+            self.jobs.start(context, wake_address)
+
+    def stop(self) -> None:
+        """Let the job thread leave after the request it runs (the caller stops the sandbox)."""
+        if self._owns_jobs:
+            self.jobs.stop()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the job thread; True when it has ended."""
+        return self.jobs.join(timeout) if self._owns_jobs else True
+
+    def execute(self, job: _Job) -> Outgoing:
+        """Run one queued job on the job thread (unless it was cancelled while queued)."""
+        ticket, request = job.ticket, job.ticket.message
+        with self._lock:
+            self._queued.discard(request.id)
+            cancelled = request.id in self._cancelled
+            self._cancelled.discard(request.id)
+        if cancelled:
+            reply = request.reply("error", {"error_type": "Cancelled", "message": "cancelled before it ran"})
+            outcome = "cancelled before it ran"
+        else:
+            reply, outcome = self._run(ticket)
+        return Outgoing(job.routing, reply, ticket, outcome)
+
+    def _run(self, ticket: Ticket) -> tuple[Message, str]:
+        """Run one admitted request in its worker and pass the reply through the gate."""
+        try:
+            return self.gate.release(ticket, self.runner.run(ticket.identity, ticket.message))
+        except Exception:  # a bug of ours must cost one request, not the party: logged, answered
+            log.exception("%s request %s failed inside the party", ticket.message.type, ticket.message.id[:8])
+            return internal_error(ticket.message), "error: internal (see the party's log)"
+
+
+class Jobs:
+    """The job thread: runs admitted requests one at a time, in order, and hands their replies back.
+
+    A party has its own; the virtual parties of a population share one (their admissions are
+    separate: replay memory, held bytes, cancels). Replies wait in a queue, and the socket
+    thread is woken over an inproc pair.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._results: queue.Queue[tuple[Admission, Outgoing]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def put(self, job: _Job) -> None:
+        self._jobs.put(job)
+
+    def finished(self) -> list[tuple[Admission, Outgoing]]:
+        """Each reply finished since the last look, with the admission whose request it ends."""
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def start(self, context: zmq.Context, wake_address: str) -> None:
         self._thread = threading.Thread(target=self._work, args=(context, wake_address),
                                         name=f"fednb-kernel-{self.name}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Let the job thread leave after the request it runs (the caller stops the sandbox)."""
         self._jobs.put(None)
 
     def join(self, timeout: float) -> bool:
-        """Wait for the job thread; True when it has ended."""
         if self._thread is not None:
             self._thread.join(timeout)
             return not self._thread.is_alive()
@@ -265,28 +331,10 @@ class Admission:
                 job = self._jobs.get()
                 if job is None:
                     return
-                ticket, request = job.ticket, job.ticket.message
-                with self._lock:
-                    self._queued.discard(request.id)
-                    cancelled = request.id in self._cancelled
-                    self._cancelled.discard(request.id)
-                if cancelled:
-                    reply = request.reply("error", {"error_type": "Cancelled", "message": "cancelled before it ran"})
-                    outcome = "cancelled before it ran"
-                else:
-                    reply, outcome = self._run(ticket)
-                self._results.put(Outgoing(job.routing, reply, ticket, outcome))
+                self._results.put((job.admission, job.admission.execute(job)))
                 wake.send(b"")
         finally:
             wake.close(linger=0)
-
-    def _run(self, ticket: Ticket) -> tuple[Message, str]:
-        """Run one admitted request in its worker and pass the reply through the gate."""
-        try:
-            return self.gate.release(ticket, self.runner.run(ticket.identity, ticket.message))
-        except Exception:  # a bug of ours must cost one request, not the party: logged, answered
-            log.exception("%s request %s failed inside the party", ticket.message.type, ticket.message.id[:8])
-            return internal_error(ticket.message), "error: internal (see the party's log)"
 
 
 def internal_error(request: Message | None) -> Message:

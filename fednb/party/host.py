@@ -18,13 +18,18 @@ With ``--dp-epsilon`` every party has a privacy budget and a party directory of 
 
 Protocol: one JSON line on stdout once every party listens,
 ``{"host": pid, "parties": [{"name", "endpoint", "public_key", "pid"}, …]}``, or
-``{"error": "…"}`` (with ``"data": true`` when a party's file is at fault).
+``{"error": "…"}`` (with ``"data": true`` when a party's file is at fault, ``"usage": true`` when the
+arguments ask what the data cannot give, such as more parties than a partition can fill).
+With ``--pool-workers W`` the ``--n`` parties are one population (:mod:`fednb.party.population`)
+and the host forks W pool workers instead, each serving every W-th party on one shared endpoint;
+the line then lists ``"workers"``, each with the ``"parties"`` it serves.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -33,6 +38,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("fednb.sim.host")
@@ -70,6 +76,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="every party refuses plain train requests")
     parser.add_argument("--dp-epsilon", type=float, default=None, help="every party's privacy budget (ε)")
     parser.add_argument("--dp-delta", type=float, default=1e-5, help="the δ of that budget")
+    parser.add_argument("--pool-workers", type=int, default=0,
+                        help="serve the --n parties as a population: this many worker processes, each one shared "
+                             "endpoint for its share of the parties (0: one process per party)")
+    parser.add_argument("--examples-per-party", type=int, default=0,
+                        help="with --pool-workers: each party draws this many training rows with replacement "
+                             "(a population larger than the dataset); 0: a partition of the dataset")
+    parser.add_argument("--members", type=int, default=64,
+                        help="with --pool-workers: parties each worker keeps warm (kernel, gate, data)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--heartbeat", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -103,7 +117,7 @@ def _party_data(args: argparse.Namespace) -> list[tuple[str, Any]]:
     return parties
 
 
-def _party_main(index: int, name: str, datasets: Any, args: argparse.Namespace, ready_fd: int) -> None:
+def _party_main(index: int, ready_fd: int, *, name: str, datasets: Any, args: argparse.Namespace) -> None:
     """A forked party: serve until SIGTERM, report readiness through ``ready_fd``."""
     _die_with_parent()
     import torch
@@ -130,6 +144,52 @@ def _party_main(index: int, name: str, datasets: Any, args: argparse.Namespace, 
     def on_ready(endpoint: str) -> None:
         line = {"index": index, "name": name, "endpoint": endpoint, "pid": os.getpid(),
                 "public_key": keypair.public.decode() if keypair else None}
+        os.write(ready_fd, (json.dumps(line) + "\n").encode())
+        os.close(ready_fd)
+
+    server.serve_forever(on_ready)
+
+
+def population(args: argparse.Namespace) -> Any:
+    """The parties of a pool simulation as one :class:`~fednb.party.population.Population`: a partition of
+    the bundled dataset (the same rows as one process per party gets), or drawn with replacement."""
+    from fednb.data import federated_indices, load_dataset, sample_population
+    from fednb.party.population import Population, Rows
+
+    dataset = load_dataset(args.dataset, seed=args.seed)
+    if args.examples_per_party:
+        train, test = sample_population(dataset.y, args.n, args.examples_per_party, alpha=args.alpha,
+                                        test_fraction=args.test_fraction, seed=args.seed)
+        rows = [Rows(f"party-{k}", train[k], test[k]) for k in range(args.n)]
+    else:
+        parts = federated_indices(dataset.y, args.n, args.partition, alpha=args.alpha, shards_per_party=args.shards,
+                                  seed=args.seed, test_fraction=args.test_fraction)
+        rows = [Rows(f"party-{k}", train, test) for k, (train, test) in enumerate(parts)]
+    return Population(dataset.x, dataset.y, rows)
+
+
+def _pool_main(index: int, ready_fd: int, *, shard: Any, args: argparse.Namespace) -> None:
+    """A forked pool worker: serve its share of the population on one shared endpoint until SIGTERM."""
+    _die_with_parent()
+    import torch
+
+    from fednb.party.population_server import PopulationServer
+    from fednb.transport import AllowList, generate
+
+    torch.set_num_threads(max(1, args.threads))
+    keypair = generate() if args.authorized else None
+    allow = AllowList(keys={args.authorized.encode(): "coordinator"}) if args.authorized else None
+    name = f"pool-{index}"
+    endpoint = "tcp://127.0.0.1:*" if args.tcp else f"ipc://{args.dir}/{name}.sock"
+    server = PopulationServer(name, endpoint, shard, keypair=keypair, allow=allow, heartbeat=args.heartbeat,
+                              timeout=args.timeout, members=args.members,
+                              require_secure_aggregation=args.require_secure_aggregation)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def on_ready(endpoint: str) -> None:
+        line = {"index": index, "name": name, "endpoint": endpoint, "pid": os.getpid(),
+                "public_key": keypair.public.decode() if keypair else None, "parties": list(shard.parties)}
         os.write(ready_fd, (json.dumps(line) + "\n").encode())
         os.close(ready_fd)
 
@@ -188,24 +248,34 @@ def _host(args: argparse.Namespace) -> int:
     from fednb.errors import DataError
 
     try:
-        parts = _party_data(args)
+        work: list[tuple[str, Callable[[int, int], None]]]
+        if args.pool_workers:
+            shared = population(args)
+            count = min(args.pool_workers, len(shared))
+            work = [(f"pool-{i}", functools.partial(_pool_main, shard=shared.shard(i, count), args=args))
+                    for i in range(count)]
+        else:
+            work = [(name, functools.partial(_party_main, name=name, datasets=datasets, args=args))
+                    for name, datasets in _party_data(args)]
     except (DataError, ValueError) as exc:
         _STARTUP_FAILED = True
-        print(json.dumps({"error": str(exc), "data": isinstance(exc, DataError)}), flush=True)
+        # a DataError names a party's file; a ValueError, what the call asked that the data cannot give
+        print(json.dumps({"error": str(exc), "data": isinstance(exc, DataError),
+                          "usage": isinstance(exc, ValueError)}), flush=True)
         return 1
     ready_r, ready_w = os.pipe()
     children: dict[int, int] = {}
     sys.stdout.flush()
     sys.stderr.flush()
-    for index, (name, datasets) in enumerate(parts):
+    for index, (name, main_of) in enumerate(work):
         pid = os.fork()
-        if pid == 0:  # the party
+        if pid == 0:  # the party, or a pool worker
             code = 0
             try:
                 os.close(ready_r)
-                _party_main(index, name, datasets, args, ready_w)
+                main_of(index, ready_w)
             except BaseException:  # noqa: BLE001 - reported on stderr, then the child exits
-                log.exception("party %s failed", name)
+                log.exception("%s failed", name)
                 code = 1
             finally:
                 os._exit(code)
@@ -221,8 +291,8 @@ def _host(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        ready = _collect_ready(ready_r, len(parts), children)
-        print(json.dumps({"host": os.getpid(), "parties": ready}), flush=True)
+        ready = _collect_ready(ready_r, len(work), children)
+        print(json.dumps({"host": os.getpid(), "parties" if not args.pool_workers else "workers": ready}), flush=True)
         _wait_for_lifeline(children, lambda: stopping)
         return 0
     except RuntimeError as exc:

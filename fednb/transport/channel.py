@@ -7,6 +7,7 @@ party, accumulated into the aggregate at the coordinator).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import zmq
@@ -27,6 +28,21 @@ class Received:
     routing: bytes | None
     user: str
     nbytes: int
+    #: On a shared endpoint (one that serves many virtual parties, see :mod:`fednb.party.population`),
+    #: the party the message is for or from; ``""`` for the endpoint itself, ``None`` elsewhere.
+    party: str | None = None
+
+
+#: A party's name as the address frame of a shared endpoint carries it (empty: the endpoint itself).
+ADDRESS = re.compile(rb"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})?")
+
+
+def address_frame(party: str) -> bytes:
+    """The frame that names ``party`` on a shared endpoint (ValueError for a name no address can carry)."""
+    raw = party.encode("ascii", "replace")
+    if not ADDRESS.fullmatch(raw):
+        raise ValueError(f"{party!r} cannot be a party's address: 1 to 64 letters, digits, '.', '_' or '-'")
+    return raw
 
 
 def send(sock: zmq.Socket, message: Message, *, routing: bytes | None = None, limits: Limits = DEFAULT_LIMITS,
@@ -39,14 +55,23 @@ def send(sock: zmq.Socket, message: Message, *, routing: bytes | None = None, li
     return sum(len(f) if isinstance(f, bytes) else memoryview(f).nbytes for f in frames)
 
 
-def receive(sock: zmq.Socket, *, router: bool, limits: Limits = DEFAULT_LIMITS) -> Received:
+def receive(sock: zmq.Socket, *, router: bool, limits: Limits = DEFAULT_LIMITS, addressed: bool = False) -> Received:
     """Receive one message without blocking and validate it.
 
     A malformed message comes back with ``error`` set, so that the caller can answer or
-    drop it and go on serving; only socket errors raise.
+    drop it and go on serving; only socket errors raise. ``addressed``: the socket is a shared
+    endpoint's, and the frame after the routing id names the party (``Received.party``).
     """
     frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
     routing = frames.pop(0).bytes if router and frames else None
+    party = None
+    if addressed:
+        raw = frames.pop(0).bytes if frames else b"\xff"
+        if len(raw) > 64 or not ADDRESS.fullmatch(raw):
+            return Received(message=None, error=WireError(f"a message on a shared endpoint must start with a party's "
+                                                          f"address frame, got {raw[:80]!r}"),
+                            routing=routing, user="", nbytes=sum(len(frame) for frame in frames))
+        party = raw.decode("ascii")
     user = ""
     if frames:
         try:
@@ -57,8 +82,8 @@ def receive(sock: zmq.Socket, *, router: bool, limits: Limits = DEFAULT_LIMITS) 
     try:
         message = check_content(decode(frames, limits))
     except WireError as exc:
-        return Received(message=None, error=exc, routing=routing, user=user, nbytes=nbytes)
+        return Received(message=None, error=exc, routing=routing, user=user, nbytes=nbytes, party=party)
     except Exception as exc:  # noqa: BLE001 - a decoder bug must cost this message, never the socket's thread
         error = WireError(f"the message could not be decoded ({type(exc).__name__}: {exc})")
-        return Received(message=None, error=error, routing=routing, user=user, nbytes=nbytes)
-    return Received(message=message, error=None, routing=routing, user=user, nbytes=nbytes)
+        return Received(message=None, error=error, routing=routing, user=user, nbytes=nbytes, party=party)
+    return Received(message=message, error=None, routing=routing, user=user, nbytes=nbytes, party=party)

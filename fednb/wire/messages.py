@@ -35,6 +35,9 @@ _CONTENT: dict[str, _Spec] = {
         "containment": (str, False),
         # the party's privacy budget (fednb.party.budget.Budget.summary), where its owner set one
         "privacy": (dict, False),
+        # a shared endpoint's parties (fednb.party.population_server): {"parties": [names], "datasets":
+        # {split: shape}}, with their example counts as the int64 arrays pool.train and pool.test
+        "pool": (dict, False),
     },
     "heartbeat": {},
     # ``run``: the training run this round belongs to (a party refuses a round that does not move
@@ -122,6 +125,8 @@ def check_content(message: Message) -> Message:
             raise WireError("secagg: a secure stage's request carries no tensors")
     if message.type == "welcome":
         check_datasets(content["datasets"])
+        if content.get("pool") is not None:
+            check_pool(content["pool"], message.arrays)
     if message.type == "result":
         if content.get("metrics") is not None:
             check_metrics(content["metrics"], where="result")
@@ -139,6 +144,29 @@ def check_datasets(datasets: Any) -> None:
         if examples is not None and (isinstance(examples, bool) or not isinstance(examples, int)
                                      or not 0 <= examples <= 2**48):
             raise WireError(f"welcome: dataset {name!r} has no valid example count")
+
+
+_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_POOL = 1_000_000
+
+
+def check_pool(pool: Any, arrays: Mapping[str, Any]) -> None:
+    """A shared endpoint's welcome: distinct party names that an address frame can carry, a shape per
+    split, and one example count per party and split."""
+    if set(pool) != {"parties", "datasets"} or not isinstance(pool["parties"], list) \
+            or not isinstance(pool["datasets"], dict):
+        raise WireError("welcome: field 'pool' must be {parties: [names], datasets: {split: shape}}")
+    names = pool["parties"]
+    if len(names) > MAX_POOL or not all(isinstance(n, str) and _ADDRESS.fullmatch(n) for n in names) \
+            or len(set(names)) != len(names):
+        raise WireError(f"welcome: a pool's parties must be up to {MAX_POOL:,} distinct names of 1 to 64 letters, "
+                        "digits, '.', '_' or '-'")
+    check_datasets(pool["datasets"])
+    for split in pool["datasets"]:
+        counts = arrays.get(f"pool.{split}")
+        if counts is None or counts.dtype.kind != "i" or counts.shape != (len(names),) \
+                or (counts.size and (counts.min() < 0 or counts.max() > 2**48)):
+            raise WireError(f"welcome: a pool needs one example count per party for {split!r} (pool.{split})")
 
 
 def check_evaluation(evaluation: Any, *, where: str) -> dict[str, Any]:
