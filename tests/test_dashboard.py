@@ -393,3 +393,30 @@ def test_the_esm_is_valid_javascript(tmp_path: Path) -> None:
     copy.write_text(ESM.read_text(encoding="utf-8"), encoding="utf-8")
     result = subprocess.run([node, "--check", str(copy)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_population_of_thousands_is_summarised_with_a_loss_histogram_not_listed(dashboard: Dashboard) -> None:
+    population = tuple(f"party-{k}" for k in range(5000))
+    dashboard.handle(TrainingStarted(2, "fedavg", population))
+    sampled = population[:40:2]
+    started = time.perf_counter()
+    for round_ in (1, 2):
+        dashboard.handle(RoundStarted(round_, 2, sampled, population))
+        for i, party in enumerate(sampled):
+            if i == 7:
+                dashboard.handle(PartyDropped(round_, party, "went offline", late=False))
+            else:
+                dashboard.handle(PartyDone(round_, party, 64, {"loss": 0.5 + i / 40, "accuracy": 0.7}, 0.1))
+        if round_ == 1:
+            summary = dict(dashboard.population)
+        dashboard.handle(RoundAggregated(round_, 2, {"loss": 0.6, "accuracy": 0.7}, None, {}, 0.4))
+    assert time.perf_counter() - started < 5  # per event: the round's 20 parties, never the 5,000
+    assert dashboard.parties == [] and all(entry["parties"] == {} for entry in dashboard.history)
+    assert {k: summary[k] for k in ("parties", "available", "round", "sampled", "done", "dropped")} == {
+        "parties": 5000, "available": 5000, "round": 1, "sampled": 20, "done": 19, "dropped": 1}
+    losses = summary["losses"]
+    assert sum(losses["counts"]) == 19 and len(losses["edges"]) == len(losses["counts"]) + 1
+    assert losses["edges"][0] == pytest.approx(0.5) and losses["edges"][-1] == pytest.approx(0.5 + 19 / 40)
+    assert "5000" in dashboard.summary_text() and "sampled" in dashboard.summary_text()
+    dashboard.handle(PartyStatus("party-4000", "offline", "connection lost"))  # not this round's: counted only
+    assert dashboard.parties == []

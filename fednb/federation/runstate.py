@@ -34,6 +34,10 @@ STATES = ("idle", "training", "stopping", "stopped", "done", "error")
 STAGE_STATUS = {"train": "training", "evaluate": "evaluating"}
 #: Why a party still in the round is marked dropped when training ends.
 CANCELLED = "round cancelled: training ended"
+#: A run of more parties than this keeps rows for the parties of its round only (a population of
+#: thousands, sampled): every event then costs what the round's parties cost, and displays
+#: summarise the population (:attr:`RunState.population`) instead of listing it.
+LARGE = 200
 
 
 @dataclass(frozen=True)
@@ -98,13 +102,21 @@ class RunState:
     in_round: frozenset[str] = frozenset()  # asked in the current stage, not yet done or dropped
     error: str = ""
     started: bool = False  # whether TrainingStarted was seen (a display attached mid-run has not)
+    #: Parties of a run larger than :data:`LARGE` (0: every party has a row in ``parties``); then
+    #: ``parties`` holds the current round's, and ``available`` how many its sample was drawn from.
+    population: int = 0
+    available: int = 0
 
     # -- building ------------------------------------------------------------------------------
 
     @classmethod
     def of_parties(cls, rows: Iterable[tuple[str, str, int | None, str]]) -> RunState:
         """A state before any training: one ``(name, status, examples, detail)`` row per party
-        (``Federation.status()``); an online party is waiting."""
+        (``Federation.status()``); an online party is waiting. A population larger than
+        :data:`LARGE` is counted, not listed."""
+        rows = list(rows)
+        if len(rows) > LARGE:
+            return cls(population=len(rows), available=sum(status == "online" for _, status, _, _ in rows))
         return cls(parties=tuple(PartyState(name, "waiting" if status == "online" else status, examples,
                                             detail="" if status == "online" else detail)
                                  for name, status, examples, detail in rows))
@@ -186,6 +198,10 @@ def _with_round(state: RunState, round_: int, **changes: Any) -> tuple[RoundStat
 
 
 def _training_started(state: RunState, event: TrainingStarted) -> RunState:
+    if len(event.parties) > LARGE:  # a population: its rounds' parties get rows as they are sampled
+        return RunState(state="training", strategy=event.strategy, first_round=event.first_round,
+                        last_round=event.first_round + event.rounds - 1, started=True,
+                        population=len(event.parties), available=state.available)
     fresh = []
     for name in event.parties:
         row = state.party(name) or PartyState(name)
@@ -198,6 +214,12 @@ def _training_started(state: RunState, event: TrainingStarted) -> RunState:
 
 
 def _round_started(state: RunState, event: RoundStarted) -> RunState:
+    if state.population:  # rows for this round's parties only; the others are counted
+        rows = tuple(PartyState(name, "training", stage="train") for name in event.parties)
+        return replace(state, parties=rows, in_round=frozenset(event.parties), round=event.round,
+                       last_round=event.rounds, state="training" if state.state == "idle" else state.state,
+                       available=len(event.sampled_from or event.parties),
+                       rounds=_with_round(state, event.round, parties=tuple(event.parties), stage="train"))
     parties = state.parties
     for name in event.sampled_from:
         if name not in event.parties:
@@ -274,8 +296,8 @@ def _training_finished(state: RunState, event: TrainingFinished) -> RunState:
 
 def _party_status(state: RunState, event: PartyStatus) -> RunState:
     row = state.party(event.party)
-    if row is None and state.state != "idle":
-        return state  # a party outside this run
+    if row is None and (state.state != "idle" or state.population):
+        return state  # a party outside this run (or this round, of a population)
     status = event.status
     if status == "online":
         if event.party in state.in_round:

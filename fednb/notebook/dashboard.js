@@ -3,10 +3,11 @@
 // Stable hooks for tests: .fednb-dashboard, tr.fednb-party[data-party], svg.fednb-chart,
 // circle.fednb-point[data-round] (global accuracy, one per round), button.fednb-stop,
 // td.fednb-epsilon[data-party] with div.fednb-budget-fill (ε spent of the party's budget),
-// div.fednb-warning[data-party] (a privacy warning), span.fednb-secure (secure aggregation's badge).
+// div.fednb-warning[data-party] (a privacy warning), span.fednb-secure (secure aggregation's badge),
+// div.fednb-population (a population of thousands: counts and rect.fednb-bar, the round's loss histogram).
 
 const TRAITS = ["title", "strategy", "state", "round", "first_round", "last_round", "rounds_done",
-  "started_at", "elapsed", "eta", "parties", "history", "error", "privacy", "warnings", "secure"];
+  "started_at", "elapsed", "eta", "parties", "history", "error", "privacy", "warnings", "secure", "population"];
 // A budget this nearly spent shows its bar in the warning colour.
 const NEARLY_SPENT = 0.9;
 const ROUND_STATUSES = new Set(["waiting", "training", "done", "late", "dropped"]);
@@ -179,7 +180,11 @@ function render({ model, el }) {
   });
   chartBox.append(legend, svg);
 
-  root.append(header, progress, errorEl, warningsEl, table, chartBox);
+  // A population of thousands is summarised: how many, how many this round sampled and how they
+  // fared, and a histogram of the round's training losses, instead of one row per party.
+  const populationEl = h("div", "fednb-population");
+  populationEl.hidden = true;
+  root.append(header, progress, errorEl, warningsEl, table, populationEl, chartBox);
   el.append(root);
 
   function drawHeader() {
@@ -266,6 +271,43 @@ function render({ model, el }) {
       if (live) parts.push(`ETA ${duration(etaLeft)}`);
     }
     progressText.textContent = parts.join(" · ");
+  }
+
+  function drawPopulation() {
+    const summary = model.get("population") || {};
+    const many = isNumber(summary.parties) && summary.parties > 0;
+    populationEl.hidden = !many;
+    table.hidden = many;
+    if (!many) return;
+    populationEl.replaceChildren();
+    const counts = h("div", "fednb-population-counts");
+    const facts = [[summary.parties, "parties"], [summary.available, "available"],
+      [summary.sampled, `sampled in round ${summary.round}`], [summary.done, "done"], [summary.dropped, "dropped"]];
+    for (const [value, label] of facts) {
+      const fact = h("span", "fednb-fact");
+      fact.append(h("b", "", isNumber(value) ? value.toLocaleString() : "—"), document.createTextNode(` ${label}`));
+      counts.append(fact);
+    }
+    populationEl.append(counts);
+    const losses = summary.losses || {};
+    const bins = losses.counts || [];
+    if (bins.length === 0) return;
+    const width = 360, height = 90, pad = 18;
+    const svg = s("svg", { class: "fednb-histogram", viewBox: `0 0 ${width} ${height + pad}`, role: "img" });
+    const top = Math.max(...bins, 1);
+    const step = width / bins.length;
+    bins.forEach((count, i) => {
+      const tall = (count / top) * height;
+      const bar = s("rect", { class: "fednb-bar", x: i * step + 1, y: height - tall, width: step - 2, height: tall });
+      bar.append(s("title", {}, `${count} parties: loss ${fixed(losses.edges[i], 3)} – ${fixed(losses.edges[i + 1], 3)}`));
+      svg.append(bar);
+    });
+    svg.append(s("text", { x: 0, y: height + pad - 4, class: "fednb-axis" }, fixed(losses.edges[0], 3)));
+    svg.append(s("text", { x: width, y: height + pad - 4, class: "fednb-axis", "text-anchor": "end" },
+      fixed(losses.edges[losses.edges.length - 1], 3)));
+    const caption = h("div", "fednb-population-caption",
+      `training loss of this round's parties (median ${fixed(losses.median, 4)})`);
+    populationEl.append(svg, caption);
   }
 
   function drawParties() {
@@ -451,6 +493,7 @@ function render({ model, el }) {
     privacy: drawParties,
     warnings: drawWarnings,
     history: drawChart,
+    population: drawPopulation,
     first_round: () => { drawProgress(); drawChart(); },
     last_round: () => { drawProgress(); drawChart(); },
   };
@@ -468,6 +511,7 @@ function render({ model, el }) {
   const timer = setInterval(drawProgress, 1000);
 
   drawParties();
+  drawPopulation();
   drawWarnings();
   drawChart();
   drawHeader();

@@ -45,6 +45,25 @@ SUMMARY_ROUNDS = 20
 MAX_WARNINGS = 20
 
 
+def population_summary(run: RunState, bins: int = 12) -> dict[str, Any]:
+    """What a dashboard shows of a population: how many parties, how many the round sampled and how they
+    fared, and the histogram of the round's training losses (``bins`` equal bins from min to max)."""
+    statuses = [p.status for p in run.parties]
+    losses = sorted(v for p in run.parties if (v := _number(p.metrics.get("loss"))) is not None)
+    histogram: dict[str, Any] = {"edges": [], "counts": [], "median": None}
+    if losses:
+        low, high = losses[0], losses[-1]
+        width = (high - low) / bins or 1.0
+        counts = [0] * bins
+        for value in losses:
+            counts[min(int((value - low) / width), bins - 1)] += 1
+        histogram = {"edges": [low + i * width for i in range(bins + 1)], "counts": counts,
+                     "median": losses[len(losses) // 2]}
+    return {"parties": run.population, "available": run.available, "round": run.round, "sampled": len(statuses),
+            "done": statuses.count("done"), "dropped": statuses.count("dropped") + statuses.count("late"),
+            "losses": histogram}
+
+
 def _number(value: Any) -> float | None:
     """A metric as the comm can carry it: a finite float, else None (JSON has no NaN)."""
     if isinstance(value, bool):
@@ -127,6 +146,9 @@ class Dashboard(anywidget.AnyWidget):
     privacy = t.Dict().tag(sync=True)  # party -> spent, budget, remaining, delta, charges (parties with a budget)
     warnings = t.List(t.Dict()).tag(sync=True)  # this run's privacy warnings: party, message, epsilon_after, ...
     secure = t.Unicode("").tag(sync=True)  # "sum of N parties" when the last round was securely aggregated
+    # a population of more than LARGE parties (then ``parties`` is empty): parties, available, round, sampled,
+    # done, dropped, and the histogram of this round's training losses {"edges": [...], "counts": [...]}
+    population = t.Dict().tag(sync=True)
 
     def __init__(self, *, title: str = "", on_stop: Callable[[], None] | None = None, error_below: bool = False,
                  **kwargs: Any) -> None:
@@ -207,11 +229,14 @@ class Dashboard(anywidget.AnyWidget):
     def _render(self) -> None:
         """Set the traits from the run state (unchanged values send nothing)."""
         run = self._run
-        self.parties = [{"name": p.name, "status": p.status, "examples": p.examples, **_loss_accuracy(p.metrics),
-                         "seconds": _number(p.seconds), "detail": p.detail} for p in run.parties]
+        many = bool(run.population)  # thousands of parties: summarised, never one row (or curve) each
+        self.population = population_summary(run) if many else {}
+        self.parties = [] if many else [
+            {"name": p.name, "status": p.status, "examples": p.examples, **_loss_accuracy(p.metrics),
+             "seconds": _number(p.seconds), "detail": p.detail} for p in run.parties]
         self.history = [{"round": r.round, **_loss_accuracy(r.shown()), "seconds": _number(r.seconds),
                          "evaluated": r.evaluated,
-                         "parties": {name: _loss_accuracy(m) for name, m in r.shown_parties().items()}}
+                         "parties": {} if many else {name: _loss_accuracy(m) for name, m in r.shown_parties().items()}}
                         for r in run.history()]
         self.strategy, self.first_round, self.last_round = run.strategy, run.first_round, run.last_round
         self.error = ERROR_BELOW if run.error and self._error_below else run.error
@@ -272,12 +297,21 @@ class Dashboard(anywidget.AnyWidget):
     def _tables(self) -> tuple[Table, Table | None]:
         with self._lock:
             parties, history, privacy = list(self.parties), list(self.history), dict(self.privacy)
+            population = dict(self.population)
         columns = ["party", "status", "examples", "loss", "accuracy", "time"] + (["ε / budget"] if privacy else [])
         party_table = Table([*columns, "detail"],
                             [[r["name"], r["status"], r["examples"], _fixed(r["loss"], 4), _fixed(r["accuracy"], 4),
                               _duration(r["seconds"]) if r["seconds"] is not None else "",
                               *([_budget_text(privacy.get(r["name"]))] if privacy else []), r["detail"]]
                              for r in parties])
+        if population:
+            losses = population["losses"]
+            spread = (f"{_fixed(losses['median'], 4)} ({_fixed(losses['edges'][0], 4)} – "
+                      f"{_fixed(losses['edges'][-1], 4)})" if losses["counts"] else "")
+            party_table = Table(["parties", "available", "round", "sampled", "done", "dropped",
+                                 "training loss: median (range)"],
+                                [[population["parties"], population["available"], population["round"],
+                                  population["sampled"], population["done"], population["dropped"], spread]])
         if not history:
             return party_table, None
         shown = history[-SUMMARY_ROUNDS:]

@@ -48,7 +48,7 @@ def parties_table(rows: Sequence[Any]) -> Table:
                    r.last_error] for r in rows])
 
 
-def population_summary(federation: Any) -> Table:
+def population_table(federation: Any) -> Table:
     """A pool simulation's parties by shared endpoint: how many, how many online, their training examples."""
     groups: dict[str, list[Any]] = {}
     for row in federation.status():

@@ -37,7 +37,7 @@ from fednb.federation.background import TrainingRun
 from fednb.notebook.arguments import TRAIN_DEFAULTS as DEFAULTS
 from fednb.notebook.arguments import (budget, differential_privacy, no_arguments, parse, parties, pool_options,
                                       secure_aggregation, simulation_source, strategy_options, usage_errors)
-from fednb.notebook.display import PartyOutputs, PrivacyView, evaluation_table, parties_table, population_summary
+from fednb.notebook.display import PartyOutputs, PrivacyView, evaluation_table, parties_table, population_table
 from fednb.notebook.session import Session
 from fednb.notebook.vertical_magics import VerticalMagics
 from fednb.vertical.federation import Vertical
@@ -93,7 +93,7 @@ class FedMagics(VerticalMagics, Magics):
                                         **limits, **pool)
         self.session.adopt(federation)
         if pool:  # thousands of rows say less than one: how many, where, and how they are reached
-            return population_summary(federation)
+            return population_table(federation)
         return parties_table(federation.status())
 
     @magic_arguments()
