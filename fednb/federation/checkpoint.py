@@ -13,7 +13,13 @@ which the parties accept because its rounds still move forward.
 The format is fednb's own, no pickle: ``FEDNB-CKPT/1``, the SHA-256 of the body, and the body,
 a bundle of :mod:`fednb.wire.bundle` (a validated JSON header and raw little-endian arrays). A
 file that is cut short, altered or not a checkpoint is refused whole (:class:`CheckpointError`);
-nothing is loaded from it.
+nothing is loaded from it. The file is created with mode 0600 (the temporary file of
+:func:`fednb.atomic.write_atomic` is, and the rename keeps it): readable by its owner only, as
+a vertical checkpoint, which holds the Paillier key pair of its run, must be.
+
+:func:`write` and :func:`read` are the file itself (magic, checksum, bundle), which vertical
+training's checkpoints (:mod:`fednb.vertical.checkpoint`) share; their header says
+``"kind": "vertical"``, which :func:`load` refuses, as they refuse this one's.
 """
 
 from __future__ import annotations
@@ -126,23 +132,17 @@ def _record(raw: Any) -> RoundRecord:
 
 # -- the file --------------------------------------------------------------------------------------------
 
-def save(path: str | os.PathLike[str], checkpoint: Checkpoint) -> None:
-    """Write ``checkpoint`` to ``path`` atomically (the old file or the new one survives a crash, never half)."""
-    arrays: dict[str, np.ndarray] = {f"weights/{k}": np.ascontiguousarray(v) for k, v in checkpoint.weights.items()}
-    scalars = _flatten(checkpoint.strategy, arrays)
-    history = json.dumps([dataclasses.asdict(r) for r in checkpoint.history], allow_nan=True).encode()
-    arrays["history"] = np.frombuffer(history, dtype=np.uint8)
-    header = {"run": checkpoint.run, "first": checkpoint.first, "last": checkpoint.last, "round": checkpoint.round,
-              "fingerprint": checkpoint.fingerprint, "strategy": scalars, "weights": list(checkpoint.weights),
-              "attempt": checkpoint.attempt}
+def write(path: str | os.PathLike[str], header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Write a checkpoint file atomically: the magic, the SHA-256 of the body, the body (``header`` and ``arrays``
+    as a bundle). The old file or the new one survives a crash, never half; the file's mode is 0600."""
     body = bundle.pack(header, arrays)
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, MAGIC + hashlib.sha256(body).digest() + body)
 
 
-def load(path: str | os.PathLike[str]) -> Checkpoint:
-    """The checkpoint at ``path``, checked whole before anything is taken from it."""
+def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The header and arrays of the checkpoint file at ``path``, its magic and checksum checked first."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -154,7 +154,30 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     if hashlib.sha256(body).digest() != data[len(MAGIC):start]:
         raise CheckpointError(f"{path} is corrupt (its checksum does not match): refusing to resume from it")
     try:
-        header, arrays = bundle.unpack(body)
+        return bundle.unpack(body)
+    except WireError as exc:
+        raise CheckpointError(f"{path} does not hold a readable checkpoint: {exc}") from None
+
+
+def save(path: str | os.PathLike[str], checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (the old file or the new one survives a crash, never half)."""
+    arrays: dict[str, np.ndarray] = {f"weights/{k}": np.ascontiguousarray(v) for k, v in checkpoint.weights.items()}
+    scalars = _flatten(checkpoint.strategy, arrays)
+    history = json.dumps([dataclasses.asdict(r) for r in checkpoint.history], allow_nan=True).encode()
+    arrays["history"] = np.frombuffer(history, dtype=np.uint8)
+    header = {"run": checkpoint.run, "first": checkpoint.first, "last": checkpoint.last, "round": checkpoint.round,
+              "fingerprint": checkpoint.fingerprint, "strategy": scalars, "weights": list(checkpoint.weights),
+              "attempt": checkpoint.attempt}
+    write(path, header, arrays)
+
+
+def load(path: str | os.PathLike[str]) -> Checkpoint:
+    """The checkpoint at ``path``, checked whole before anything is taken from it."""
+    header, arrays = read(path)
+    if header.get("kind") == "vertical":
+        raise CheckpointError(f"{path} holds a vertical training run (vfl.train_logistic or vfl.train_boosting), "
+                              "not one of fed.train: use another checkpoint file")
+    try:
         names = header["weights"]
         weights = {str(k): np.array(arrays[f"weights/{k}"]) for k in names}
         history = [_record(r) for r in json.loads(bytes(arrays["history"]).decode("utf-8"))]

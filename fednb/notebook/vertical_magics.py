@@ -5,6 +5,7 @@
     %fed_align --id-column id --label-party bank        # private set intersection: `vfl`
     %fed_vtrain logistic --epochs 20 --key-bits 1024     # hetero logistic regression: `vmodel`
     %fed_vtrain boosting --trees 10 --depth 3            # SecureBoost's gradient-boosted trees: `vmodel`
+    %fed_vtrain logistic --checkpoint lr.ckpt            # written every epoch (tree); run again to resume
     %fed_veval                                           # test metrics; for trees, feature importance too
 
 They are methods of :class:`VerticalMagics`, which :class:`~fednb.notebook.magics.FedMagics`
@@ -102,6 +103,8 @@ class VerticalMagics:
                                                         "data refuse it; a simulation allows it)")
     @argument("--seed", type=int, default=0, help="logistic: seed of the batches (default: %(default)s)")
     @argument("--name", default="vmodel", help="the variable the trained model is bound to (default: %(default)s)")
+    @argument("--checkpoint", default=None, metavar="FILE",
+              help="write the run's state to FILE after every epoch (tree); the same command again resumes it")
     def fed_vtrain(self, line: str) -> None:
         """Train a model across the aligned parties of `vfl` (%fed_align), with live progress; binds `vmodel`."""
         args = parse(self.fed_vtrain, line)
@@ -117,7 +120,7 @@ class VerticalMagics:
         train = vfl.train_boosting if args.algorithm == "boosting" else vfl.train_logistic
         try:
             with usage_errors(self.fed_vtrain):
-                model = train(**settings)
+                model = train(**settings, checkpoint=args.checkpoint)
         except BaseException as exc:
             view.failed(exc)
             raise

@@ -2,7 +2,8 @@
 
 ::
 
-    sb.start       a model's settings ──> (label party) the margins per row; its Paillier key is made here
+    sb.start       a model's settings, its vertical run id ──> (label party) the margins per row; its Paillier key
+                   is made here; with ``resume``: the rounds done, and the model is rebuilt from the part kept here
     sb.gradients   (label party) ──> [[g, h]] packed, sealed for each feature party
     sb.histograms  (feature party) [[g, h]] (level 0) or the node membership, sealed ──> packed candidates, sealed
     sb.split       (label party) the candidates, sealed ──> "your candidate k" for each feature party, sealed
@@ -14,17 +15,22 @@
 
 Every payload between label and feature parties is sealed end to end (the coordinator relays
 them and holds no key that opens them). What each party learns is in :mod:`fednb.vertical.secureboost`.
+
+Each model's part is kept per vertical run id after every round (:mod:`fednb.vertical.parts`): the label
+party's when ``sb.grow`` ends a round, a feature party's after each ``sb.apply`` (the state after the round,
+should the round end there). A coordinator resuming a checkpointed run re-attaches to them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fednb.vertical import boosting as bt
+from fednb.vertical.parts import FeaturePart, LabelPart
 from fednb.vertical.secureboost import FeatureParty, LabelParty, Payload, test_metrics
 from fednb.wire import bundle
 
@@ -38,6 +44,8 @@ class _Booster:
     round: int = -1
     level: int = -1
     stage: str = "start"  # the step this model expects next
+    training: str | None = None  # the vertical run id its parts are kept under
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def read_config(settings: Mapping[str, Any]) -> bt.BoostingConfig:
@@ -118,16 +126,34 @@ class Boosting:
         table = self.vertical.table
         x, x_test = (np.asarray(table.x[r], dtype=np.float64).reshape(len(r), -1) for r in (train, test))
         pool = self.vertical.pool() if config.encrypted else None
+        label = state.role == "label"
+        part = self.vertical.parts.resume(self.vertical.name, request, self.vertical.alignment(state),
+                                          "label" if label else "features", "boosting")
         role: LabelParty | FeatureParty
-        if state.role == "label":
-            role = LabelParty(x, np.asarray(table.y[train]), x_test, config, self._features(state), pool=pool)
+        if label:
+            keys = part.keys() if isinstance(part, LabelPart) else None
+            role = LabelParty(x, np.asarray(table.y[train]), x_test, config, self._features(state), pool=pool,
+                              keys=keys)
             answer = {"rows": int(len(train)), "classes": role.k}
         else:
             role = FeatureParty(x, x_test, config, pool=pool)
             answer = {"rows": int(len(train))}
-        self.models[str(request["model"])] = _Booster(role, config, stage="gradients" if state.role == "label"
-                                                      else "histograms")
+        model = _Booster(role, config, stage="gradients" if label else "histograms",
+                         training=request.get("training"), settings=dict(request["config"]))
+        if part is not None:
+            part.restore(role)
+            model.round = part.done - 1  # the next round is the first this start's run grows
+        self.models[str(request["model"])] = model
         return {"vertical": answer}, {}
+
+    def _keep(self, state: Any, model: _Booster, request: Mapping[str, Any]) -> None:
+        """This party's part after the model's current round (a feature party's: should the round end here)."""
+        if model.training is None:
+            return
+        alignment, done = self.vertical.alignment(state), model.round + 1
+        part = LabelPart.of(model.role, model.settings, alignment, done) if isinstance(model.role, LabelParty) \
+            else FeaturePart.of(model.role, model.settings, alignment, done)
+        self.vertical.parts.keep(model.training, str(request["model"]), part)
 
     def _gradients(self, state: Any, model: _Booster, request: Mapping[str, Any],
                    arrays: Mapping[str, np.ndarray]) -> Reply:
@@ -172,6 +198,7 @@ class Boosting:
         payload = self._open(state, state.label_party, arrays, "sealed", self._context("sb.split", request))
         reply = role.apply(payload)
         model.stage = "histograms"
+        self._keep(state, model, request)
         return {"vertical": {}}, {"sealed": self._seal(state, state.label_party, reply,
                                                        self._context("sb.apply", request))}
 
@@ -186,6 +213,7 @@ class Boosting:
             return {"vertical": {"done": False}}, {f"sealed.{p}": self._seal(state, p, grown, out)
                                                     for p in self._features(state)}
         model.stage = "gradients"
+        self._keep(state, model, request)
         y_test = np.asarray(self.vertical.table.y[self.vertical.rows_of(state, "test")], dtype=np.float64)
         return {"vertical": {"done": True, "metrics": role.metrics(y_test)}}, {}
 

@@ -13,17 +13,22 @@ aligned rows, the split, each model's weights (they never leave this worker), th
     psi.keep        (label party) ──> for each peer, which of their matched rows all peers share
     psi.restrict    (feature party) the positions to keep ──> the aligned size
     split           test fraction, seed ──> train/test sizes over the aligned rows
-    lr.start        a model: settings, Paillier public key, the class (one-vs-rest)
+    lr.start        a model: settings, Paillier public key, the class (one-vs-rest), its vertical run id; with
+                    ``resume``: the epochs done, and the model is rebuilt from this party's kept part
     lr.forward      (feature party) update with the last batch's gradient, then [[u_h]] sealed for the label party
     lr.residual     (label party) update, then [[d]] sealed for each feature party, [[B·loss]], its masked gradient
     lr.gradient     (feature party) [[d]] sealed ──> its masked gradient [[X_hᵀ·d + r]]
-    lr.finish       an epoch's last decrypted gradient ──> applied: the epoch's model can be scored
+    lr.finish       an epoch's last decrypted gradient ──> applied: the epoch's model can be scored (and is kept)
     lr.scores       u_p = X_p·w_p for test rows only
     lr.evaluate     (label party) Σ of the other parties' u for the test rows ──> AUC, accuracy, KS, loss
 
 A party never sends a plaintext feature, label, weight or score of a training row: ciphertexts
 (sealed when they travel between parties through the coordinator, which holds the Paillier key),
 masked gradients, blinded points, counts, and scores of test rows.
+
+Each model's weights are kept after every epoch (:mod:`fednb.vertical.parts`), per vertical run id,
+for the coordinator's session: a coordinator that resumes a checkpointed run (after its own restart,
+with the same key) re-attaches to them, even after aligning again, as long as the rows align the same.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from fednb.party.datasets import Split
 from fednb.privacy import paillier, psi, seal
 from fednb.privacy.pool import ForkPool
 from fednb.vertical import metrics as vmetrics
+from fednb.vertical import vectors
 from fednb.vertical.logistic import Guest, Host, LogisticConfig, batches
+from fednb.vertical.parts import LogisticPart, Parts, alignment_of
 from fednb.wire.vertical import STEPS
 
 
@@ -51,6 +58,10 @@ class _Model:
     config: LogisticConfig
     key: paillier.PublicKey | None
     pending: bool = False  # a masked gradient is out, awaiting its decryption
+    training: str | None = None  # the vertical run id its parts are kept under
+    settings: dict[str, Any] = field(default_factory=dict)
+    positive: int | None = None
+    done: int = 0  # epochs finished
 
 
 @dataclass
@@ -99,6 +110,7 @@ class Vertical:
         self.name, self.table = name, table
         self.state: VerticalState | None = None
         self.boosting = Boosting(self)
+        self.parts = Parts()  # what each vertical run keeps here between epochs and trees
         self._pool: Any = None
 
     def pool(self) -> Any:
@@ -222,6 +234,10 @@ class Vertical:
             raise ValueError(f"no {split} split yet (the coordinator splits the aligned rows first)")
         return state.rows[state.split[split]]
 
+    def alignment(self, state: VerticalState) -> str:
+        """The digest of this party's rows as aligned and split now (kept with each part, compared on resume)."""
+        return alignment_of(self.rows_of(state, "train"), self.rows_of(state, "test"))
+
     def _lr_start(self, state: VerticalState, request: Mapping[str, Any],
                   arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         settings = dict(request["config"])
@@ -239,13 +255,25 @@ class Vertical:
             assert self.table.y is not None
             y = np.asarray(self.table.y[rows])
             target = request.get("positive")
+            if target is not None and (isinstance(target, bool) or not isinstance(target, int)):
+                raise ValueError("'positive' must be the class label (an integer) a one-vs-rest model tells apart")
             labels = (y == target).astype(np.int64) if target is not None else y.astype(np.int64)
             if target is None and not np.all((labels == 0) | (labels == 1)):
                 raise ValueError("binary logistic regression needs 0/1 labels; several classes train one-vs-rest")
             role: Guest | Host = Guest(x, labels, config, key, self.pool() if key is not None else None)
         else:
             role = Host(x, config, key, self.pool() if key is not None else None)
-        state.models[str(request["model"])] = _Model(role, config, key)
+        model = _Model(role, config, key, training=request.get("training"), settings=settings,
+                       positive=request.get("positive"))
+        part = self.parts.resume(self.name, request, self.alignment(state), "logistic", "logistic")
+        if part is not None:
+            if part.role != state.role or part.positive != model.positive or part.public_key != (
+                    format(key.n, "x") if key is not None else None):
+                raise ValueError(f"{self.name} kept model {request['model']} in another role, for another class or "
+                                 "under another Paillier key")
+            part.restore(role)
+            model.done = part.done
+        state.models[str(request["model"])] = model
         return {"vertical": {"rows": int(len(rows))}}, {}
 
     def _model(self, state: VerticalState, request: Mapping[str, Any], role: type) -> _Model:
@@ -259,6 +287,8 @@ class Vertical:
         plan = batches(len(self.rows_of(state, "train")), model.config, epoch)
         if not 0 <= epoch < model.config.epochs or not 0 <= batch < len(plan):
             raise ValueError(f"no batch {batch} of epoch {epoch}")
+        if epoch != model.done:
+            raise ValueError(f"epoch {epoch} comes out of order: this model has finished {model.done} epoch(s)")
         return plan[batch]
 
     @staticmethod
@@ -299,11 +329,11 @@ class Vertical:
         assert isinstance(model.role, Host)
         earlier, later = self._neighbours(state)
         forward = model.role.forward(self._batch(model, state, request), masked=bool(earlier) and model.config.loss)
-        payload = _vectors([forward.scores] + ([forward.loss] if forward.loss is not None else []))
+        payload = vectors.pack([forward.scores] + ([forward.loss] if forward.loss is not None else []))
         context = self._context(state, "forward", request)
         out = {"sealed": self.seal_for(state, state.label_party, payload, context)}
         if model.config.loss:  # [[u_h]] for each later feature party's cross terms of the loss
-            out.update({f"sealed.{k}": self.seal_for(state, k, _vectors([forward.scores]), context) for k in later})
+            out.update({f"sealed.{k}": self.seal_for(state, k, vectors.pack([forward.scores]), context) for k in later})
         return {"vertical": {}}, out
 
     def _neighbours(self, state: VerticalState) -> tuple[list[str], list[str]]:
@@ -320,17 +350,17 @@ class Vertical:
         assert isinstance(guest, Guest)
         rows = self._batch(model, state, request)
         hosts = [p for p in state.parties if p != self.name]
-        forwards = [_read_vectors(self._open(state, h, _blob(arrays, f"sealed.{h}"),
-                                             self._context(state, "forward", request)), model, len(rows))
+        forwards = [vectors.read(self._open(state, h, _blob(arrays, f"sealed.{h}"),
+                                             self._context(state, "forward", request)), model.key, len(rows))
                     for h in hosts]
         residual = guest.residual(rows, [f[0] for f in forwards])
         out: dict[str, np.ndarray] = {}
         for host in hosts:
-            out[f"sealed.{host}"] = self.seal_for(state, host, _vectors([residual]),
+            out[f"sealed.{host}"] = self.seal_for(state, host, vectors.pack([residual]),
                                                self._context(state, "residual", request))
         if model.config.loss:
-            out["loss"] = _bytes(_vectors([guest.loss([f[1] for f in forwards if len(f) > 1])]))
-        out["masked"] = _bytes(_vectors([guest.gradient()]))
+            out["loss"] = _bytes(vectors.pack([guest.loss([f[1] for f in forwards if len(f) > 1])]))
+        out["masked"] = _bytes(vectors.pack([guest.gradient()]))
         model.pending = True
         return {"vertical": {"rows": int(len(rows))}}, out
 
@@ -338,18 +368,18 @@ class Vertical:
                      arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         model = self._model(state, request, Host)
         rows = self._batch(model, state, request)
-        [residual] = _read_vectors(self._open(state, state.label_party, _blob(arrays, "sealed"),
-                                              self._context(state, "residual", request)), model, len(rows))
+        [residual] = vectors.read(self._open(state, state.label_party, _blob(arrays, "sealed"),
+                                              self._context(state, "residual", request)), model.key, len(rows))
         masked = model.role.gradient(residual)
         model.pending = True
-        out = {"masked": _bytes(_vectors([masked]))}
+        out = {"masked": _bytes(vectors.pack([masked]))}
         earlier, _later = self._neighbours(state)
         if earlier and model.config.loss:
             context = self._context(state, "forward", request)
-            others = [_read_vectors(self._open(state, j, _blob(arrays, f"peer.{j}"), context), model, len(rows))[0]
+            others = [vectors.read(self._open(state, j, _blob(arrays, f"peer.{j}"), context), model.key, len(rows))[0]
                       for j in earlier]
             assert isinstance(model.role, Host)
-            out["cross"] = _bytes(_vectors([model.role.cross_loss(others)]))
+            out["cross"] = _bytes(vectors.pack([model.role.cross_loss(others)]))
         return {"vertical": {}}, out
 
     def _lr_finish(self, state: VerticalState, request: Mapping[str, Any],
@@ -357,7 +387,14 @@ class Vertical:
         model = state.models.get(str(request.get("model")))
         if model is None:
             raise ValueError(f"{self.name} has no such model")
+        epoch = request.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch != model.done:
+            raise ValueError(f"lr.finish must name the epoch it ends ({model.done}), not {epoch!r}")
         self._update(model, arrays)
+        model.done += 1
+        if model.training is not None:
+            self.parts.keep(model.training, str(request["model"]), LogisticPart.of(
+                model.role, model.settings, model.positive, model.key, self.alignment(state), model.done))
         return {"vertical": {}}, {}
 
     def _lr_scores(self, state: VerticalState, request: Mapping[str, Any],
@@ -405,42 +442,3 @@ class Vertical:
         predicted = np.asarray(classes)[np.argmax(np.stack(probabilities, axis=1), axis=1)]
         aucs = [vmetrics.auc((y == k).astype(np.int64), p) for k, p in zip(classes, probabilities)]
         return {"vertical": {"metrics": {"accuracy": float(np.mean(predicted == y)), "auc": float(np.mean(aucs))}}}, {}
-
-
-def _vectors(vectors: list[Any]) -> bytes:
-    """Vectors (ciphertexts or, in plaintext mode, floats) as one byte string: count, then each."""
-    parts = [len(vectors).to_bytes(4, "little")]
-    for vector in vectors:
-        data = paillier.to_bytes(vector) if isinstance(vector, paillier.CipherVector) else \
-            np.asarray(vector, dtype="<f8").tobytes()
-        parts += [(1 if isinstance(vector, paillier.CipherVector) else 0).to_bytes(1, "little"),
-                  getattr(vector, "scale", 0).to_bytes(2, "little"), len(data).to_bytes(8, "little"), data]
-    return b"".join(parts)
-
-
-def _read_vectors(data: bytes, model: _Model, rows: int) -> list[Any]:
-    """The vectors :func:`_vectors` wrote, checked against the model's key and the batch."""
-    count, offset, out = int.from_bytes(data[:4], "little"), 4, []
-    if not 1 <= count <= 4:
-        raise ValueError("a vector message holds 1 to 4 vectors")
-    for _ in range(count):
-        if offset + 11 > len(data):
-            raise ValueError("a vector message is cut short")
-        encrypted, scale = data[offset], int.from_bytes(data[offset + 1:offset + 3], "little")
-        size = int.from_bytes(data[offset + 3:offset + 11], "little")
-        body = data[offset + 11:offset + 11 + size]
-        offset += 11 + size
-        if len(body) != size:
-            raise ValueError("a vector message is cut short")
-        if encrypted:
-            if model.key is None:
-                raise ValueError("a ciphertext arrived in a plaintext run")
-            vector: Any = paillier.from_bytes(model.key, body, scale)
-        else:
-            if model.key is not None:
-                raise ValueError("plaintext arrived in an encrypted run")
-            vector = np.frombuffer(body, dtype="<f8").copy()
-        if len(vector) not in (rows, 1):
-            raise ValueError(f"a vector of {len(vector)} values for a batch of {rows} rows")
-        out.append(vector)
-    return out

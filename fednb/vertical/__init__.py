@@ -4,6 +4,8 @@ Pure code, no sockets: rows are aligned by private set intersection
 (:mod:`fednb.privacy.psi`), and :mod:`fednb.vertical.logistic` holds the roles of hetero
 logistic regression (Hardy et al., 2017) with one method per stage; the round loop carries
 their messages. :mod:`fednb.vertical.metrics` scores the joint predictions.
+:mod:`fednb.vertical.checkpoint` writes the coordinator's part of a run after every epoch or tree,
+and :mod:`fednb.vertical.parts` is what each party keeps of it, so that a run resumes.
 """
 
 from __future__ import annotations

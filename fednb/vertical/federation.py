@@ -13,11 +13,16 @@ One batch of hetero logistic regression, as three exchanges::
     label party:     lr.residual  (its decrypted gradient in; [[d]] sealed per feature party, [[B·loss]], masked gradient)
     feature parties: lr.gradient  ([[d]] in; masked gradient out)
     coordinator:     decrypts the masked gradients and the loss; the next batch carries them back
+
+With ``checkpoint=FILE`` the coordinator writes its part of the run after every epoch
+(:mod:`fednb.vertical.checkpoint`) and the parties keep theirs (:mod:`fednb.vertical.parts`); the
+same call again continues from the next epoch.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +36,8 @@ from fednb.federation.protocol import Stage, gather
 from fednb.privacy import paillier
 from fednb.privacy.psi import intersection_size
 from fednb.vertical import boosted
+from fednb.vertical import checkpoint as vckpt
+from fednb.vertical import vectors
 from fednb.vertical.boosted import BoostingModel
 from fednb.vertical.boosting import BoostingConfig
 from fednb.vertical.logistic import LogisticConfig, batches
@@ -86,6 +93,7 @@ class Vertical:
         self.roles: dict[str, str] = {}
         self.size = 0
         self.splits: dict[str, int] = {}
+        self.split_settings: dict[str, Any] = {}  # the split's test fraction and seed (a checkpoint's alignment)
 
     def _say(self, stage: str, message: str, **details: Any) -> None:
         self.progress(message)
@@ -165,51 +173,88 @@ class Vertical:
         if len({(s["train"], s["test"]) for s in sizes.values()}) != 1:
             raise FederationError(f"the parties split differently: {sizes}")
         self.splits = {"train": int(sizes[self.label_party]["train"]), "test": int(sizes[self.label_party]["test"])}
+        self.split_settings = {"test_fraction": float(test_fraction), "seed": int(seed)}
         return dict(self.splits)
 
     # -- hetero logistic regression -----------------------------------------------------------------
 
     def train_logistic(self, epochs: int = 20, lr: float = 0.15, batch_size: int = 240, l2: float = 0.01,
                        optimizer: str = "sgd", key_bits: int = 2048, encrypted: bool = True,
-                       classes: Sequence[int] | None = None, seed: int = 0) -> LogisticModel:
+                       classes: Sequence[int] | None = None, seed: int = 0,
+                       checkpoint: str | os.PathLike[str] | None = None) -> LogisticModel:
         """Hetero logistic regression (Hardy et al., 2017, with masked gradients); ``classes`` trains one binary
-        model per class (one-vs-rest). The coordinator holds a fresh Paillier key of ``key_bits``."""
+        model per class (one-vs-rest). The coordinator holds a fresh Paillier key of ``key_bits``.
+
+        ``checkpoint``: a file written after every epoch (mode 0600: it holds the key pair); calling again with
+        it continues the run from the next epoch (a binary model's ``epochs`` may grow), and refuses, naming the
+        difference, other parties, alignment or options (:mod:`fednb.vertical.checkpoint`)."""
         if not self.splits:
             self.split()
         config = LogisticConfig(epochs=epochs, lr=lr, batch_size=batch_size, l2=l2, optimizer=optimizer,  # type: ignore[arg-type]
                                 encrypted=encrypted, paillier=paillier.PaillierConfig(key_bits=key_bits), seed=seed)
-        name = new_id()[:12]
-        if encrypted:
-            started = time.perf_counter()
-            public, private = paillier.generate_keypair(config.paillier)
-            self.progress(f"Paillier key of {key_bits} bits in {time.perf_counter() - started:.1f} s")
+        options = {**_settings(config), "classes": None if classes is None else [int(c) for c in classes]}
+        options.pop("epochs")
+        saved = vckpt.resume(checkpoint, "logistic", vckpt.fingerprint(self, "logistic", options))
+        positives: list[int | None] = [None] if classes is None else [int(c) for c in classes]
+        if saved is not None:
+            run, keys = saved.run, saved.key_pair()
+            done = vckpt.epochs_done(saved, epochs, len(positives) if classes is not None else None, checkpoint)
+            name, losses, seconds, view = vckpt.logistic_record(saved, checkpoint)
+            if (keys is not None) != encrypted:
+                raise vckpt.CheckpointError(f"{checkpoint} holds an inconsistent vertical checkpoint (its key)")
+            public, private = keys if keys is not None else (None, None)
+            model = LogisticModel(name, config, losses, seconds, view=view)
+            self.progress(f"resuming hetero logistic regression {name} from {checkpoint} after {done} epoch(s)")
         else:
-            public = private = None
-        model = LogisticModel(name, config)
-        if classes is None:
-            self._train_binary(model, f"{name}", None, public, private)
-            model.models = [name]
-        else:
-            model.classes = [int(c) for c in classes]
-            for k in model.classes:
-                self._train_binary(model, f"{name}.{k}", k, public, private)
-                model.models.append(f"{name}.{k}")
+            run, done = new_id(), 0
+            name = run[:12]
+            model = LogisticModel(name, config)
+            if encrypted:
+                started = time.perf_counter()
+                public, private = paillier.generate_keypair(config.paillier)
+                self.progress(f"Paillier key of {key_bits} bits in {time.perf_counter() - started:.1f} s")
+            else:
+                public = private = None
+        model.classes = None if classes is None else [int(c) for c in classes]
+        model.models = [name] if classes is None else [f"{name}.{k}" for k in positives]
+        attempt = saved.attempt + 1 if saved is not None else 0
+
+        def save(total: int) -> None:
+            """The coordinator's part after ``total`` epochs (over every one-vs-rest model)."""
+            if checkpoint is None:
+                return
+            record = {"name": name, "epochs": epochs, "losses": model.losses, "seconds": model.seconds,
+                      "view": [list(v) for v in model.view]}
+            vckpt.save(checkpoint, vckpt.VerticalCheckpoint(
+                "logistic", run, total, vckpt.fingerprint(self, "logistic", options), record,
+                (private.p, private.q) if private is not None else None, attempt))
+
+        for i, (binary, positive) in enumerate(zip(model.models, positives)):
+            kept = min(max(done - i * epochs, 0), epochs)
+            self._train_binary(model, binary, positive, public, private, run=run, kept=kept, save=save,
+                               before=i * epochs, path=checkpoint)
         self._say("trained", f"hetero logistic regression {name}: {len(model.models)} model(s), {epochs} epochs, "
                              f"{sum(model.seconds):.1f} s", model=name, epochs=epochs, seconds=sum(model.seconds))
         return model
 
-    def _train_binary(self, model: LogisticModel, name: str, positive: int | None, public: Any, private: Any) -> None:
+    def _train_binary(self, model: LogisticModel, name: str, positive: int | None, public: Any, private: Any, *,
+                      run: str, kept: int, save: Callable[[int], None], before: int,
+                      path: str | os.PathLike[str] | None) -> None:
+        """One binary model's epochs from ``kept`` (the epochs its parties kept), under vertical run ``run``;
+        ``save`` writes the checkpoint after each, ``before`` the epochs of the one-vs-rest models before it."""
         config = model.config
-        settings = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "l2": config.l2,
-                    "optimizer": config.optimizer, "encrypted": config.encrypted, "seed": config.seed,
-                    "loss": config.loss, "paillier": {"key_bits": config.paillier.key_bits}}
-        start = {"model": name, "config": settings, "public_key": format(public.n, "x") if public else None,
-                 "positive": positive}
-        self._step("lr.start", self.parties, start)
+        start = {"model": name, "config": _settings(config), "public_key": format(public.n, "x") if public else None,
+                 "positive": positive, "training": run, "resume": kept or None}
+        try:
+            self._step("lr.start", self.parties, start)
+        except FederationError as exc:
+            if not kept:
+                raise
+            raise vckpt.CheckpointError(f"cannot resume from {path}: {exc}") from None
         width = paillier.plaintext_width(public) if public is not None else 8
         decrypted: dict[str, np.ndarray] = {}
         rows = self.splits["train"]
-        for epoch in range(config.epochs):
+        for epoch in range(kept, config.epochs):
             started, total = time.perf_counter(), 0.0
             for b, batch in enumerate(batches(rows, config, epoch)):
                 at = {"model": name, "epoch": epoch, "batch": b}
@@ -226,19 +271,21 @@ class Vertical:
                 gradients = self._step("lr.gradient", self.features, at, arrays=relayed)
                 masked = {self.label_party: _blob(answer, "masked")}
                 masked.update({h: _blob(gradients[h], "masked") for h in self.features})
-                decrypted = {p: _decrypt_masked(private, public, data, width) for p, data in masked.items()}
+                decrypted = {p: vectors.decrypt_masked(private, public, data, width) for p, data in masked.items()}
                 model.view += [("gradient", p, len(v) // width) for p, v in decrypted.items()]
                 if config.loss and "loss" in answer.arrays:
                     parts = [_blob(answer, "loss")] + [_blob(gradients[h], "cross") for h in self.features[1:]]
-                    loss = _decrypt_loss(private, public, parts) / len(batch)
+                    loss = vectors.decrypt_loss(private, public, parts) / len(batch)
                     model.view.append(("loss", "", 1))
                     total += loss * len(batch)
-            # the epoch's last update is applied now, so that the epoch's model can be scored
-            self._step("lr.finish", self.parties, {"model": name},
+            # the epoch's last update is applied now, so that the epoch's model can be scored (and each party
+            # keeps its weights as they are after this epoch)
+            self._step("lr.finish", self.parties, {"model": name, "epoch": epoch},
                        arrays={p: _carry(decrypted, p) for p in self.parties})
             decrypted = {}
             model.losses.append(total / rows)
             model.seconds.append(time.perf_counter() - started)
+            save(before + epoch + 1)
             scored = self._evaluate([name], None) if positive is None and self.splits.get("test") else {}
             self._say("epoch", f"{name}: epoch {epoch + 1}/{config.epochs}, loss {model.losses[-1]:.4f}"
                                + (f", test AUC {scored['auc']:.4f}" if "auc" in scored else "")
@@ -250,13 +297,16 @@ class Vertical:
 
     def train_boosting(self, trees: int = 10, depth: int = 3, bins: int = 32, lr: float = 0.3, l2: float = 1.0,
                        min_child_weight: float = 1.0, objective: str = "binary", key_bits: int = 2048,
-                       encrypted: bool = True) -> BoostingModel:
+                       encrypted: bool = True, checkpoint: str | os.PathLike[str] | None = None) -> BoostingModel:
         """SecureBoost (Cheng et al., 2021): gradient-boosted trees over encrypted gradients, the label party holding
         the Paillier key (see :mod:`fednb.vertical.secureboost` for what each party learns). ``objective``:
-        "binary", "multiclass" (one tree per class per round) or "regression" (squared loss)."""
+        "binary", "multiclass" (one tree per class per round) or "regression" (squared loss).
+
+        ``checkpoint``: a file written after every round of trees; calling again with it continues from the next
+        round (``trees`` may grow), and refuses other parties, alignment or options, naming the difference."""
         config = BoostingConfig(trees=trees, depth=depth, bins=bins, lr=lr, l2=l2, min_child_weight=min_child_weight,
                                 objective=objective, key_bits=key_bits, encrypted=encrypted)  # type: ignore[arg-type]
-        return boosted.train(self, config)
+        return boosted.train(self, config, checkpoint=checkpoint)
 
     def importance(self, model: BoostingModel) -> dict[str, dict[str, dict[str, float]]]:
         """Feature importance by party: each party reports splits and gain of its own features only."""
@@ -302,6 +352,13 @@ class Vertical:
         return {k: float(v) for k, v in self._answer(reply[self.label_party])["metrics"].items()}
 
 
+def _settings(config: LogisticConfig) -> dict[str, Any]:
+    """A model's settings as lr.start carries them (and a checkpoint's fingerprint records them)."""
+    return {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "l2": config.l2,
+            "optimizer": config.optimizer, "encrypted": config.encrypted, "seed": config.seed,
+            "loss": config.loss, "paillier": {"key_bits": config.paillier.key_bits}}
+
+
 def _points(reply: Message, name: str, count: int) -> np.ndarray:
     value = reply.arrays.get(name)
     if value is None or value.dtype != np.uint8 or value.shape != (count, 32):
@@ -318,38 +375,3 @@ def _blob(reply: Message, name: str) -> np.ndarray:
 
 def _carry(decrypted: Mapping[str, np.ndarray], party: str) -> dict[str, np.ndarray]:
     return {"decrypted": decrypted[party]} if party in decrypted else {}
-
-
-def _decrypt_masked(private: Any, public: Any, data: np.ndarray, width: int) -> np.ndarray:
-    """Masked ciphertexts → masked plaintexts mod n, as bytes (uniform: they say nothing of the gradient)."""
-    if private is None:  # plaintext mode: the floats themselves
-        return np.frombuffer(_vector_body(data.tobytes()), dtype=np.uint8).copy()
-    vector = paillier.from_bytes(public, _vector_body(data.tobytes()), 0)
-    return np.frombuffer(paillier.to_wire_ints(paillier.decrypt_raw(private, vector), width), dtype=np.uint8).copy()
-
-
-def _decrypt_loss(private: Any, public: Any, parts: Sequence[np.ndarray]) -> float:
-    """The batch's loss from its parts: the label party's [[B·loss]] and each later feature party's masked cross
-    terms, summed under encryption first (each part alone is masked; only the sum is the loss)."""
-    if private is None:
-        return float(sum(np.frombuffer(_vector_body(p.tobytes()), dtype="<f8")[0] for p in parts))
-    vectors = []
-    for part in parts:
-        raw = part.tobytes()
-        vectors.append(paillier.from_bytes(public, _vector_body(raw), int.from_bytes(raw[5:7], "little")))
-    total = vectors[0]
-    for vector in vectors[1:]:
-        if vector.scale != total.scale or len(vector) != 1:
-            raise FederationError("a cross term of the loss does not match the loss")
-        total = paillier.add(total, vector)
-    return float(paillier.decrypt(private, total)[0])
-
-
-def _vector_body(data: bytes) -> bytes:
-    """The one vector of a message written by :func:`fednb.party.vertical._vectors`."""
-    if len(data) < 15 or int.from_bytes(data[:4], "little") != 1:
-        raise FederationError("a party sent a malformed vector")
-    size = int.from_bytes(data[7:15], "little")
-    if len(data) != 15 + size:
-        raise FederationError("a party sent a malformed vector")
-    return data[15:]
