@@ -161,7 +161,7 @@ def start_ray(n: int | None, *, dataset: str, partition: str, alpha: float, shar
     count = min(workers, int(n or 1))
     population = {"dataset": dataset, "n": n, "partition": partition, "alpha": alpha, "shards": shards_per_party,
                   "seed": seed, "test_fraction": test_fraction, "examples_per_party": examples_per_party or 0}
-    actors = []
+    actors: list[Any] = []
     host = RayHost(directory, actors, started_ray)
     try:
         for index in range(count):
