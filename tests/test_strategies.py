@@ -423,7 +423,7 @@ def test_constructor_arguments_are_validated(factory, match: str) -> None:
 
 def test_get_strategy() -> None:
     assert set(STRATEGIES) == {"fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "median",
-                               "trimmed-mean", "krum", "multi-krum", "bulyan"}
+                               "trimmed-mean", "krum", "multi-krum", "bulyan", "scaffold"}
     assert all(issubclass(c, Strategy) and c.name == n for n, c in STRATEGIES.items())
     assert isinstance(get_strategy("fedavg"), FedAvg)
     assert get_strategy("FedProx", mu=0.3).mu == 0.3
@@ -436,7 +436,7 @@ def test_get_strategy() -> None:
     assert get_strategy(instance) is instance
     assert get_strategy(instance, mu=None) is instance
     with pytest.raises(ValueError, match="known strategies: fedavg, fedprox, fedavgm, fedadam"):
-        get_strategy("scaffold")
+        get_strategy("fednova")
     with pytest.raises(ValueError, match="does not take mu"):
         get_strategy("fedavg", mu=0.1)
     with pytest.raises(ValueError, match="existing"):

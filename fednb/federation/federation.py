@@ -247,6 +247,10 @@ class Federation:
         if isinstance(dp, DPFedAvg) and getattr(chosen_strategy, "individual_updates", False):
             raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update; "
                              "DP-FedAvg gives it one noised sum; use one of " + ", ".join(summable()))
+        if chosen_strategy.plain_rounds_only and (secure is not None or dp is not None):
+            raise ValueError(f"strategy {chosen_strategy.name!r} exchanges control variates beside the weights, which "
+                             "secure aggregation and DP do not carry yet: train it without secure_aggregation= and dp=")
+        chosen_strategy.configure_run(len(chosen))  # SCAFFOLD's N: every party of the run
         needed = getattr(chosen_strategy, "min_updates", 1)
         if needed > (per_round or len(chosen)):
             raise ValueError(f"strategy {chosen_strategy.name!r} needs at least {needed} updates a round, and a "

@@ -103,12 +103,14 @@ def train_round(
 ) -> Steps[RoundOutcome]:
     """One training round as a protocol of one stage (see the module docstring).
 
-    ``content`` is the train request's content (source, train cell, config, run id);
-    ``unavailable`` names chosen parties that were not asked (offline), with the reason:
-    they count as dropped. ``observe(party, content)`` sees each used reply's content (its
+    ``content`` is the train request's content (source, train cell, config, run id), to which
+    the strategy's :meth:`~fednb.strategies.Strategy.train_request` may add fields and arrays;
+    ``unavailable`` names chosen parties that were not asked (offline), with the reason: they
+    count as dropped. ``observe(party, content)`` sees each used reply's content (its
     privacy report, DP-FedAvg's clipped bit). Raises :class:`RoundError` when fewer than
     ``min_parties`` updates could be used.
     """
+    extra_content, extra_arrays = strategy.train_request(round, weights)  # more than the weights: SCAFFOLD's c
     aggregation = strategy.start_round(round, weights)
     contributions: dict[str, PartyRound] = {}
     evaluations = _Evaluations()
@@ -132,7 +134,8 @@ def train_round(
         bus.publish(PartyDone(round, party, examples, metrics, seconds))
         return None
 
-    request = Message("train", {**content, "evaluate": evaluate_incoming}, round=round, arrays=weights)
+    request = Message("train", {**content, **extra_content, "evaluate": evaluate_incoming}, round=round,
+                      arrays={**weights, **extra_arrays})
     gathered: Gathered = yield Stage("train", tuple(parties), request=request, on_reply=on_reply, keep=False,
                                      timeout=timeout, finish_late=True)
     dropped = {**dict(unavailable or {}), **gathered.dropped}

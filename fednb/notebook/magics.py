@@ -231,11 +231,12 @@ class FedMagics(VerticalMagics, Magics):
     @argument("--rounds", type=int, default=10, help="rounds of training (default: %(default)s)")
     @argument("--strategy", default=DEFAULTS["strategy"],
               help="fedavg, fedprox, fedavgm; fedadam, fedyogi, fedadagrad (server optimizers); median, "
-                   "trimmed-mean, krum, multi-krum, bulyan (robust; not with --secure-aggregation) "
-                   "(default: %(default)s)")
+                   "trimmed-mean, krum, multi-krum, bulyan (robust; not with --secure-aggregation); scaffold "
+                   "(control variates; plain rounds only) (default: %(default)s)")
     @argument("--mu", type=float, default=None, help="FedProx proximal weight (default: FedProx's, 0.01)")
     @argument("--server-lr", type=float, default=None,
-              help="fedavgm, fedadam, fedyogi, fedadagrad: the coordinator's learning rate η (default: each one's)")
+              help="fedavgm, fedadam, fedyogi, fedadagrad, scaffold: the coordinator's learning rate η "
+                   "(default: each one's)")
     @argument("--server-momentum", type=float, default=None, help="fedavgm: the coordinator's momentum (default 0.9)")
     @argument("--beta1", type=float, default=None, help="fedadam, fedyogi, fedadagrad: β1 (default 0.9; fedadagrad 0)")
     @argument("--beta2", type=float, default=None, help="fedadam, fedyogi: β2 (default 0.99)")

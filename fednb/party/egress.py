@@ -7,7 +7,11 @@ train     tensors whose names, shapes and dtypes match the approved model's stat
           template of the weights the coordinator sent, which the worker checked against the
           model built from the approved source), all finite; the example count (at most the
           train split's size); at most 16 scalar metrics with plain names; and, when the request
-          asked for it, the evaluation of the weights it sent (as for evaluate, below).
+          asked for it, the evaluation of the weights it sent (as for evaluate, below). A SCAFFOLD
+          request (``"scaffold": true``) also gets the party's Δc_i back: ``scaffold.dc/<tensor>``,
+          one finite array per ``scaffold.c/<tensor>`` it sent, shaped alike (one per float tensor
+          of the weights); no ``scaffold.`` array leaves otherwise, and the party's own control
+          variate (``scaffold.ci/``) never does.
 evaluate  the example count (at most the test split's size) and the scalar metrics.
 secure    the stages of a secure round (a ``train`` with a setup, then ``secagg`` requests), each
           only what its stage implies: three public keys (base64 of 32 bytes each) and, when
@@ -45,7 +49,8 @@ from fednb.errors import GateError, WireError
 from fednb.party.datasets import Datasets
 from fednb.privacy import masking
 from fednb.privacy.secagg import SEALED, SHARE
-from fednb.tensors import check_update
+from fednb.strategies.scaffold import reply_template
+from fednb.tensors import Template, check_update
 from fednb.wire import MAX_METRICS, Message, check_metrics
 from fednb.wire.values import pack_value, unpack_value
 from fednb.party.vertical_egress import Blocked, VerticalGuard
@@ -260,7 +265,7 @@ class Guard:
             return self._secure(request, reply, masked), ""
         if request.type == "train":
             examples = content.get("examples")
-            problem = check_update(request.arrays, reply.arrays, examples)
+            problem = check_update(self._train_template(request, reply), reply.arrays, examples)
             if problem:
                 raise EgressBlocked(f"the update does not fit the approved model: {problem}")
             out = {"examples": _examples(examples, self._sizes.get("train", 0)),
@@ -283,6 +288,16 @@ class Guard:
         if request.type == "vertical":
             return self._vertical(request, reply), ""
         raise EgressBlocked(f"no rule lets a reply to {request.type!r} out")
+
+    @staticmethod
+    def _train_template(request: Message, reply: Message) -> Template:
+        """What a train reply's tensors must match: the weights sent, and Δc_i where SCAFFOLD was asked."""
+        if request.content.get("scaffold") is True and request.content.get("dp") is not None:
+            raise EgressBlocked("a SCAFFOLD reply under DP has no rule to leave by")
+        try:
+            return reply_template(request.arrays, request.content.get("scaffold") is True, reply.arrays)
+        except ValueError as exc:
+            raise EgressBlocked(str(exc)) from None
 
     def _vertical(self, request: Message, reply: Message) -> Message:
         if self._vertical_rules is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from fednb.party.datasets import Datasets
 from fednb.party.directory import open_directory
 from fednb.party.egress import EgressBlocked, EgressRules, Guard
 from fednb.party.policy import GUARDED, Decision, RequestCode, Verdict, check_policy, decide, request_code
+from fednb.strategies.scaffold import PREFIX, split
 from fednb.wire import Message, check_content
 from fednb.wire.vertical import RETURNS, STEPS
 
@@ -102,6 +104,9 @@ class Gate:
         self.min_aggregate = min_aggregate
         #: per coordinator identity, the secure round its last approved secure train request opened
         self.secure: dict[str, SecureGrant] = {}
+        #: Called with each ticket once its end is recorded, and whether a result left with it: what the
+        #: party keeps from a reply (SCAFFOLD's c_i, :mod:`fednb.party.keep`) advances only then.
+        self.on_recorded: Callable[[Ticket, bool], None] | None = None
         self.policy = check_policy(policy)
         self.guarded = policy in GUARDED
         if self.guarded and directory is None:
@@ -259,10 +264,13 @@ class Gate:
         """What a request would return, in the owner's words."""
         rules = self.guard.rules
         if message.type == "train":
-            values = sum(int(np.prod(a.shape)) for a in message.arrays.values())
-            return (f"the model's weights ({len(message.arrays)} tensors, {values:,} values, names, shapes and dtypes "
-                    f"as sent), the example count and at most {rules.max_metrics} scalar metrics, and when asked "
-                    "the example count and metrics of the weights sent on the test split")
+            weights = split(message.arrays, PREFIX)[0]  # SCAFFOLD's c travels beside the weights
+            values = sum(int(np.prod(a.shape)) for a in weights.values())
+            scaffold = (", the change of its SCAFFOLD control variate (one array per float tensor, shaped alike; "
+                        "the variate itself stays here)" if message.content.get("scaffold") else "")
+            return (f"the model's weights ({len(weights)} tensors, {values:,} values, names, shapes and dtypes "
+                    f"as sent){scaffold}, the example count and at most {rules.max_metrics} scalar metrics, and when "
+                    "asked the example count and metrics of the weights sent on the test split")
         if message.type == "train" and message.content.get("secagg") is not None:
             values = sum(int(np.prod(a.shape)) for a in message.arrays.values())
             return (f"under secure aggregation: public keys, encrypted shares for the other parties, one masked "
@@ -327,10 +335,22 @@ class Gate:
     def record(self, ticket: Ticket, outcome: str, bytes_out: int = 0) -> None:
         """One audit line for a request that is finished (answered, refused, cancelled or abandoned).
 
-        Raises GateError when the line cannot be written: the caller withholds the reply.
+        Raises GateError when the line cannot be written: the caller withholds the reply. Either way
+        :attr:`on_recorded` hears of the end: a result leaves when ``outcome`` is ``ok`` and its line was written.
         """
-        if self.audit is None:
-            return
+        released = outcome == "ok" or outcome.startswith("ok (")
+        try:
+            if self.audit is not None:
+                self._append(ticket, outcome, bytes_out)
+        except BaseException:
+            released = False
+            raise
+        finally:
+            if self.on_recorded is not None:
+                self.on_recorded(ticket, released)
+
+    def _append(self, ticket: Ticket, outcome: str, bytes_out: int) -> None:
+        assert self.audit is not None
         message = ticket.message
         self.audit.append({
             "coordinator": ticket.identity, "label": ticket.label or None, "type": message.type, "request": message.id, "round": message.round,

@@ -6,6 +6,7 @@ user namespace. The kernel never touches sockets: it turns a request message int
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,7 +27,8 @@ from fednb.privacy.dpfedavg import clip_update, clipped_bit, noise_rng
 from fednb.privacy.dpsgd import fit_private
 from fednb.privacy.request import DPRequest, mechanism_for, read_dp, steps_for
 from fednb.privacy.secagg import flat_update, model_hash
-from fednb.tensors import load_arrays, mismatch, state_arrays, template_of
+from fednb.strategies.scaffold import variate_template
+from fednb.tensors import check_update, load_arrays, mismatch, state_arrays, template_of
 from fednb.wire import Message, check_metrics
 from fednb.wire.values import pack_value
 
@@ -169,13 +171,13 @@ class Kernel:
             session.models[key] = model
         return model
 
-    def _receive_weights(self, session: _Session, request: Message) -> torch.nn.Module:
-        model = self._model(session, request.content["source"])
-        problem = mismatch(template_of(state_arrays(model)), request.arrays)
+    def _receive_weights(self, session: _Session, source: str, arrays: Mapping[str, np.ndarray]) -> torch.nn.Module:
+        model = self._model(session, source)
+        problem = mismatch(template_of(state_arrays(model)), arrays)
         if problem:
             raise ValueError(f"the weights sent do not fit the model built here ({problem}); "
                              "does the model source build the same architecture?")
-        load_arrays(model, request.arrays)
+        load_arrays(model, arrays)
         return model
 
     def _loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
@@ -187,8 +189,13 @@ class Kernel:
 
     def _train(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         config = training.check_config(request.content["config"])
-        model = self._receive_weights(session, request)
+        scaffold = request.content.get("scaffold") is True
+        received, c, ci = training.read_variates(request.arrays, scaffold)
+        model = self._receive_weights(session, request.content["source"], received)
         template = template_of(state_arrays(model))
+        correction = self._correction(model, request, config, c, ci) if scaffold else None
+        counting = correction.counting() if correction is not None else contextlib.nullcontext()
+        given = None
         evaluation = None
         if request.content.get("evaluate"):  # the incoming weights are the last round's global model
             evaluation = self._test_metrics(model, config)
@@ -210,13 +217,24 @@ class Kernel:
                 raise RuntimeError(f"DP-SGD took {steps} steps, not the {planned.steps} accounted")
             metrics: dict[str, float] = {}  # measured on the training records without noise: they stay here
         elif cell is None:
-            metrics = training.fit(model, loader, config)
+            with counting:
+                metrics = training.fit(model, loader, config, correction)
         else:
             report = Report()
-            session.namespace.update(model=model, train=loader, config=dict(config), report=report,
-                                     test=self._loader("test", config["batch_size"], shuffle=False, seed=seed))
+            namespace = session.namespace
+            for name in training.SCOPE:  # a previous round's variates are gone
+                namespace.pop(name, None)
+            namespace.update(model=model, train=loader, config=dict(config), report=report,
+                             test=self._loader("test", config["batch_size"], shuffle=False, seed=seed),
+                             **(correction.scope() if correction is not None else {}))
             model.train()
-            run_cell(cell, session.namespace, kind="train")
+            try:
+                with counting:
+                    run_cell(cell, namespace, kind="train")
+                given = namespace.get("scaffold_ci_new")
+            finally:
+                for name in training.SCOPE:
+                    namespace.pop(name, None)
             metrics = report.metrics
         arrays = state_arrays(model)
         problem = mismatch(template, arrays)
@@ -227,14 +245,35 @@ class Kernel:
         # coordinator's aggregation (fednb.tensors.check_update) on receipt
         metrics = check_metrics(metrics, where="report()")
         content: dict[str, Any] = {"examples": len(self._tensors["train"]), "metrics": metrics}
+        if correction is not None:  # Δc_i for the coordinator, c_i⁺ for the party process (which keeps it)
+            arrays = {**arrays, **correction.reply_arrays(correction.new_ci(received, arrays, given))}
         if dp is not None and dp.kind == "dpfedavg":
-            arrays, clipped = self._clip(request.arrays, arrays, dp)
+            arrays, clipped = self._clip(received, arrays, dp)
             content["metrics"] = {}  # what the training records scored is outside the update's guarantee
             if dp.adaptive:
                 content["dp"] = {"clipped": clipped}
         if evaluation is not None:
             content["evaluation"] = evaluation
         return content, arrays
+
+    @staticmethod
+    def _correction(model: torch.nn.Module, request: Message, config: Mapping[str, Any],
+                    c: Mapping[str, np.ndarray] | None, ci: Mapping[str, np.ndarray] | None) -> training.Correction:
+        """SCAFFOLD's correction for this request, its control variates checked against the model."""
+        if request.content.get("secagg") is not None or request.content.get("dp") is not None:
+            raise ValueError("SCAFFOLD does not run under secure aggregation or DP yet: its Δc_i would need a masked "
+                             "and noised sum of its own")
+        if request.content.get("train_cell") is None and config["optimizer"] != "sgd":
+            raise ValueError("SCAFFOLD's built-in loop trains with optimizer='sgd': option II reads the control "
+                             "variate from the weights' change over SGD steps")
+        variates = variate_template(template_of(state_arrays(model)))
+        for what, arrays in (("the server control variate sent (scaffold.c/…)", c),
+                             ("the party's control variate (scaffold.ci/…)", ci)):
+            problem = check_update(variates, arrays or {})
+            if problem:
+                raise ValueError(f"{what} does not fit the model built here: {problem}")
+        assert c is not None and ci is not None
+        return training.Correction(model, c, ci)
 
     @staticmethod
     def _clip(received: Mapping[str, np.ndarray], trained: Mapping[str, np.ndarray],
@@ -322,7 +361,7 @@ class Kernel:
 
     def _evaluate(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         config = training.check_config(request.content["config"])
-        model = self._receive_weights(session, request)
+        model = self._receive_weights(session, request.content["source"], request.arrays)
         return self._test_metrics(model, config), {}
 
     def _run(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

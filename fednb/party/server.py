@@ -37,6 +37,7 @@ from fednb.party.datasets import Datasets
 from fednb.party.egress import EgressRules
 from fednb.party.gate import Gate, Ticket, who
 from fednb.party.inprocess import InProcess
+from fednb.party.keep import Keep, Variates
 from fednb.party.reach import check_start
 from fednb.party.replay import Replays
 from fednb.party.policy import POLICIES, check_policy
@@ -220,7 +221,10 @@ class PartyServer:
             raise
         self.gate = gate
         hint = f"fednb approve {self.directory}" if self.directory is not None else "the owner's approval"
-        self.admission = Admission(self.name, gate, self.sandbox, approve_hint=hint,
+        # SCAFFOLD's c_i, kept by this process for each coordinator, advances when a reply's end is recorded
+        runner = Variates(self.sandbox, Keep(gate.directory))
+        gate.on_recorded = runner.settle
+        self.admission = Admission(self.name, gate, runner, approve_hint=hint,
                                    max_held_bytes=self.max_held_bytes, replays=replays)
 
     def _check_containment(self) -> None:

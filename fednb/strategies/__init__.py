@@ -4,7 +4,9 @@ Numpy only; nothing here imports torch. ``get_strategy("fedprox", mu=0.1)`` is h
 magics and the CLI pick one by name: fedavg, fedprox and fedavgm; the adaptive server
 optimizers fedadam, fedyogi and fedadagrad (:mod:`~fednb.strategies.adaptive`); the robust
 rules median, trimmed-mean, krum, multi-krum and bulyan (:mod:`~fednb.strategies.robust`),
-which need every party's update (``individual_updates``) and so refuse secure aggregation.
+which need every party's update (``individual_updates``) and so refuse secure aggregation;
+and scaffold (:mod:`~fednb.strategies.scaffold`), whose control variates travel beside the
+weights (``plain_rounds_only``: no secure aggregation, no DP).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from fednb.strategies.fedavg import FedAvg, MeanAggregation
 from fednb.strategies.fedavgm import FedAvgM
 from fednb.strategies.fedprox import FedProx
 from fednb.strategies.robust import Bulyan, Krum, Median, MultiKrum, TrimmedMean
+from fednb.strategies.scaffold import Scaffold
 
 __all__ = [
     "STRATEGIES",
@@ -35,6 +38,7 @@ __all__ = [
     "Median",
     "MultiKrum",
     "RunningMean",
+    "Scaffold",
     "Strategy",
     "TrimmedMean",
     "get_strategy",
@@ -45,7 +49,8 @@ __all__ = [
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, Krum, MultiKrum, Bulyan)
+    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, Median, TrimmedMean, Krum, MultiKrum, Bulyan,
+                Scaffold)
 }
 
 
@@ -83,4 +88,5 @@ def get_strategy(name_or_instance: str | Strategy, **kwargs: Any) -> Strategy:
 
 def summable() -> list[str]:
     """The strategies that work on the mean alone (so under secure aggregation and DP-FedAvg's noised sum)."""
-    return [name for name, cls in STRATEGIES.items() if not getattr(cls, "individual_updates", False)]
+    return [name for name, cls in STRATEGIES.items()
+            if not getattr(cls, "individual_updates", False) and not cls.plain_rounds_only]

@@ -45,9 +45,12 @@ _CONTENT: dict[str, _Spec] = {
     # run may train again a round its crashed coordinator had sent); ``evaluate``: first evaluate the
     # incoming weights, then train.
     # ``secagg``: train under secure aggregation; the round's setup (run, round, config, dimension),
-    # and the reply carries the party's advertised keys instead of its update
+    # and the reply carries the party's advertised keys instead of its update.
+    # ``scaffold``: SCAFFOLD's round; the request carries the server control variate beside the weights
+    # (scaffold.c/<tensor>), the reply the party's change of its own (scaffold.dc/<tensor>)
     "train": {"source": (str, True), "train_cell": (str, False), "config": (dict, True), "run": (str, True),
-              "evaluate": (bool, False), "secagg": (dict, False), "dp": (dict, False), "attempt": (int, False)},
+              "evaluate": (bool, False), "secagg": (dict, False), "dp": (dict, False), "attempt": (int, False),
+              "scaffold": (bool, False)},
     # a later stage of a secure round (see fednb.federation.secure): no code, only the stage's
     # relayed payload, for the round its ``train`` request opened
     "secagg": {"run": (str, True), "stage": (str, True), "request": (dict, True)},
