@@ -60,11 +60,16 @@ class PoolActor:
         self._keypair = generate() if authorized else None
         allow = AllowList(keys={authorized.encode(): "coordinator"}) if authorized else None
         name = f"pool-{config['index']}"
-        endpoint = "tcp://0.0.0.0:*" if config["tcp"] else f"ipc://{config['dir']}/{name}.sock"
+        # what its parties keep between rounds (SCAFFOLD's c_i), on the actor's own node: removed at stop
+        self._directory = tempfile.mkdtemp(prefix="fednb-pool-")
+        # a cluster's actors listen on every interface (the coordinator may be on another node); on this
+        # machine, on loopback; both under CURVE, with the coordinator's key the only one authorized
+        endpoint = f"tcp://{config['tcp']}:*" if config["tcp"] else f"ipc://{config['dir']}/{name}.sock"
         self._server = PopulationServer(name, endpoint, shard, keypair=self._keypair, allow=allow,
                                         heartbeat=config["heartbeat"], timeout=config["timeout"],
                                         members=config["members"],
-                                        require_secure_aggregation=config["require_secure_aggregation"])
+                                        require_secure_aggregation=config["require_secure_aggregation"],
+                                        directory=self._directory)
         self._parties = list(shard.parties)
         self._pid = os.getpid()
         self._ready = threading.Event()
@@ -97,6 +102,7 @@ class PoolActor:
     def stop(self) -> None:
         self._server.stop()
         self._thread.join(5.0)
+        shutil.rmtree(self._directory, ignore_errors=True)
 
 
 @dataclass(eq=False)
@@ -166,7 +172,8 @@ def start_ray(n: int | None, *, dataset: str, partition: str, alpha: float, shar
     try:
         for index in range(count):
             settings = {"population": population, "index": index, "count": count, "dir": str(directory),
-                        "tcp": tcp, "authorized": authorized.decode() if authorized else None, "threads": 1,
+                        "tcp": ("0.0.0.0" if remote_cluster else "127.0.0.1") if tcp else "",
+                        "authorized": authorized.decode() if authorized else None, "threads": 1,
                         "heartbeat": heartbeat, "timeout": heartbeat_timeout, "members": members,
                         "require_secure_aggregation": require_secure_aggregation}
             actors.append(actor_class.remote(json.dumps(settings)))

@@ -212,3 +212,21 @@ def test_parties_of_a_shared_endpoint_go_offline_with_it_and_a_foreign_party_is_
         assert wait_until(lambda: {row.status for row in fed.status()} == {"offline"}, timeout=10)
     finally:
         fed.close()
+
+
+def test_scaffold_on_a_pool_keeps_each_party_s_control_variate_across_evicted_members():
+    def trained(fed) -> list[torch.Tensor]:
+        model = build()
+        fed.train(model, MLP, rounds=3, strategy="scaffold", lr=0.05, batch_size=16, parties_per_round=4, seed=2,
+                  evaluate_every=0)
+        return [p.detach().clone() for p in model.parameters()]
+
+    # two members per worker: every sampled party's member is built afresh, its c_i read back from its file
+    with fednb.simulate(12, dataset="digits", seed=1, backend="pool", workers=2, members=2) as fed:
+        pooled = trained(fed)
+        kept = list((fed.simulation.directory / "parties").glob("party-*/keep/*/scaffold.bundle"))
+        assert kept  # each sampled party's c_i, in its own directory of the simulation's private one
+    with fednb.simulate(12, dataset="digits", seed=1) as fed:
+        separate = trained(fed)
+    for a, b in zip(pooled, separate):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

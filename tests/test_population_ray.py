@@ -49,5 +49,10 @@ def test_ray_actors_serve_the_population_with_the_results_of_the_pool():
     assert wait_until(lambda: not _ray_processes(), timeout=30), _ray_processes()
     with fednb.simulate(40, dataset="digits", seed=2, backend="pool", workers=2) as fed:
         on_pool = trained(fed)
+    with fednb.simulate(40, dataset="digits", seed=2, backend="ray", workers=2, transport="tcp") as fed:
+        assert all(w["endpoint"].startswith("tcp://127.0.0.1:") and w["public_key"] for w in fed.simulation.workers)
+        over_tcp = trained(fed)  # under CURVE, as actors on a cluster are reached
+    for a, b in zip(over_tcp, on_pool):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for a, b in zip(on_ray, on_pool):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

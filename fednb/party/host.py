@@ -183,7 +183,8 @@ def _pool_main(index: int, ready_fd: int, *, shard: Any, args: argparse.Namespac
     endpoint = "tcp://127.0.0.1:*" if args.tcp else f"ipc://{args.dir}/{name}.sock"
     server = PopulationServer(name, endpoint, shard, keypair=keypair, allow=allow, heartbeat=args.heartbeat,
                               timeout=args.timeout, members=args.members,
-                              require_secure_aggregation=args.require_secure_aggregation)
+                              require_secure_aggregation=args.require_secure_aggregation,
+                              directory=os.path.join(args.dir, "parties"))
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

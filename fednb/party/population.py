@@ -9,7 +9,9 @@ builds what the party code needs only for the parties a round asks: their :class
 simulation runs (kept for the ``members`` most recently used). A member evicted from that
 cache is built afresh when asked again, like a party that restarted between rounds: the
 built-in loop does not depend on it (the weights come with every request); a custom cell's
-namespace starts empty again. Its replay memory is kept for every party ever asked.
+namespace starts empty again. Its replay memory is kept for every party ever asked, and what it
+keeps between rounds (SCAFFOLD's control variate, :mod:`fednb.party.keep`) in its own directory
+of the simulation's private one, read back when the member is built again.
 
 Memory is O(members × model + data), not O(parties × model).
 """
@@ -20,6 +22,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ import numpy as np
 from fednb.party.admission import Admission, Jobs
 from fednb.party.datasets import Datasets, Split
 from fednb.party.gate import Gate
+from fednb.party.keep import Keep, Variates
 from fednb.party.replay import Replays
 from fednb.wire import Message
 from fednb.wire.limits import MiB
@@ -128,7 +132,10 @@ class Members:
     """The admissions of a population's parties, built on demand, sharing one job thread."""
 
     def __init__(self, population: Population, jobs: Jobs, *, members: int = MEMBERS, max_held_bytes: int,
-                 require_secure_aggregation: bool = False, min_aggregate: int = 3) -> None:
+                 require_secure_aggregation: bool = False, min_aggregate: int = 3,
+                 directory: Path | None = None) -> None:
+        """``directory`` (private, 0700): where each party keeps what outlives its member, such as
+        SCAFFOLD's control variate (``directory/<party>/keep``); without one it is kept in memory."""
         if members < 1:
             raise ValueError("a population keeps at least one member")
         self.population = population
@@ -139,6 +146,8 @@ class Members:
         self.min_aggregate = min_aggregate
         self._live: OrderedDict[str, Admission] = OrderedDict()
         self._replays: dict[str, Replays] = {}
+        self.directory = directory
+        self._keeps: dict[str, Keep] = {}  # without a directory: what each party keeps, in memory
 
     def __iter__(self) -> Any:
         return iter(list(self._live.values()))
@@ -155,11 +164,22 @@ class Members:
         gate = Gate(name, "simulation", datasets, require_secure_aggregation=self.require_secure_aggregation,
                     min_aggregate=self.min_aggregate)
         replays = self._replays.setdefault(name, Replays(ids=MEMBER_IDS))
-        admission = Admission(name, gate, _Member(name, datasets, self.min_aggregate), approve_hint="",
-                              max_held_bytes=self.max_held_bytes, replays=replays, jobs=self.jobs)
+        # as a party's server does: SCAFFOLD's c_i advances when a reply's end is recorded
+        runner = Variates(_Member(name, datasets, self.min_aggregate), self._keep(name))
+        gate.on_recorded = runner.settle
+        admission = Admission(name, gate, runner, approve_hint="", max_held_bytes=self.max_held_bytes,
+                              replays=replays, jobs=self.jobs)
         self._live[name] = admission
         self._evict()
         return admission
+
+    def _keep(self, name: str) -> Keep:
+        """Party ``name``'s keep: files in its own directory (read back by a member built again), else memory."""
+        if self.directory is None:
+            return self._keeps.setdefault(name, Keep(None, identities=4))
+        own = self.directory / name
+        own.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return Keep(own, identities=1)
 
     def _evict(self) -> None:
         """Forget the least recently used members beyond the limit, never one holding a request."""

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -45,7 +46,8 @@ class PopulationServer:
     def __init__(self, name: str, endpoint: str, population: Population, *, keypair: Keypair | None = None,
                  allow: AllowList | None = None, heartbeat: float = 1.0, timeout: float = 10.0,
                  limits: Limits = DEFAULT_LIMITS, members: int = MEMBERS, max_held_bytes: int = 2**31,
-                 require_secure_aggregation: bool = False, min_aggregate: int = 3) -> None:
+                 require_secure_aggregation: bool = False, min_aggregate: int = 3,
+                 directory: str | os.PathLike[str] | None = None) -> None:
         if keypair is not None and allow is None:
             raise ValueError("a CURVE endpoint needs its authorized keys (the allow-list)")
         if not 0 < heartbeat < timeout:
@@ -60,7 +62,8 @@ class PopulationServer:
         self.limits = limits
         self.jobs = Jobs(name)
         self.members = Members(population, self.jobs, members=members, max_held_bytes=max_held_bytes,
-                               require_secure_aggregation=require_secure_aggregation, min_aggregate=min_aggregate)
+                               require_secure_aggregation=require_secure_aggregation, min_aggregate=min_aggregate,
+                               directory=Path(directory) if directory is not None else None)
         self._stop = threading.Event()
         self._sessions: dict[bytes, float] = {}  # coordinator routing id -> last heard
         self._wake_address = f"inproc://fednb-population-{uuid.uuid4().hex}"
