@@ -23,7 +23,7 @@ import pytest
 
 from fednb.federation.events import (PartyDone, PartyDropped, RoundAggregated, RoundStarted, TrainingFinished,
                                      TrainingStarted)
-from fednb.notebook.sidebar_state import TARGET, RunTracker, parse_request, snapshot
+from fednb.notebook.sidebar_state import TARGET, RunTracker, listed, parse_request, snapshot
 from tests.jupyter_fixtures import ROOT, jupyter_environment
 
 LABEXTENSION = ROOT / "labextension"
@@ -53,6 +53,20 @@ def test_bad_requests_from_the_panel_are_refused(data: Any) -> None:
 def test_good_requests_from_the_panel() -> None:
     assert parse_request({"type": "stop"}).type == "stop"
     assert parse_request({"type": "approve", "id": "ab" * 32}).id == "ab" * 32
+
+
+def test_a_population_is_counted_and_only_its_round_and_troubled_parties_are_listed() -> None:
+    from types import SimpleNamespace
+
+    status = [SimpleNamespace(name=f"party-{k}", status="offline" if k == 9 else "online") for k in range(5000)]
+    shown, population = listed(status, {"party-3": "training", "party-4": "done"})
+    assert [row.name for row in shown] == ["party-3", "party-4", "party-9"]
+    assert population == {"parties": 5000, "online": 4999, "shown": 3}
+    message = snapshot(1, parties=[], run=None, background=False, approvals=None, population=population)
+    assert message["federation"]["population"] == population
+    few, none = listed(status[:10], {})
+    assert few == status[:10] and none is None
+    assert "population" not in snapshot(1, parties=[], run=None, background=False, approvals=None)["federation"]
 
 
 def test_the_run_tracker_counts_rounds_within_the_run() -> None:

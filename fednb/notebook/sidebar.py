@@ -27,7 +27,7 @@ from typing import Any
 from fednb.errors import FednbError
 from fednb.notebook.session import Session
 from fednb.notebook.sidebar_state import (TARGET, VERSION, Request, RunTracker, approval_rows, parse_request,
-                                          party_rows, secure_badge, snapshot)
+                                          listed, party_rows, secure_badge, snapshot)
 
 log = logging.getLogger(__name__)
 
@@ -236,9 +236,9 @@ class SidebarBridge:
     def _snapshot(self, seq: int) -> dict[str, Any]:
         federation = self._federation
         run, activity = self._tracker.view()
-        parties = None
+        parties = population = None
         if federation is not None:
-            status = federation.status()
+            status, population = listed(federation.status(), activity)
             parties = party_rows(status, {row.name: row.silent_for for row in status}, activity)
             if run is not None:
                 run = {**run, "secure": secure_badge(getattr(federation, "history", None), run["rounds_done"])}
@@ -246,7 +246,7 @@ class SidebarBridge:
         if self._approvals is not None:
             approvals = approval_rows(self._approvals.pending())
         return snapshot(seq, parties=parties, run=run, background=self._session.background,
-                        approvals=approvals)
+                        approvals=approvals, population=population)
 
 
 # -- one bridge per shell -------------------------------------------------------------------------

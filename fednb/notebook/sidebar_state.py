@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fednb.federation.events import Event, TrainingFinished, TrainingStarted
-from fednb.federation.runstate import RunState
+from fednb.federation.runstate import LARGE, RunState
 
 VERSION = 1
 TARGET = "fednb.sidebar"
@@ -159,10 +159,20 @@ def party_rows(status: Iterable[Any], seen: Mapping[str, float | None],
     return rows
 
 
+def listed(status: list[Any], activity: Mapping[str, str], limit: int = LARGE) -> tuple[list[Any], dict[str, int] | None]:
+    """The ``Federation.status()`` rows the panel lists, and for a population of more than ``limit``
+    parties their counts: then only the round's parties and those not online are listed (at most ``limit``)."""
+    if len(status) <= limit:
+        return status, None
+    shown = [row for row in status if row.name in activity or row.status != "online"][:limit]
+    return shown, {"parties": len(status), "online": sum(row.status == "online" for row in status), "shown": len(shown)}
+
+
 def snapshot(seq: int, *, parties: list[dict[str, Any]] | None, run: dict[str, Any] | None, background: bool,
-             approvals: list[dict[str, Any]] | None) -> dict[str, Any]:
-    """The message the panel renders; ``parties`` None means the kernel has no federation."""
-    federation = None if parties is None else {"parties": parties}
+             approvals: list[dict[str, Any]] | None, population: dict[str, int] | None = None) -> dict[str, Any]:
+    """The message the panel renders; ``parties`` None means the kernel has no federation; ``population``,
+    the counts of a federation larger than the parties listed (:func:`listed`)."""
+    federation = None if parties is None else {"parties": parties, **({"population": population} if population else {})}
     if run is not None:
         run = {**run, "background": bool(background)}
     return {"type": "snapshot", "version": VERSION, "seq": seq, "federation": federation, "run": run,

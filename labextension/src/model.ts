@@ -10,6 +10,7 @@
 import {
   IApproval,
   IParty,
+  IPopulation,
   IPrivacy,
   IResult,
   IRun,
@@ -46,6 +47,11 @@ export class FederationModel {
 
   get parties(): IParty[] | null {
     return this.snapshot?.parties ?? null;
+  }
+
+  /** A population of thousands: the counts, the parties listed being this round's and those not online. */
+  get population(): IPopulation | null {
+    return this.snapshot?.population ?? null;
   }
 
   get run(): IRun | null {
@@ -96,7 +102,8 @@ export class FederationModel {
     if (parties === null) {
       return '';
     }
-    const count = `fed: ${parties.length} ${parties.length === 1 ? 'party' : 'parties'}`;
+    const total = this.population?.parties ?? parties.length;
+    const count = `fed: ${total.toLocaleString()} ${total === 1 ? 'party' : 'parties'}`;
     const run = this.run;
     if (run !== null && (run.state === 'training' || run.state === 'stopping')) {
       return `${count} · round ${Math.max(run.round, 1)}/${run.rounds}`;

@@ -11,7 +11,7 @@ import { Widget } from '@lumino/widgets';
 
 import { KernelBridge } from './connection.js';
 import { formatAgo, formatBudget, formatDuration, formatEpsilon, formatMetric } from './model.js';
-import { IApproval, IParty, IPrivacy, IResult } from './protocol.js';
+import { IApproval, IParty, IPopulation, IPrivacy, IResult } from './protocol.js';
 
 /** What each containment level means, for the tooltip. */
 const CONTAINMENT: Record<string, string> = {
@@ -144,7 +144,10 @@ export class FederationPanel extends Widget {
     const partiesKey = parties?.map(party => ({ ...party, lastSeen: null })) ?? null;
     const runKey = parties === null ? null : run === null ? 'none' : { ...run, elapsed: 0 };
     const approvalsKey = approvals?.map(item => ({ ...item, age: null })) ?? null;
-    this._section(this._parties, 'parties', partiesKey, () => this._renderParties(parties ?? []));
+    const population = empty === null ? model?.population ?? null : null;
+    this._section(this._parties, 'parties', { partiesKey, population }, () =>
+      this._renderParties(parties ?? [], population)
+    );
     this._section(this._run, 'run', runKey, () => this._renderRun());
     this._section(this._approvals, 'approvals', approvalsKey, () => this._renderApprovals(approvals ?? []));
     this._result.textContent = result?.message ?? '';
@@ -163,7 +166,7 @@ export class FederationPanel extends Widget {
     el.replaceChildren(...(data === null ? [] : build()));
   }
 
-  private _renderParties(parties: IParty[]): (Node | string)[] {
+  private _renderParties(parties: IParty[], population: IPopulation | null): (Node | string)[] {
     const online = parties.filter(p => p.status === 'online').length;
     const items = parties.map(party =>
       h(
@@ -196,6 +199,16 @@ export class FederationPanel extends Widget {
         party.error ? h('div', { class: 'fednb-Panel-error', title: party.error }, party.error) : ''
       )
     );
+    if (population !== null) {
+      // thousands of parties: the counts, and only the parties of this round or not online
+      const heading = `Parties (${population.online.toLocaleString()}/${population.parties.toLocaleString()} online)`;
+      const note = `showing ${population.shown}: this round's and those not online`;
+      return [
+        h('h3', { 'data-population': String(population.parties) }, heading),
+        h('div', { class: 'fednb-Panel-note' }, note),
+        h('ul', { class: 'fednb-Panel-partyList' }, ...items)
+      ];
+    }
     return [h('h3', {}, `Parties (${online}/${parties.length} online)`), h('ul', { class: 'fednb-Panel-partyList' }, ...items)];
   }
 

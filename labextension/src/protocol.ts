@@ -68,11 +68,20 @@ export interface IApproval {
   age: number | null;
 }
 
+/** A federation of more parties than the panel lists: how many, how many online, how many are listed. */
+export interface IPopulation {
+  parties: number;
+  online: number;
+  shown: number;
+}
+
 export interface ISnapshot {
   type: 'snapshot';
   seq: number;
   /** Null: the kernel has fednb loaded but no federation. */
   parties: IParty[] | null;
+  /** A population (a pool simulation of thousands): `parties` lists only this round's and those not online. */
+  population: IPopulation | null;
   run: IRun | null;
   /** Null: the kernel serves no party. */
   approvals: IApproval[] | null;
@@ -268,12 +277,27 @@ export function parseKernelMessage(data: unknown): KernelMessage {
         );
       }
       let parties: IParty[] | null = null;
+      let population: IPopulation | null = null;
       const federation = data['federation'];
       if (federation !== null && federation !== undefined) {
         if (!isObject(federation)) {
           throw new ProtocolError('federation must be an object or null');
         }
         parties = list(federation['parties'], 'federation.parties').map(parseParty);
+        const counts = federation['population'];
+        if (counts !== null && counts !== undefined) {
+          if (!isObject(counts)) {
+            throw new ProtocolError('federation.population must be an object or null');
+          }
+          population = {
+            parties: int(counts, 'parties', 'federation.population'),
+            online: int(counts, 'online', 'federation.population'),
+            shown: int(counts, 'shown', 'federation.population')
+          };
+          if (population.shown !== parties.length || population.online > population.parties) {
+            throw new ProtocolError('federation.population does not fit its parties');
+          }
+        }
       }
       const approvals =
         data['approvals'] === null || data['approvals'] === undefined
@@ -283,6 +307,7 @@ export function parseKernelMessage(data: unknown): KernelMessage {
         type: 'snapshot',
         seq: int(data, 'seq', 'snapshot'),
         parties,
+        population,
         run: parseRun(data['run']),
         approvals
       };

@@ -109,11 +109,26 @@ test('malformed messages are rejected whole', () => {
     snapshot({ run: run({ round: 21 }) }),
     snapshot({ run: run({ accuracy: 'high' }) }),
     snapshot({ approvals: [{ id: '', coordinator: 'x', kind: 'run', code: '', hash: '', age: 1 }] }),
+    snapshot({ federation: { parties: [party('a')], population: { parties: 5000, online: 4999, shown: 2 } } }),
+    snapshot({ federation: { parties: [party('a')], population: { parties: 5000, online: 6000, shown: 1 } } }),
+    snapshot({ federation: { parties: [party('a')], population: 'many' } }),
     { type: 'result', request: 'stop', ok: true }
   ];
   for (const data of bad) {
     assert.throws(() => parseKernelMessage(data), ProtocolError, JSON.stringify(data));
   }
+});
+
+test('a population of thousands is counted, its listed parties being the round\'s', () => {
+  const model = new FederationModel(() => 0);
+  model.receive(
+    snapshot({ federation: { parties: [party('party-7')], population: { parties: 10000, online: 9998, shown: 1 } } })
+  );
+  assert.deepEqual(model.population, { parties: 10000, online: 9998, shown: 1 });
+  assert.equal(model.parties?.length, 1);
+  assert.equal(model.statusText, `fed: ${(10000).toLocaleString()} parties`);
+  model.receive(snapshot({ seq: 2 }));
+  assert.equal(model.population, null);
 });
 
 test('the status bar says parties and the round in progress, or nothing', () => {
