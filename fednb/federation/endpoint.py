@@ -19,7 +19,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from fednb import __version__
-from fednb.federation.link import Link
+from fednb.federation.link import HANDSHAKE, Link, monitor_change
 from fednb.transport.channel import receive
 from fednb.wire import Limits, Message, encode
 
@@ -97,16 +97,11 @@ class SharedEndpoint:
     def watch(self) -> None:
         """Read the socket monitor: handshakes, disconnects, refused keys, for every party here."""
         while self.monitor.poll(0):
-            kind = recv_monitor_message(self.monitor)["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            change = monitor_change(recv_monitor_message(self.monitor)["event"], self.status, "endpoint")
+            if change == HANDSHAKE:
                 self.next_hello = 0.0
-            elif kind == zmq.EVENT_DISCONNECTED and self.status in ("online", "connecting"):
-                self._set_all("offline" if self.status == "online" else "connecting", "connection lost")
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self._set_all("refused", "the endpoint refused our key (is it in its authorized keys?)")
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                self._set_all("refused" if self.status != "online" else "offline",
-                              "the secure handshake failed (is the endpoint's public key right?)")
+            elif change is not None:
+                self._set_all(*change)
 
     def hello(self, now: float, heartbeat: float, coordinator: str) -> None:
         if self.status != "online" and now >= self.next_hello:

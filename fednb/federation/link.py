@@ -35,6 +35,25 @@ MONITORED = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_
              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
+#: What :func:`monitor_change` says of a completed handshake: say hello now.
+HANDSHAKE = ("", "")
+
+
+def monitor_change(kind: int, status: str, what: str) -> tuple[str, str] | None:
+    """The (status, detail) a socket monitor event moves a party in ``status`` to (:data:`HANDSHAKE`: say
+    hello; None: no change); ``what`` names the peer in the detail ("party", "endpoint")."""
+    if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return HANDSHAKE
+    if kind == zmq.EVENT_DISCONNECTED and status in ("online", "connecting"):
+        return ("offline" if status == "online" else "connecting"), "connection lost"
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "refused", f"the {what} refused our key (is it in the {what}'s authorized keys?)"
+    if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+        return ("refused" if status != "online" else "offline",
+                f"the secure handshake failed (is the {what}'s public key right?)")
+    return None
+
+
 def resolve(future: Future[Message], result: Message | None = None, error: BaseException | None = None) -> None:
     try:
         if error is not None:
@@ -207,17 +226,11 @@ class Link:
     def watch(self) -> None:
         """Read the socket monitor: handshakes, disconnects, refused keys."""
         while self.monitor.poll(0):
-            event = recv_monitor_message(self.monitor)
-            kind = event["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            change = monitor_change(recv_monitor_message(self.monitor)["event"], self.status, "party")
+            if change == HANDSHAKE:
                 self.next_hello = 0.0
-            elif kind == zmq.EVENT_DISCONNECTED and self.status in ("online", "connecting"):
-                self.set_status("offline" if self.status == "online" else "connecting", "connection lost")
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.set_status("refused", "the party refused our key (is it in the party's authorized keys?)")
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                self.set_status("refused" if self.status != "online" else "offline",
-                                "the secure handshake failed (is the party's public key right?)")
+            elif change is not None:
+                self.set_status(*change)
 
     def hello(self, now: float, heartbeat: float, coordinator: str) -> None:
         if self.status != "online" and now >= self.next_hello:
