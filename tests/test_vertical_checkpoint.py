@@ -217,8 +217,8 @@ def test_hetero_lr_resumes_after_its_coordinator_is_killed_and_ends_as_an_uninte
 def test_secureboost_interrupted_after_two_trees_resumes_and_ends_as_an_uninterrupted_run(parties, tmp_path) -> None:
     """Ctrl-C in the notebook after tree 2 of 4; the same call goes on from tree 3, the label party with its trees,
     margins and key, the feature party with its thresholds; predictions, metrics and each party's importance
-    equal a run never stopped (the sums are exact in fixed point). A party that restarted has lost its part:
-    the resume is refused, naming it."""
+    equal a run never stopped (the sums are exact in fixed point). Parties started afresh on new directories hold
+    no part of the run: the resume is refused, naming each (tests/test_vertical_restart.py restarts them on theirs)."""
     path = tmp_path / "sb.ckpt"
     with parties("breast") as fed:
         vfl = fed.vertical(id_column="id", label_party="bank")
@@ -247,7 +247,7 @@ def test_secureboost_interrupted_after_two_trees_resumes_and_ends_as_an_uninterr
             vfl.train_boosting(**{**SB, "depth": 3}, checkpoint=path)
     for server in parties.started:  # type: ignore[attr-defined]
         server.stop()
-    with parties("breast") as fed:  # restarted parties: their kernels hold no part of the run
+    with parties("breast") as fed:  # new parties (new directories): neither kernel nor keep holds the run
         vfl = fed.vertical(id_column="id", label_party="bank")
         vfl.split(0.2, seed=0)
         with pytest.raises(hckpt.CheckpointError, match="no longer holds its part of vertical run .*must start again") \

@@ -4,10 +4,13 @@ The party process keeps them, never its workers: a worker cannot write a file, a
 cancel or a time limit ends its session. :class:`Keep` holds them in memory and, where the party
 has a directory, in ``PARTY_DIR/keep/<coordinator>/<name>.bundle``, where ``<coordinator>`` is
 the first 32 hex digits of the SHA-256 of the coordinator's identity (its ZAP User-Id, as the
-kernel's sessions are keyed). A file is written atomically (:func:`fednb.atomic.write_atomic`)
-and read back as the wire reads a bundle (:mod:`fednb.wire.bundle`: validated before anything is
-allocated); one that does not read back raises :class:`KeepError` naming it, and stays for the
-owner to restore or remove.
+kernel's sessions are keyed). A file is written atomically (:func:`fednb.atomic.write_atomic`),
+mode 0600 in directories of mode 0700 (a bundle may hold a secret key), and read back as the wire
+reads a bundle (:mod:`fednb.wire.bundle`: validated before anything is allocated); one that does
+not read back raises :class:`KeepError` naming it, and stays for the owner to restore or remove.
+
+Two runners keep bundles: :class:`Variates` below (``scaffold``), and
+:class:`fednb.party.keep_vertical.KeptParts` (``vertical``: a party's parts of vertical training runs).
 
 :class:`Variates` is SCAFFOLD's use of it (Karimireddy et al., ICML 2020; see
 :mod:`fednb.strategies.scaffold`): the :class:`~fednb.party.admission.Runner` around the sandbox
@@ -31,6 +34,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -116,7 +120,11 @@ class Keep:
                            kept.arrays)
         for directory in (path.parent.parent, path.parent):  # the party's own, as its directory is
             directory.mkdir(mode=0o700, exist_ok=True)
-        write_atomic(path, data)
+            if stat.S_IMODE(directory.stat().st_mode) != 0o700:
+                log.warning("%s was mode %o; it is now 0700 (what is kept there may be a secret key)", directory,
+                            stat.S_IMODE(directory.stat().st_mode))
+                directory.chmod(0o700)
+        write_atomic(path, data)  # mode 0600, as mkstemp makes its file
 
     def _remember(self, identity: str, name: str, kept: Kept) -> None:
         with self._lock:

@@ -31,6 +31,7 @@ from fednb.party.admission import Admission, Jobs
 from fednb.party.datasets import Datasets, Split
 from fednb.party.gate import Gate
 from fednb.party.keep import Keep, Variates
+from fednb.party.keep_vertical import KeptParts
 from fednb.party.replay import Replays
 from fednb.wire import Message
 from fednb.wire.limits import MiB
@@ -164,8 +165,10 @@ class Members:
         gate = Gate(name, "simulation", datasets, require_secure_aggregation=self.require_secure_aggregation,
                     min_aggregate=self.min_aggregate)
         replays = self._replays.setdefault(name, Replays(ids=MEMBER_IDS))
-        # as a party's server does: SCAFFOLD's c_i advances when a reply's end is recorded
-        runner = Variates(_Member(name, datasets, self.min_aggregate), self._keep(name))
+        # as a party's server does: what a party keeps (SCAFFOLD's c_i, vertical parts) advances when a reply's
+        # end is recorded
+        keep = self._keep(name)
+        runner = KeptParts(Variates(_Member(name, datasets, self.min_aggregate), keep), keep)
         gate.on_recorded = runner.settle
         admission = Admission(name, gate, runner, approve_hint="", max_held_bytes=self.max_held_bytes,
                               replays=replays, jobs=self.jobs)

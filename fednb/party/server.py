@@ -38,6 +38,7 @@ from fednb.party.egress import EgressRules
 from fednb.party.gate import Gate, Ticket, who
 from fednb.party.inprocess import InProcess
 from fednb.party.keep import Keep, Variates
+from fednb.party.keep_vertical import KeptParts
 from fednb.party.reach import check_start
 from fednb.party.replay import Replays
 from fednb.party.policy import POLICIES, check_policy
@@ -221,8 +222,10 @@ class PartyServer:
             raise
         self.gate = gate
         hint = f"fednb approve {self.directory}" if self.directory is not None else "the owner's approval"
-        # SCAFFOLD's c_i, kept by this process for each coordinator, advances when a reply's end is recorded
-        runner = Variates(self.sandbox, Keep(gate.directory))
+        # SCAFFOLD's c_i and the parts of vertical runs, kept by this process for each coordinator, advance when a
+        # reply's end is recorded
+        keep = Keep(gate.directory)
+        runner = KeptParts(Variates(self.sandbox, keep), keep)
         gate.on_recorded = runner.settle
         self.admission = Admission(self.name, gate, runner, approve_hint=hint,
                                    max_held_bytes=self.max_held_bytes, replays=replays)

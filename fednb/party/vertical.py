@@ -27,12 +27,15 @@ A party never sends a plaintext feature, label, weight or score of a training ro
 masked gradients, blinded points, counts, and scores of test rows.
 
 Each model's weights are kept after every epoch (:mod:`fednb.vertical.parts`), per vertical run id,
-for the coordinator's session: a coordinator that resumes a checkpointed run (after its own restart,
-with the same key) re-attaches to them, even after aligning again, as long as the rows align the same.
+for the coordinator's session, and handed packed to the party process, which keeps them across its own
+restarts (:mod:`fednb.party.keep_vertical`): a coordinator that resumes a checkpointed run (after its
+own restart, with the same key) re-attaches to them, even after aligning again, as long as the rows
+align the same.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,9 +50,10 @@ from fednb.privacy.pool import ForkPool
 from fednb.vertical import metrics as vmetrics
 from fednb.vertical import vectors
 from fednb.vertical.logistic import Guest, Host, LogisticConfig, batches
-from fednb.vertical.parts import LogisticPart, Parts, alignment_of
+from fednb.vertical.parts import PACKED, LogisticPart, Parts, alignment_of
 from fednb.wire.vertical import STEPS
 
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,9 +135,20 @@ class Vertical:
         state = self.state
         if state is None or state.run != content["run"]:
             raise ValueError(f"{self.name} has no vertical federation of this run (its setup step opens one)")
+        self.parts.stepped()
+        if step in ("lr.start", "sb.start") and PACKED in arrays:  # the party process kept the run's parts
+            self.parts.attach(self.name, request, _blob(arrays, PACKED))
         if step.startswith("sb."):
-            return self.boosting.handle(state, step, request, arrays)
-        return getattr(self, "_" + step.replace(".", "_"))(state, request, arrays)
+            answer, out = self.boosting.handle(state, step, request, arrays)
+        else:
+            answer, out = getattr(self, "_" + step.replace(".", "_"))(state, request, arrays)
+        run = self.parts.stepped()  # a snapshot was kept: the party process keeps the run's, should this one go
+        if run is not None:
+            try:
+                out = {**out, PACKED: _bytes(self.parts.pack(run))}
+            except ValueError as exc:  # over a bundle's limits: the step stands, its part stays in this session
+                log.warning("the parts of vertical run %s cannot be packed for the party to keep: %s", run[:8], exc)
+        return answer, out
 
     # -- setup and alignment ------------------------------------------------------------------------
 

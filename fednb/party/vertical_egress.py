@@ -21,6 +21,7 @@ from fednb.privacy import paillier
 from fednb.privacy.psi import POINT
 from fednb.privacy.seal import NONCE, TAG
 from fednb.vertical.logistic import LogisticConfig, batches
+from fednb.vertical.parts import KEPT
 from fednb.wire import Message
 
 __all__ = ["Blocked", "VerticalGuard"]
@@ -66,6 +67,8 @@ class VerticalGuard(BoostingRules):
         if not isinstance(answer, Mapping):
             raise Blocked("a vertical reply must carry its answer")
         arrays = dict(reply.arrays)
+        if any(name.startswith(KEPT) for name in arrays):  # taken out before the guard (fednb.party.keep_vertical)
+            raise Blocked("what a party keeps of a vertical run (its part of the model) never leaves it")
         check = getattr(self, "_" + step.replace(".", "_"), None)
         if check is None:
             raise Blocked(f"no rule lets out the reply to vertical step {step!r}")

@@ -17,10 +17,11 @@ records the settings of its model (without the run's length: ``epochs`` and ``tr
 resume) and the digest of the rows the party aligned and split, so that a resume on other settings
 or another alignment is refused, naming the difference.
 
-:class:`Parts` lives in the party's kernel session, which is per coordinator identity: a coordinator
-restarted with the same key finds it; a party that restarted has none, and says the run must start
-again. Every snapshot converts to a bundle (:mod:`fednb.wire.bundle`: JSON and raw arrays) and back,
-validated (:meth:`Parts.pack`, :meth:`Parts.unpack`), so that a party-side store can write it.
+:class:`Parts` lives in the party's kernel session (per coordinator identity: a coordinator restarted
+with the same key finds it), in a worker, which cannot write a file: a step that keeps a snapshot hands
+its run's snapshots, packed (:meth:`Parts.pack`, :data:`PACKED`), to the party process, which keeps them
+(:mod:`fednb.party.keep_vertical`) and hands them back to a resuming start whose session lacks the run
+(:meth:`Parts.attach`: validated, then checked like the session's own).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from fednb.errors import WireError
 from fednb.privacy import paillier
 from fednb.vertical import boosting as bt
 from fednb.vertical.logistic import Guest, Host
@@ -46,6 +48,10 @@ MAX_RUNS = 8
 KEEP = 2
 #: the setting that is the run's length, by algorithm: it may grow when a run resumes
 LENGTH = {"logistic": "epochs", "boosting": "trees"}
+#: arrays a party keeps, passed between its worker and its party process only: never on the wire
+KEPT = "keep/"
+#: the packed snapshots of one run, in a worker's reply (to keep) or a start step's request (to resume)
+PACKED = KEPT + "vertical"
 
 
 def alignment_of(train: np.ndarray, test: np.ndarray) -> str:
@@ -241,9 +247,11 @@ class Parts:
     def __init__(self, runs: int = MAX_RUNS) -> None:
         self.runs = runs
         self._kept: OrderedDict[str, dict[str, dict[int, Snapshot]]] = OrderedDict()
+        self._stepped: str | None = None
 
     def keep(self, run: str, model: str, part: Snapshot) -> None:
         """Keep ``part`` as ``model``'s snapshot after ``part.done`` steps (its two newest stay)."""
+        self._stepped = run
         models = self._kept.setdefault(run, {})
         self._kept.move_to_end(run)
         steps = models.setdefault(model, {})
@@ -293,6 +301,23 @@ class Parts:
     def runs_kept(self) -> list[str]:
         return list(self._kept)
 
+    def stepped(self) -> str | None:
+        """The run whose snapshots changed since the last call (its pack goes to the party process), or None."""
+        run, self._stepped = self._stepped, None
+        return run
+
+    def attach(self, party: str, request: Mapping[str, Any], data: bytes) -> None:
+        """Keep a resuming start's run as the party process kept it (``data``), unless this session holds the run
+        (its own are as new); ValueError, saying the run must start again, for a bundle of no use."""
+        training = request.get("training")
+        if request.get("resume") is None or not isinstance(training, str) or training in self._kept:
+            return
+        try:
+            self.unpack(data, expected=training)
+        except (ValueError, WireError) as exc:
+            raise ValueError(f"{party} cannot use the part it kept of vertical run {training[:8]} ({exc}); the run "
+                             "must start again (train without this checkpoint, or with a new file)") from None
+
     def pack(self, run: str) -> bytes:
         """Every snapshot of ``run`` as one bundle (a party-side store writes it as it is)."""
         header: dict[str, Any] = {"run": run, "snapshots": []}
@@ -305,12 +330,15 @@ class Parts:
                 arrays.update({f"{i}.{name}": np.ascontiguousarray(a) for name, a in part.arrays().items()})
         return bundle.pack(header, arrays)
 
-    def unpack(self, data: bytes) -> str:
-        """Keep the snapshots of one run that :meth:`pack` wrote (all of them, or ValueError and none); its id."""
+    def unpack(self, data: bytes, *, expected: str | None = None) -> str:
+        """Keep the snapshots of one run (``expected``, if given) that :meth:`pack` wrote (all of them, or ValueError
+        and none; WireError for bytes that are no bundle); its id."""
         header, arrays = bundle.unpack(data)
         run, snapshots = header.get("run"), header.get("snapshots")
         if not isinstance(run, str) or len(run) != 32 or not _hex(run) or not isinstance(snapshots, list):
             raise ValueError("a bundle of parts names its run and lists its snapshots")
+        if expected is not None and run != expected:
+            raise ValueError(f"the bundle holds vertical run {run[:8]}, not {expected[:8]}")
         read: list[tuple[str, Snapshot]] = []
         for i, raw in enumerate(snapshots):
             if not isinstance(raw, Mapping) or raw.get("kind") not in KINDS or not isinstance(raw.get("model"), str) \
