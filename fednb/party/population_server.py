@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ import zmq
 from fednb import __version__
 from fednb.party.admission import Admission, Jobs, Outgoing, internal_error
 from fednb.party.gate import Ticket
+from fednb.party.listening import Listening
 from fednb.party.population import MEMBERS, Members, Population
-from fednb.transport import AllowList, Authenticator, Keypair, bound_endpoint, server_socket
+from fednb.transport import AllowList, Keypair
 from fednb.transport.channel import Received, address_frame, receive
 from fednb.wire import DEFAULT_LIMITS, Limits, Message, encode
 
@@ -66,7 +66,6 @@ class PopulationServer:
                                directory=Path(directory) if directory is not None else None)
         self._stop = threading.Event()
         self._sessions: dict[bytes, float] = {}  # coordinator routing id -> last heard
-        self._wake_address = f"inproc://fednb-population-{uuid.uuid4().hex}"
         self.stats = {"received": 0, "malformed": 0, "requests": 0, "failed": 0}
 
     def stop(self) -> None:
@@ -74,35 +73,20 @@ class PopulationServer:
 
     def serve_forever(self, on_ready: Callable[[str], None] | None = None) -> None:
         """Bind and serve in this thread until :meth:`stop` (e.g. from a signal handler)."""
-        context = zmq.Context()
-        authenticator = None
-        sockets: list[zmq.Socket] = []
+        listening: Listening | None = None
         try:
-            if self.keypair is not None and self.allow is not None:
-                authenticator = Authenticator(context, self.allow)
-                authenticator.start()
-            router = server_socket(context, self.endpoint, self.keypair, limits=self.limits,
-                                   heartbeat_ms=int(self.heartbeat * 1000), timeout_ms=int(self.timeout * 1000))
-            sockets.append(router)
-            wake = context.socket(zmq.PAIR)
-            sockets.append(wake)
-            wake.bind(self._wake_address)
-            self.jobs.start(context, self._wake_address)
-            self.endpoint = bound_endpoint(router)
+            listening = Listening(self.endpoint, self.keypair, self.allow, limits=self.limits,
+                                  heartbeat=self.heartbeat, timeout=self.timeout)
+            self.jobs.start(listening.context, listening.wake_address)
+            self.endpoint = listening.endpoint
             log.info("population %s: %d parties serving on %s", self.name, len(self.population), self.endpoint)
             if on_ready is not None:
                 on_ready(self.endpoint)
-            self._loop(router, wake)
+            self._loop(listening.router, listening.wake)
         finally:
             self.jobs.stop()
-            for sock in sockets:
-                sock.close(linger=0)
-            if authenticator is not None:
-                authenticator.stop()
-            if self.jobs.join(timeout=0.5):
-                context.term()
-            else:  # a cell still running: its wake socket stays open
-                context.destroy(linger=0)
+            if listening is not None:
+                listening.close(self.jobs.join)
             for admission in self.members:
                 admission.abandon("the party stopped")
                 admission.gate.close()

@@ -23,7 +23,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from fednb.party.datasets import Datasets
 from fednb.party.egress import EgressRules
 from fednb.party.gate import Gate, Ticket, who
 from fednb.party.inprocess import InProcess
+from fednb.party.listening import Listening
 from fednb.party.keep import Keep, Variates
 from fednb.party.keep_vertical import KeptParts
 from fednb.party.reach import check_start
@@ -44,7 +44,7 @@ from fednb.party.replay import Replays
 from fednb.party.policy import POLICIES, check_policy
 from fednb.party.sandbox import DEFAULT_MEMORY_LIMIT, DEFAULT_TIME_LIMIT, Sandbox
 from fednb.privacy.ledger import check_budget
-from fednb.transport import AllowList, Authenticator, Keypair, bound_endpoint, server_socket
+from fednb.transport import AllowList, Authenticator, Keypair
 from fednb.transport.channel import Received, receive
 from fednb.transport.sockets import send_frames
 from fednb.wire import DEFAULT_LIMITS, Limits, Message, encode
@@ -183,7 +183,6 @@ class PartyServer:
         #: Counters for monitoring and tests: messages received, malformed ones refused, requests run,
         #: messages the party itself failed on.
         self.stats = {"received": 0, "malformed": 0, "requests": 0, "failed": 0, "bytes_in": 0, "bytes_out": 0}
-        self._wake_address = f"inproc://fednb-party-{uuid.uuid4().hex}"
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -267,37 +266,22 @@ class PartyServer:
 
     def _serve(self, on_ready: Callable[[str], None] | None) -> None:
         assert self.gate is not None and self.admission is not None
-        context = zmq.Context()
-        authenticator = None
-        sockets: list[zmq.Socket] = []
+        listening: Listening | None = None
         try:
-            if self.keypair is not None and self.allow is not None:
-                authenticator = Authenticator(context, self.allow)
-                authenticator.start()
-            router = server_socket(context, self.endpoint, self.keypair, limits=self.limits,
-                                   heartbeat_ms=int(self.heartbeat * 1000), timeout_ms=int(self.timeout * 1000))
-            sockets.append(router)
-            wake = context.socket(zmq.PAIR)
-            sockets.append(wake)
-            wake.bind(self._wake_address)
-            self.admission.start(context, self._wake_address)
-            self.endpoint = bound_endpoint(router)
+            listening = Listening(self.endpoint, self.keypair, self.allow, limits=self.limits,
+                                  heartbeat=self.heartbeat, timeout=self.timeout)
+            self.admission.start(listening.context, listening.wake_address)
+            self.endpoint = listening.endpoint
             log.info("party %s serving on %s (policy %s)", self.name, self.endpoint, self.policy)
             self._ready.set()
             if on_ready is not None:
                 on_ready(self.endpoint)
-            self._loop(router, wake, authenticator)
+            self._loop(listening.router, listening.wake, listening.authenticator)
         finally:
             self.admission.stop()
             self.sandbox.stop()  # ends a running request, so the job thread can see the end of the queue
-            for sock in sockets:
-                sock.close(linger=0)
-            if authenticator is not None:
-                authenticator.stop()
-            if not self.admission.join(timeout=0.5):  # a cell still running: its socket stays open
-                context.destroy(linger=0)
-            else:
-                context.term()
+            if listening is not None:
+                listening.close(self.admission.join)
             self.admission.abandon("the party stopped")
             self.gate.close()
 
