@@ -230,3 +230,51 @@ def test_scaffold_on_a_pool_keeps_each_party_s_control_variate_across_evicted_me
         separate = trained(fed)
     for a, b in zip(pooled, separate):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_pool_worker_serves_on_through_thousands_of_hostile_frames_for_its_parties():
+    """Every fuzz generator's frames, each behind a party's address, a bad address or the endpoint's own."""
+    import json
+    import random
+
+    from tests.fuzzing import Aim, hello, mix, party_limits, rss
+
+    with fednb.simulate(40, dataset="synthetic", partition="iid", backend="pool", workers=1, members=4) as fed:
+        worker = fed.simulation.workers[0]
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.connect(worker["endpoint"])
+        rng = random.Random(9)
+        addresses = [b"party-3", b"party-17", b"", b"party-400", b"\xff\xfe", b"a" * 70, b"../x"]
+        replies: dict[str, int] = {}
+
+        def send_all(count: int, seed: int) -> None:
+            for _, frames in mix(seed, count, Aim("party", limits=party_limits(1 << 30))):
+                sock.send_multipart([rng.choice(addresses), *frames])
+                while sock.poll(0):
+                    reply = sock.recv_multipart()
+                    header = json.loads(reply[1])
+                    key = header["content"].get("error_type", header["type"])
+                    replies[key] = replies.get(key, 0) + 1
+
+        try:
+            send_all(300, 1)  # the allocator's first growth is not a leak
+            before = rss(worker["pid"])
+            send_all(3000, 2)
+            sock.send_multipart([b"", *hello(rng)])
+            assert wait_until(lambda: sock.poll(0) > 0, timeout=60)
+            while sock.poll(2000):  # everything before the hello is answered first
+                reply = sock.recv_multipart()
+                if json.loads(reply[1])["type"] == "welcome":
+                    break
+            else:
+                raise AssertionError("the worker did not answer a hello after the fuzz")
+            after = rss(worker["pid"])
+        finally:
+            sock.close(linger=0)
+            context.term()
+        assert replies.get("WireError", 0) > 1000 and not replies.get("InternalError"), replies
+        assert replies.get("result", 0) > 10 and replies.get("ProtocolError", 0) > 100  # ran, or no such party
+        assert after - before < 64 * 2**20, f"RSS grew {(after - before) / 2**20:.1f} MiB"
+        history = fed.train(build(SMALL), SMALL, rounds=1, parties_per_round=8, evaluate_every=0)  # it still trains
+        assert len(history[-1].parties) == 8
