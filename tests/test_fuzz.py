@@ -10,6 +10,7 @@ whose split is no object) are in the mix, and each is sent on purpose by a regre
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import signal
@@ -20,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 
 import fednb
@@ -27,7 +29,8 @@ from fednb.errors import PartyError
 from fednb.party.audit import verify
 from fednb.transport import write_keypair
 from tests.conftest import MLP, build
-from tests.fuzzing import FOUND, GENERATORS, KNOWN_DEFECTS, Aim, FakeParty, fuzz_party, hello, mix, party_limits, rss
+from tests.fuzzing import (FOUND, GENERATORS, KNOWN_DEFECTS, Aim, FakeParty, draw, dump, fuzz_party, hello, mix,
+                           party_limits, rid, rss)
 from tests.test_party import dealer  # noqa: F401 - the raw DEALER fixture
 from tests.test_party_hardening import answer, ask, npz, party_args  # noqa: F401 - npz is a fixture
 
@@ -225,3 +228,70 @@ def test_a_welcome_whose_train_split_is_no_object_costs_that_partys_row_only(sta
         assert isinstance(fed.run("1", timeout=COORDINATOR_TIMEOUT)["fake"], PartyError)  # after the welcome
         rows = {row.name: row for row in fed.status()}
         assert rows["real"].examples > 0 and rows["fake"].status == "online"
+
+
+# -- a coordinator, through a shared endpoint ------------------------------------------------------------
+
+class FakeEndpoint(FakeParty):
+    """A ROUTER that passes for a shared endpoint of parties ``a``, ``b`` and ``c`` and answers each request
+    with hostile frames behind that party's address, another party's, the endpoint's or a malformed one."""
+
+    PARTIES = ("a", "b", "c")
+    ADDRESSES = (b"", b"zz", b"\xff", b"x" * 70)
+
+    def _serve(self) -> None:
+        assert self._socket is not None
+        sock, next_beat = self._socket, 0.0
+        while not self._stop.is_set():
+            if sock.poll(50):
+                routing, address, *frames = sock.recv_multipart()
+                self._peers.add(routing)
+                self._reply(sock, routing, address, json.loads(frames[0]))
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + self.heartbeat
+                beat = dump({"v": 1, "id": rid(self._ids), "type": "heartbeat", "round": None, "reply_to": None,
+                             "content": {}, "buffers": []})
+                for peer in self._peers:
+                    sock.send_multipart([peer, b"", beat])
+
+    def _reply(self, sock, routing: bytes, address: bytes, request: dict) -> None:
+        if request["type"] == "hello":
+            welcome = {"v": 1, "id": rid(self._ids), "type": "welcome", "round": None, "reply_to": request["id"],
+                       "content": {"party": "fake", "version": fednb.__version__, "policy": "simulation",
+                                   "datasets": {}, "pool": {"parties": list(self.PARTIES),
+                                                            "datasets": {"train": {"features": [4]}}}},
+                       "buffers": [{"name": "pool.train", "dtype": "int64", "shape": [3], "nbytes": 24}]}
+            sock.send_multipart([routing, b"", dump(welcome), np.array([5, 6, 7], np.int64).tobytes()])
+            return
+        if request["type"] in ("heartbeat", "cancel"):
+            return
+        self.requests += 1
+        aim = Aim("coordinator", reply_to=request["id"], round=request["round"],
+                  buffers=tuple((b["name"], b["dtype"], tuple(b["shape"])) for b in request["buffers"]))
+        for _ in range(self.burst):
+            name, frames = draw(self.rng, aim, self.generators, self.avoided)
+            to = address if self.rng.random() < 0.7 else self.rng.choice((*self.ADDRESSES, b"a", b"b"))
+            sock.send_multipart([routing, to, *frames])
+            self.sent[name] += 1
+        sock.send_multipart([routing, address, b"not a header"])
+
+
+def test_a_coordinator_turns_hostile_replies_of_a_shared_endpoint_into_its_parties_errors(private_dir):
+    with counted_logs() as logged, FakeEndpoint(f"ipc://{private_dir}/pool.sock", seed=21, burst=20) as fake, \
+            fednb.connect([{"name": name, "endpoint": fake.endpoint, "shared": True} for name in FakeEndpoint.PARTIES],
+                          timeout=20) as fed:
+        assert {row.name: row.examples for row in fed.status()} == {"a": 5, "b": 6, "c": 7}
+        for _ in range(5):
+            fed.run("1", timeout=COORDINATOR_TIMEOUT)
+        before = rss()
+        outcomes: Counter[str] = Counter()
+        for _ in range(60):
+            for party, result in fed.run("1", timeout=COORDINATOR_TIMEOUT).items():
+                outcomes[type(result).__name__] += 1
+        after = rss()
+        assert fed._connections._thread.is_alive()
+        assert {row.status for row in fed.status()} == {"online"}
+    assert sum(fake.sent.values()) >= 3000, fake.sent
+    assert outcomes["PartyError"] >= 150, outcomes  # each request failed by what came back, or its timeout
+    assert after - before < RSS_BOUND, f"RSS grew {(after - before) / MiB:.1f} MiB"
+    assert logged.levels["WARNING"] >= 1000 and not logged.exceptions, logged.exceptions[:3]

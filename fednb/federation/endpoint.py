@@ -59,7 +59,10 @@ class SharedEndpoint:
             elif message is None:
                 log.warning("%s sent a malformed message: %s", self.endpoint, received.error)
             elif message.type == "welcome":
-                self._welcomed(message)
+                if self.status != "online":  # the answer to our hello; once online, a welcome changes nothing
+                    self._welcomed(message)
+                else:
+                    log.debug("%s: ignored a welcome while online", self.endpoint)
             elif message.type == "heartbeat":
                 if self.status == "offline":
                     self.next_hello = 0.0
