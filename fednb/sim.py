@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import select
 import shutil
 import signal
@@ -43,6 +42,7 @@ from fednb.data import DATASETS, PARTITIONS
 from fednb.errors import DataError, FederationError
 from fednb.federation import Federation, connect
 from fednb.transport import generate
+from fednb.wire.messages import PARTY_NAME  # names a party's socket and directory too
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ MAX_POOL_PARTIES = 100_000
 #: ``process``: one process per party; ``pool``: worker processes serving virtual parties on shared
 #: endpoints (:mod:`fednb.party.population_server`); ``ray``: those workers as Ray actors.
 BACKENDS = ("process", "pool", "ray")
-#: A simulated party's name names its socket and directory in the private directory too.
-PARTY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 #: What a party of ``simulate(data=...)`` serves: a .npz or .csv file, or arrays {"x", "y", "ids"}.
 PartyData = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -364,7 +362,7 @@ def simulate(n: int | None = None, dataset: str | None = None, partition: str | 
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if backend != "process":
         _check_pool(data=data, contained=contained, dp_epsilon=dp_epsilon, workers=workers,
-                    examples_per_party=examples_per_party, members=members)
+                    examples_per_party=examples_per_party, members=members, partition=partition)
     elif examples_per_party is not None or ray_address is not None:
         raise ValueError("examples_per_party and ray_address go with backend='pool' or 'ray'")
     if backend != "ray" and ray_address is not None:
@@ -415,7 +413,7 @@ def simulate(n: int | None = None, dataset: str | None = None, partition: str | 
 
 
 def _check_pool(*, data: Any, contained: bool, dp_epsilon: float | None, workers: int,
-                examples_per_party: int | None, members: int) -> None:
+                examples_per_party: int | None, members: int, partition: str | None) -> None:
     """ValueError for what a pool simulation does not do (before anything starts)."""
     if data is not None:
         raise ValueError("the pool backends simulate parties of a bundled dataset; data=... starts one process "
@@ -432,6 +430,9 @@ def _check_pool(*, data: Any, contained: bool, dp_epsilon: float | None, workers
     if examples_per_party is not None and (isinstance(examples_per_party, bool) or
                                            not isinstance(examples_per_party, int) or examples_per_party < 1):
         raise ValueError(f"examples_per_party must be a positive integer, got {examples_per_party!r}")
+    if examples_per_party is not None and partition not in (None, "dirichlet"):
+        raise ValueError(f"examples_per_party draws each party's rows under Dirichlet label skew (alpha=...); "
+                         f"partition={partition!r} partitions the dataset instead: leave out one of the two")
 
 
 def pool_specs(workers: list[dict[str, Any]], secure: bool) -> list[dict[str, Any]]:

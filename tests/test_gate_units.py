@@ -288,3 +288,27 @@ def test_pipe_round_trip_and_what_it_refuses():
         worker.close()
         with pytest.raises(PipeClosed):
             receive_message(party)
+
+
+def test_what_a_request_returns_is_said_for_a_secure_round_and_for_scaffold(tmp_path) -> None:
+    from fednb.party.gate import Gate
+    from fednb.wire import Message
+
+    rng = np.random.default_rng(0)
+    gate = Gate("clinic", "review", Datasets({"train": Split(rng.normal(size=(20, 4)).astype(np.float32),
+                                                             np.arange(20) % 2)}), directory=tmp_path / "p")
+    try:
+        weights = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)}
+        run = "0" * 32
+        secure = Message("train", {"source": "m", "config": {}, "run": run,
+                                   "secagg": {"run": run, "round": 1, "config": {}, "dimension": 15}},
+                         round=1, arrays=weights)
+        assert gate.returns(secure).startswith("under secure aggregation") and "16 integers" in gate.returns(secure)
+        plain = Message("train", {"source": "m", "config": {}, "run": run}, round=1, arrays=weights)
+        assert "the model's weights (2 tensors, 15 values" in gate.returns(plain)
+        scaffold = Message("train", {"source": "m", "config": {}, "run": run, "scaffold": True}, round=1,
+                           arrays={**weights, "scaffold.c/w": weights["w"], "scaffold.c/b": weights["b"]})
+        said = gate.returns(scaffold)
+        assert "(2 tensors, 15 values" in said and "SCAFFOLD control variate" in said
+    finally:
+        gate.close()

@@ -23,7 +23,7 @@ import pytest
 
 from fednb.federation.events import (PartyDone, PartyDropped, RoundAggregated, RoundStarted, TrainingFinished,
                                      TrainingStarted)
-from fednb.notebook.sidebar_state import TARGET, RunTracker, listed, parse_request, snapshot
+from fednb.notebook.sidebar_state import TARGET, RunTracker, listed, parse_request, party_rows, snapshot
 from tests.jupyter_fixtures import ROOT, jupyter_environment
 
 LABEXTENSION = ROOT / "labextension"
@@ -62,8 +62,10 @@ def test_a_population_is_counted_and_only_its_round_and_troubled_parties_are_lis
     shown, population = listed(status, {"party-3": "training", "party-4": "done"})
     assert [row.name for row in shown] == ["party-3", "party-4", "party-9"]
     assert population == {"parties": 5000, "online": 4999, "shown": 3}
-    message = snapshot(1, parties=[], run=None, background=False, approvals=None, population=population)
-    assert message["federation"]["population"] == population
+    rows = party_rows([SimpleNamespace(name=r.name, endpoint="ipc:///x", status=r.status, examples=8, last_round=None,
+                                       last_error="") for r in shown], {}, {})
+    message = snapshot(1, parties=rows, run=None, background=False, approvals=None, population=population)
+    assert message["federation"]["population"] == population and len(message["federation"]["parties"]) == 3
     few, none = listed(status[:10], {})
     assert few == status[:10] and none is None
     assert "population" not in snapshot(1, parties=[], run=None, background=False, approvals=None)["federation"]

@@ -109,6 +109,7 @@ def test_what_the_pool_backends_do_not_do_is_refused_before_anything_starts():
                            ({"backend": "pool", "contained": True}, "contained"),
                            ({"backend": "pool", "dp_epsilon": 1.0}, "privacy budget"),
                            ({"backend": "pool", "workers": 0}, "workers"),
+                           ({"backend": "pool", "partition": "iid", "examples_per_party": 8}, "Dirichlet"),
                            ({"backend": "nope"}, "backend"),
                            ({"examples_per_party": 10}, "backend='pool'"),
                            ({"backend": "pool", "ray_address": "auto"}, "backend='ray'")]:
@@ -278,3 +279,50 @@ def test_a_pool_worker_serves_on_through_thousands_of_hostile_frames_for_its_par
         assert after - before < 64 * 2**20, f"RSS grew {(after - before) / 2**20:.1f} MiB"
         history = fed.train(build(SMALL), SMALL, rounds=1, parties_per_round=8, evaluate_every=0)  # it still trains
         assert len(history[-1].parties) == 8
+
+
+def test_secure_rounds_on_a_pool_keep_each_party_s_member_until_it_unmasks():
+    """Two members a worker, six parties a secure round: a member is never evicted between its stages."""
+    with fednb.simulate(30, dataset="digits", seed=4, backend="pool", workers=1, members=2) as fed:
+        history = fed.train(build(), MLP, rounds=2, parties_per_round=6, secure_aggregation=True, lr=0.05,
+                            evaluate_every=0)
+        assert [len(r.parties) for r in history] == [6, 6] and not any(r.dropped for r in history)
+        assert all(r.secure for r in history)
+
+
+def test_thousands_of_parties_asked_at_once_through_one_shared_endpoint_all_answer():
+    """More requests than ZeroMQ queues by default (1,000 a pipe) go through one endpoint's socket at once."""
+    with fednb.simulate(2500, dataset="synthetic", backend="pool", workers=1, examples_per_party=8) as fed:
+        results = fed.run("6 * 7", timeout=120)
+    assert len(results) == 2500 and set(results.values()) == {42}
+
+
+def test_a_shared_endpoint_bounds_the_bytes_its_parties_hold_together():
+    directory = tempfile.mkdtemp()
+    os.chmod(directory, 0o700)
+    server = PopulationServer("pool-b", f"ipc://{directory}/pool.sock", _population(), max_held_bytes=1_000_000)
+    ready = threading.Event()
+    thread = threading.Thread(target=server.serve_forever, args=(lambda _: ready.set(),), daemon=True)
+    thread.start()
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        assert ready.wait(10)
+        sock.connect(server.endpoint)
+        sock.send_multipart([b"party-0", *encode(Message("run", {"source": "import time\ntime.sleep(1.5)\n1"}))])
+        big = "x = 1\n#" + "a" * 300_000 + "\nx"
+        for k in range(1, 6):  # queued behind the sleep: each holds its 300 kB until it runs
+            sock.send_multipart([f"party-{k}".encode(), *encode(Message("run", {"source": big}))])
+        answers: dict[str, list[str]] = {}
+        deadline = time.monotonic() + 30
+        while sum(map(len, answers.values())) < 6 and time.monotonic() < deadline:
+            if sock.poll(200):
+                got = receive(sock, router=False, addressed=True)
+                if got.message is not None and got.message.type != "heartbeat":
+                    answers.setdefault(got.message.content.get("error_type", got.message.type), []).append(got.party)
+        assert len(answers.get("PolicyRefused", [])) >= 2 and len(answers.get("result", [])) >= 3, answers
+    finally:
+        sock.close(linger=0)
+        context.term()
+        server.stop()
+        thread.join(5)

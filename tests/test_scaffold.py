@@ -120,8 +120,8 @@ def test_a_checkpoint_carries_c(tmp_path) -> None:
     path = tmp_path / "run.ckpt"
     ckpt.save(path, ckpt.Checkpoint(RUN, 1, 5, 1, {"source": "x"}, x, s.state(), []))
     resumed = Scaffold()
+    resumed.configure_run(2)  # as train() does: the run is planned (c = 0), then its checkpoint loaded
     resumed.load_state(ckpt.load(path).strategy)
-    resumed.configure_run(2)
     np.testing.assert_array_equal(resumed.c["w"], [0.125, -0.5])
     assert resumed.steps == 1
     _, arrays = resumed.train_request(2, x)  # the resumed run sends the c it had
@@ -319,6 +319,10 @@ def test_a_small_federated_run_trains_and_each_partys_ci_moves() -> None:
         fed.history.rounds.clear()
         history = fed.train(build(seed=1), MLP, rounds=1, strategy=sampled, parties_per_round=2, evaluate_every=0)
         assert len(history[0].parties) == 2 and sampled.parties == 3  # N: the run's parties, sampled or not
+
+        fed.history.rounds.clear()  # the first run's instance, used again: its c starts from zero, as the c_i do
+        history = fed.train(build(seed=1), MLP, rounds=1, strategy=strategy, train_cell=CELL, evaluate_every=0)
+        assert all(p.metrics["gap"] == 0.0 for p in history[0].parties.values())
 
         for options in ({"secure_aggregation": True}, {"dp": fednb.DPSGD(noise_multiplier=1.0, max_grad_norm=1.0)}):
             with pytest.raises(ValueError, match="secure aggregation and DP do not carry yet"):

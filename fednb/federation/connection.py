@@ -75,7 +75,7 @@ class Connections:
                 link = self._links[spec.name] = Link(spec, sock, monitor, bus, self._changed, limits)
                 self._pollables.append(link)
             for (endpoint, public_key), members in shared.items():
-                sock, monitor = self._socket(endpoint, public_key)
+                sock, monitor = self._socket(endpoint, public_key, queue=0)  # a round's requests, all at once
                 links = [Link(spec, sock, monitor, bus, self._changed, limits, address=address_frame(spec.name))
                          for spec in members]
                 self._links.update((link.name, link) for link in links)
@@ -84,11 +84,11 @@ class Connections:
             self._close_sockets()
             raise
 
-    def _socket(self, endpoint: str, public_key: bytes | None) -> tuple[zmq.Socket, zmq.Socket]:
+    def _socket(self, endpoint: str, public_key: bytes | None, queue: int | None = None) -> tuple[zmq.Socket, zmq.Socket]:
         """A DEALER to ``endpoint`` and its monitor, registered for closing before anything can fail."""
         sock = client_socket(self._context, endpoint, self.keypair if public_key else None, public_key,
                              limits=self.limits, heartbeat_ms=int(self.heartbeat * 1000),
-                             timeout_ms=int(self.timeout * 1000))
+                             timeout_ms=int(self.timeout * 1000), queue=queue)
         self._opened.append(sock)
         monitor = sock.get_monitor_socket(MONITORED)
         self._opened.append(monitor)

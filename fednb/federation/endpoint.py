@@ -51,6 +51,10 @@ class SharedEndpoint:
             link = self.links.get(received.party) if received.party else None
             if link is not None:
                 link.last_seen = self.last_seen
+                if received.message is not None and received.message.type == "welcome":
+                    log.warning("%s sent a welcome for %s: only the endpoint says who it serves", self.endpoint,
+                                link.name)
+                    continue
                 link.deliver(received)
                 continue
             message = received.message
@@ -129,10 +133,6 @@ class SharedEndpoint:
             self.socket.send_multipart([b"", *encode(message, self.limits)], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.debug("%s: %s not sent (the endpoint is not reading)", self.endpoint, message.type)
-
-    def close(self) -> None:
-        self.monitor.close(linger=0)
-        self.socket.close(linger=0)
 
     def describe(self) -> dict[str, Any]:
         return {"endpoint": self.endpoint, "status": self.status, "parties": len(self.links)}

@@ -167,6 +167,8 @@ class Federation:
 
         ``parties_per_round=k`` (or ``fraction=f`` of the parties) trains each round on k of the online
         parties, drawn from ``seed`` and the round; ``min_parties`` (default: a majority of k) applies to them.
+        The last model's evaluation goes to k parties drawn alike; parties not online are not counted as
+        dropped (the sample is drawn from those online).
         """
         plan = self._plan(model, source, rounds=rounds, strategy=strategy, lr=lr, epochs=epochs, batch_size=batch_size,
                           optimizer=optimizer, momentum=momentum, loss=loss, train_cell=train_cell,

@@ -161,7 +161,9 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
             dp_round = private.round_dp(online) if private is not None else {}
             if dp_round:
                 content["dp"] = dp_round
-            links = fed._connections.snapshot([p for p in chosen if p not in here])
+            # who was expected and is not there: every chosen party; with sampling none (the sample is
+            # drawn from those online), or each round would drop a whole absent population again
+            links = fed._connections.snapshot([p for p in chosen if p not in here] if plan.sample is None else [])
             offline = {p: f"{links[p]['status']}" + (f" ({links[p]['detail']})" if links[p]["detail"] else "")
                        for p in links}
             protocol: Steps[RoundOutcome]
@@ -212,6 +214,8 @@ def run_rounds(fed: Any, plan: RunPlan) -> History:
         if unevaluated is not None and not fed._abort.is_set():
             here = set(fed._connections.online())
             online = [p for p in chosen if p in here]
+            if plan.sample is not None:  # a sampled run's last model is evaluated on a sample of its size too
+                online = sample(online, plan.sample, seed=int(base.get("seed", 0)), round_=last + 1)
             fed._record_evaluation(unevaluated, fed._evaluate_weights(weights, code, base, online, round_timeout,
                                                                         round=unevaluated))
             _save(fed, plan, ckpt.Checkpoint(run_id, start, last, fed.history.last_round, {}, weights,

@@ -278,7 +278,9 @@ class Admission:
         """Run one admitted request in its worker and pass the reply through the gate."""
         try:
             return self.gate.release(ticket, self.runner.run(ticket.identity, ticket.message))
-        except Exception:  # a bug of ours must cost one request, not the party: logged, answered
+        # a bug of ours must cost one request, not the party: logged, answered; so must a cell's SystemExit
+        # in process (a simulation, a pool worker's job thread), which would end the thread of every party
+        except (Exception, SystemExit):
             log.exception("%s request %s failed inside the party", ticket.message.type, ticket.message.id[:8])
             return internal_error(ticket.message), "error: internal (see the party's log)"
 

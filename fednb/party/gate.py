@@ -263,6 +263,11 @@ class Gate:
     def returns(self, message: Message) -> str:
         """What a request would return, in the owner's words."""
         rules = self.guard.rules
+        if message.type == "train" and message.content.get("secagg") is not None:
+            values = sum(int(np.prod(a.shape)) for a in message.arrays.values())
+            return (f"under secure aggregation: public keys, encrypted shares for the other parties, one masked "
+                    f"vector of {values + 1:,} integers and unmasking shares; no update, example count or metrics "
+                    "in the clear")
         if message.type == "train":
             weights = split(message.arrays, PREFIX)[0]  # SCAFFOLD's c travels beside the weights
             values = sum(int(np.prod(a.shape)) for a in weights.values())
@@ -271,11 +276,6 @@ class Gate:
             return (f"the model's weights ({len(weights)} tensors, {values:,} values, names, shapes and dtypes "
                     f"as sent){scaffold}, the example count and at most {rules.max_metrics} scalar metrics, and when "
                     "asked the example count and metrics of the weights sent on the test split")
-        if message.type == "train" and message.content.get("secagg") is not None:
-            values = sum(int(np.prod(a.shape)) for a in message.arrays.values())
-            return (f"under secure aggregation: public keys, encrypted shares for the other parties, one masked "
-                    f"vector of {values + 1:,} integers and unmasking shares; no update, example count or metrics "
-                    "in the clear")
         if message.type == "evaluate":
             return "the example count and scalar metrics (loss, accuracy) of the model on the test split"
         if message.type == "vertical":
@@ -286,7 +286,15 @@ class Gate:
     # -- the way out ------------------------------------------------------------------------------
 
     def release(self, ticket: Ticket, reply: Message) -> tuple[Message, str]:
-        """The reply that may leave, and its outcome for the audit log."""
+        """The reply that may leave, and its outcome for the audit log. The unmasking stage closes its secure
+        round here: nothing of that round runs again."""
+        try:
+            return self._release(ticket, reply)
+        finally:
+            if ticket.message.type == "secagg" and ticket.message.content.get("stage") == "unmask":
+                self.secure.pop(ticket.identity, None)
+
+    def _release(self, ticket: Ticket, reply: Message) -> tuple[Message, str]:
         request = ticket.message
         if reply.type == "error":
             trace = reply.content.get("traceback")

@@ -23,6 +23,9 @@ one training run: a new run starts from zeros, as the coordinator's ``c`` does. 
 ``c_i`` its round started from, so that a resumed run training that round again (its coordinator
 crashed before checkpointing it) starts from the same ``c_i`` as the checkpoint's ``c``.
 
+Keeping ``c_i`` here is for the algorithm's sake and for restarts, not secrecy: under option II the
+coordinator could compute it from what it sees (x, c, the update, and the steps and learning rate it set).
+
 A reply released but then lost on its way, or discarded by the coordinator as late, leaves
 ``c_i`` advanced while the coordinator's ``c`` never took that ``Δc_i``: ``c`` then differs from the
 mean of the ``c_i`` by ``Δc_i / N``, as in any deployment of the algorithm that loses a message.
@@ -113,11 +116,12 @@ class Keep:
         """Keep ``kept`` as ``name`` for this coordinator: in memory at once, then on disk (OSError when the
         file cannot be written; this process still has the new bundle)."""
         path = self.path(identity, name)
+        # packed first: a bundle that cannot be one (ValueError) changes nothing, in memory or on disk
+        data = bundle.pack({**kept.content, "keep": {"name": name, "coordinator": coordinator_key(identity)}},
+                           kept.arrays) if path is not None else b""
         self._remember(identity, name, kept)
         if path is None:
             return
-        data = bundle.pack({**kept.content, "keep": {"name": name, "coordinator": coordinator_key(identity)}},
-                           kept.arrays)
         for directory in (path.parent.parent, path.parent):  # the party's own, as its directory is
             directory.mkdir(mode=0o700, exist_ok=True)
             if stat.S_IMODE(directory.stat().st_mode) != 0o700:
@@ -211,6 +215,9 @@ class Variates:
         except OSError as exc:
             log.error("could not write the SCAFFOLD control variate of round %s (%s): this process goes on with it, "
                       "a restart would bring back the one of before", kept.content["round"], exc)
+        except ValueError as exc:  # more tensors than one bundle holds: the reply has left, c_i stays as it was
+            log.error("could not keep the SCAFFOLD control variate of round %s (%s): it stays as it was",
+                      kept.content["round"], exc)
 
     def _ci_for(self, identity: str, request: Message, template: Template) -> dict[str, np.ndarray]:
         """The ``c_i`` this round starts from: the one kept for this run (see the module docstring), else zeros."""

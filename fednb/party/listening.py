@@ -23,7 +23,7 @@ class Listening:
     """A bound ROUTER (``router``, at ``endpoint``), its ZAP handler, and the job thread's wake pair."""
 
     def __init__(self, endpoint: str, keypair: Keypair | None, allow: AllowList | None, *, limits: Limits,
-                 heartbeat: float, timeout: float) -> None:
+                 heartbeat: float, timeout: float, queue: int | None = None) -> None:
         self.context = zmq.Context()
         self.authenticator: Authenticator | None = None
         self._sockets: list[zmq.Socket] = []
@@ -32,7 +32,7 @@ class Listening:
             if keypair is not None and allow is not None:
                 self.authenticator = Authenticator(self.context, allow)
                 self.authenticator.start()
-            self.router = server_socket(self.context, endpoint, keypair, limits=limits,
+            self.router = server_socket(self.context, endpoint, keypair, limits=limits, queue=queue,
                                         heartbeat_ms=int(heartbeat * 1000), timeout_ms=int(timeout * 1000))
             self._sockets.append(self.router)
             self.wake = self.context.socket(zmq.PAIR)

@@ -176,6 +176,14 @@ class Members:
         self._evict()
         return admission
 
+    def held_bytes(self) -> int:
+        """The bytes of every request the population's parties hold now (waiting, queued or running)."""
+        return sum(admission.held_bytes for admission in self._live.values())
+
+    def trim(self) -> None:
+        """Forget members beyond the limit now (after a reply: its member may have been the one held)."""
+        self._evict(keep_last=False)
+
     def _keep(self, name: str) -> Keep:
         """Party ``name``'s keep: files in its own directory (read back by a member built again), else memory."""
         if self.directory is None:
@@ -184,13 +192,15 @@ class Members:
         own.mkdir(mode=0o700, parents=True, exist_ok=True)
         return Keep(own, identities=1)
 
-    def _evict(self) -> None:
-        """Forget the least recently used members beyond the limit, never one holding a request."""
-        for name in list(self._live):
+    def _evict(self, keep_last: bool = True) -> None:
+        """Forget the least recently used members beyond the limit, never one holding a request or in the
+        middle of a secure round (its grant and the round's secrets live in the member until unmasking)."""
+        names = list(self._live)
+        for name in names[:-1] if keep_last else names:  # never the member just asked for (the last)
             if len(self._live) <= self.limit:
                 return
             admission = self._live[name]
-            if admission.holds():
+            if admission.holds() or admission.gate.secure:  # mid-request, or between a secure round's stages
                 continue
             del self._live[name]
             admission.gate.close()

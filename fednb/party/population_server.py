@@ -60,6 +60,8 @@ class PopulationServer:
         self.heartbeat = heartbeat
         self.timeout = timeout
         self.limits = limits
+        #: the bytes of requests all parties here may hold at once (each party's admission has the same bound)
+        self.max_held_bytes = max_held_bytes
         self.jobs = Jobs(name)
         self.members = Members(population, self.jobs, members=members, max_held_bytes=max_held_bytes,
                                require_secure_aggregation=require_secure_aggregation, min_aggregate=min_aggregate,
@@ -75,8 +77,9 @@ class PopulationServer:
         """Bind and serve in this thread until :meth:`stop` (e.g. from a signal handler)."""
         listening: Listening | None = None
         try:
+            # no queue limit: one coordinator's pipe carries the requests and replies of all these parties
             listening = Listening(self.endpoint, self.keypair, self.allow, limits=self.limits,
-                                  heartbeat=self.heartbeat, timeout=self.timeout)
+                                  heartbeat=self.heartbeat, timeout=self.timeout, queue=0)
             self.jobs.start(listening.context, listening.wake_address)
             self.endpoint = listening.endpoint
             log.info("population %s: %d parties serving on %s", self.name, len(self.population), self.endpoint)
@@ -104,6 +107,7 @@ class PopulationServer:
                 for admission, out in self.jobs.finished():
                     admission.done(out)
                     self._send(router, admission, [out])
+                self.members.trim()
             if router in events:
                 for _ in range(256):
                     try:
@@ -152,6 +156,13 @@ class PopulationServer:
             return
         if message.type in WORK:
             self.stats["requests"] += 1
+            held = self.members.held_bytes()
+            if held + received.nbytes > self.max_held_bytes:  # one budget for the endpoint, not one per party
+                self._reply(router, routing, party, message.reply("error", {
+                    "error_type": "PolicyRefused", "message": f"{self.name} holds {held:,} bytes of requests and "
+                    f"this one has {received.nbytes:,}: over its budget of {self.max_held_bytes:,} bytes for "
+                    "requests waiting or queued; try again later"}))
+                return
             admission = self.members.get(party)
             ticket = Ticket(received.user or "local", message, received.nbytes, "")
             self._send(router, admission, admission.admit(routing, ticket))
@@ -205,7 +216,3 @@ class PopulationServer:
             else:
                 self._send_frames(router, routing, "", beat, "heartbeat")
 
-
-def threads_for(workers: int) -> int:
-    """Torch threads for each of ``workers`` processes sharing this machine's cores."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))

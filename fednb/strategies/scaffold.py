@@ -222,10 +222,12 @@ class Scaffold(Strategy):
         return {k: np.zeros(v.shape, float_dtype(v.dtype)) for k, v in current.items() if v.dtype.kind == "f"}
 
     def configure_run(self, parties: int) -> None:
-        """N, the number of parties of the run (``c ← c + (|S| / N) · mean Δc``)."""
+        """N, the number of parties of the run (``c ← c + (|S| / N) · mean Δc``); a run starts from c = 0,
+        as every party starts its c_i of a new run from zeros (a resumed run loads its c afterwards)."""
         if isinstance(parties, bool) or not isinstance(parties, int) or parties < 1:
             raise ValueError(f"parties must be a positive integer, got {parties!r}")
         self.parties = parties
+        self.c, self.steps = {}, 0
 
     def train_request(self, round: int,
                       current: Mapping[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -7,13 +7,13 @@ party, accumulated into the aggregate at the coordinator).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import zmq
 
 from fednb.errors import WireError
 from fednb.wire import DEFAULT_LIMITS, Limits, Message, check_content, decode, encode
+from fednb.wire.messages import PARTY_NAME
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,16 @@ class Received:
     party: str | None = None
 
 
-#: A party's name as the address frame of a shared endpoint carries it (empty: the endpoint itself).
-ADDRESS = re.compile(rb"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,63})?")
+def is_address(raw: bytes) -> bool:
+    """Whether ``raw`` is an address frame: a party's name (:data:`~fednb.wire.messages.PARTY_NAME`), or
+    empty for the endpoint itself."""
+    return not raw or (raw.isascii() and PARTY_NAME.fullmatch(raw.decode("ascii")) is not None)
 
 
 def address_frame(party: str) -> bytes:
     """The frame that names ``party`` on a shared endpoint (ValueError for a name no address can carry)."""
     raw = party.encode("ascii", "replace")
-    if not ADDRESS.fullmatch(raw):
+    if not is_address(raw):
         raise ValueError(f"{party!r} cannot be a party's address: 1 to 64 letters, digits, '.', '_' or '-'")
     return raw
 
@@ -67,7 +69,7 @@ def receive(sock: zmq.Socket, *, router: bool, limits: Limits = DEFAULT_LIMITS, 
     party = None
     if addressed:
         raw = frames.pop(0).bytes if frames else b"\xff"
-        if len(raw) > 64 or not ADDRESS.fullmatch(raw):
+        if not is_address(raw):
             return Received(message=None, error=WireError(f"a message on a shared endpoint must start with a party's "
                                                           f"address frame, got {raw[:80]!r}"),
                             routing=routing, user="", nbytes=sum(len(frame) for frame in frames))

@@ -55,8 +55,14 @@ def check_security(endpoint: str, secure: bool) -> None:
         )
 
 
-def _common_options(sock: zmq.Socket, limits: Limits, heartbeat_ms: int, timeout_ms: int) -> None:
+def _common_options(sock: zmq.Socket, limits: Limits, heartbeat_ms: int, timeout_ms: int,
+                    queue: int | None = None) -> None:
     sock.linger = 0
+    if queue is not None:
+        # messages queued to or from one peer before a send would block (0: no limit): a shared
+        # endpoint carries the requests and replies of thousands of parties through one pipe
+        sock.setsockopt(zmq.SNDHWM, queue)
+        sock.setsockopt(zmq.RCVHWM, queue)
     # libzmq applies MAXMSGSIZE to each frame (and drops a peer that sends a larger one); a
     # frame is a header or one buffer, so neither limit is looser than the wire's own.
     sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_buffer_bytes, limits.max_header_bytes))
@@ -76,13 +82,15 @@ def server_socket(
     limits: Limits = DEFAULT_LIMITS,
     heartbeat_ms: int = 1000,
     timeout_ms: int = 10_000,
+    queue: int | None = None,
 ) -> zmq.Socket:
     """A bound ROUTER. With a keypair it is a CURVE server in fednb's ZAP domain: start the
-    :class:`~fednb.transport.auth.Authenticator` first, or libzmq accepts any client."""
+    :class:`~fednb.transport.auth.Authenticator` first, or libzmq accepts any client. ``queue``:
+    messages queued per peer (ZeroMQ's high-water marks; 0: no limit; None: ZeroMQ's 1000)."""
     check_security(endpoint, keypair is not None)
     sock = context.socket(zmq.ROUTER)
     try:
-        _common_options(sock, limits, heartbeat_ms, timeout_ms)
+        _common_options(sock, limits, heartbeat_ms, timeout_ms, queue)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if keypair is not None:
             if keypair.secret is None:
@@ -108,15 +116,17 @@ def client_socket(
     limits: Limits = DEFAULT_LIMITS,
     heartbeat_ms: int = 1000,
     timeout_ms: int = 10_000,
+    queue: int | None = None,
 ) -> zmq.Socket:
-    """A DEALER connected to a party, pinning the party's public key when secure."""
+    """A DEALER connected to a party, pinning the party's public key when secure; ``queue`` as for
+    :func:`server_socket`."""
     secure = keypair is not None or server_key is not None
     check_security(endpoint, secure)
     if secure and (keypair is None or keypair.secret is None or server_key is None):
         raise ValueError(f"{endpoint}: CURVE needs our keypair and the party's public key")
     sock = context.socket(zmq.DEALER)
     try:
-        _common_options(sock, limits, heartbeat_ms, timeout_ms)
+        _common_options(sock, limits, heartbeat_ms, timeout_ms, queue)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)

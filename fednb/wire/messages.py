@@ -149,7 +149,8 @@ def check_datasets(datasets: Any) -> None:
             raise WireError(f"welcome: dataset {name!r} has no valid example count")
 
 
-_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: A name a party of a shared endpoint (and of a simulation) may have: its address frame, its directory.
+PARTY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_POOL = 1_000_000
 
 
@@ -160,7 +161,7 @@ def check_pool(pool: Any, arrays: Mapping[str, Any]) -> None:
             or not isinstance(pool["datasets"], dict):
         raise WireError("welcome: field 'pool' must be {parties: [names], datasets: {split: shape}}")
     names = pool["parties"]
-    if len(names) > MAX_POOL or not all(isinstance(n, str) and _ADDRESS.fullmatch(n) for n in names) \
+    if len(names) > MAX_POOL or not all(isinstance(n, str) and PARTY_NAME.fullmatch(n) for n in names) \
             or len(set(names)) != len(names):
         raise WireError(f"welcome: a pool's parties must be up to {MAX_POOL:,} distinct names of 1 to 64 letters, "
                         "digits, '.', '_' or '-'")
