@@ -84,9 +84,11 @@ def coordinator_key(identity: str) -> str:
 class Keep:
     """Named bundles per coordinator identity: in memory, and in ``directory/keep`` when there is one."""
 
-    def __init__(self, directory: Path | None, *, identities: int = MAX_IDENTITIES) -> None:
+    def __init__(self, directory: Path | None, *, identities: int = MAX_IDENTITIES, durable: bool = True) -> None:
+        """``durable=False``: files written without fsync (a simulation's, in its temporary directory)."""
         if identities < 1:
             raise ValueError("identities must be at least 1")
+        self.durable = durable
         self.directory = Path(directory) / "keep" if directory is not None else None
         self.identities = identities
         self._memory: OrderedDict[str, dict[str, Kept]] = OrderedDict()
@@ -128,7 +130,7 @@ class Keep:
                 log.warning("%s was mode %o; it is now 0700 (what is kept there may be a secret key)", directory,
                             stat.S_IMODE(directory.stat().st_mode))
                 directory.chmod(0o700)
-        write_atomic(path, data)  # mode 0600, as mkstemp makes its file
+        write_atomic(path, data, durable=self.durable)  # mode 0600, as mkstemp makes its file
 
     def _remember(self, identity: str, name: str, kept: Kept) -> None:
         with self._lock:

@@ -190,7 +190,7 @@ class Members:
             return self._keeps.setdefault(name, Keep(None, identities=4))
         own = self.directory / name
         own.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return Keep(own, identities=1)
+        return Keep(own, identities=1, durable=False)  # a simulation's temporary directory: no fsync
 
     def _evict(self, keep_last: bool = True) -> None:
         """Forget the least recently used members beyond the limit, never one holding a request or in the
