@@ -310,5 +310,10 @@ def test_what_a_request_returns_is_said_for_a_secure_round_and_for_scaffold(tmp_
                            arrays={**weights, "scaffold.c/w": weights["w"], "scaffold.c/b": weights["b"]})
         said = gate.returns(scaffold)
         assert "(2 tensors, 15 values" in said and "SCAFFOLD control variate" in said
+        from fednb.party.policy import request_code
+
+        plain_code, scaffold_code = request_code("train", plain.content), request_code("train", scaffold.content)
+        assert plain_code.hash != scaffold_code.hash  # approving plain training does not approve SCAFFOLD's
+        assert scaffold_code.loop is not None and "scaffold" in scaffold_code.loop
     finally:
         gate.close()

@@ -336,7 +336,7 @@ def test_a_blocked_reply_keeps_c_i_and_a_corrupt_keep_file_is_a_clear_error(star
     directory = tmp_path / "clinic"
     options = {"policy": "allowlist", "directory": directory, "heartbeat": 0.2, "timeout": 5.0}
     party = start_party(f"ipc://{private_dir}/a.sock", **options)
-    approve(directory, "train", source=MLP)
+    approve(directory, "train", source=MLP, scaffold=True)  # SCAFFOLD rounds: their own approval
     train = {"rounds": 1, "min_parties": 1, "evaluate_every": 0, "momentum": 0.0}
     with fednb.connect([{"name": "clinic", "endpoint": party.endpoint}], heartbeat=0.2, heartbeat_timeout=2.0,
                        timeout=30) as fed:
@@ -344,7 +344,7 @@ def test_a_blocked_reply_keeps_c_i_and_a_corrupt_keep_file_is_a_clear_error(star
         path = directory / "keep" / coordinator_key("local") / "scaffold.bundle"
         kept = path.read_bytes()
         blocked = CELL + "report(**{'not a plain name': 1.0})\n"  # trains; its reply is the guard's to block
-        approve(directory, "train", source=MLP, train_cell=blocked)
+        approve(directory, "train", source=MLP, train_cell=blocked, scaffold=True)
         with pytest.raises(RoundError, match="egress guard blocked"):
             fed.train(build(), MLP, strategy="scaffold", train_cell=blocked, **train)
         assert path.read_bytes() == kept  # a reply that did not leave leaves c_i as it was
@@ -357,6 +357,7 @@ def test_a_blocked_reply_keeps_c_i_and_a_corrupt_keep_file_is_a_clear_error(star
         with pytest.raises(RoundError, match="cannot read the SCAFFOLD control variate it keeps"):
             fed.train(build(), MLP, strategy="scaffold", **train)
         assert any(str(path) in r.getMessage() and "cannot be read" in r.getMessage() for r in caplog.records)
+        approve(directory, "train", source=MLP)
         fed.train(build(), MLP, strategy="fedavg", **train)  # the party serves on
         path.unlink()  # the owner removes it: SCAFFOLD starts afresh
         fed.train(build(), MLP, strategy="scaffold", **train)

@@ -30,6 +30,8 @@ ALL_POLICIES = (*POLICIES, "simulation")
 GUARDED = frozenset({"review", "allowlist"})
 #: The built-in loop as it enters a code hash.
 LOOP = f"{LOOP_NAME} v{LOOP_VERSION}"
+#: SCAFFOLD's part of a train request's code: the control-variate correction and what it returns.
+SCAFFOLD_LOOP = "fednb.scaffold v1"
 
 
 def check_policy(policy: str) -> str:
@@ -71,7 +73,9 @@ def _hash(kind: str, model: str | None, cell: str | None, loop: str | None) -> s
 def request_code(type_: str, content: Mapping[str, Any]) -> RequestCode:
     """The canonical code of a ``train``, ``evaluate``, ``run`` or ``vertical`` request (content already checked).
 
-    train:    model source + training cell, or model source + the built-in loop's name and version
+    train:    model source + training cell, or model source + the built-in loop's name and version;
+              under SCAFFOLD also its name and version (its rounds return the change of the party's
+              control variate too: an approval of the plain training does not cover them)
     evaluate: model source + the built-in loop's name and version (its evaluation)
     run:      the cell
     A one-byte change to any part is a new hash.
@@ -79,6 +83,8 @@ def request_code(type_: str, content: Mapping[str, Any]) -> RequestCode:
     if type_ == "train":
         model, cell = content["source"], content.get("train_cell")
         loop = LOOP if cell is None else None
+        if content.get("scaffold") is True:
+            loop = f"{loop} + {SCAFFOLD_LOOP}" if loop else SCAFFOLD_LOOP
         evaluate = _hash("evaluate", model, None, LOOP)
         return RequestCode(_hash("train", model, cell, loop), "train", model, cell, loop, (evaluate,))
     if type_ == "evaluate":
