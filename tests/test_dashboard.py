@@ -399,7 +399,6 @@ def test_a_population_of_thousands_is_summarised_with_a_loss_histogram_not_liste
     population = tuple(f"party-{k}" for k in range(5000))
     dashboard.handle(TrainingStarted(2, "fedavg", population))
     sampled = population[:40:2]
-    started = time.perf_counter()
     for round_ in (1, 2):
         dashboard.handle(RoundStarted(round_, 2, sampled, population))
         for i, party in enumerate(sampled):
@@ -410,7 +409,7 @@ def test_a_population_of_thousands_is_summarised_with_a_loss_histogram_not_liste
         if round_ == 1:
             summary = dict(dashboard.population)
         dashboard.handle(RoundAggregated(round_, 2, {"loss": 0.6, "accuracy": 0.7}, None, {}, 0.4))
-    assert time.perf_counter() - started < 5  # per event: the round's 20 parties, never the 5,000
+    assert len(dashboard._run.parties) == 20  # rows for the round's parties, never the 5,000
     assert dashboard.parties == [] and all(entry["parties"] == {} for entry in dashboard.history)
     assert {k: summary[k] for k in ("parties", "available", "round", "sampled", "done", "dropped")} == {
         "parties": 5000, "available": 5000, "round": 1, "sampled": 20, "done": 19, "dropped": 1}

@@ -18,6 +18,7 @@ the next round); :meth:`RunState.settled` says when a round's numbers are final.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -80,11 +81,30 @@ class RoundState:
         return self.party_evaluation if self.evaluation is not None else self.train
 
 
+class _Rows(tuple):  # type: ignore[type-arg]
+    """Party rows that know their positions by name: one party's change is a copy made in C, not a scan
+    in Python (a round of 10,000 parties has 10,000 of them)."""
+
+    @functools.cached_property
+    def positions(self) -> dict[str, int]:
+        return {p.name: i for i, p in enumerate(self)}
+
+
+def _rows(parties: tuple[PartyState, ...]) -> _Rows:
+    return parties if isinstance(parties, _Rows) else _Rows(parties)
+
+
 def _replace_party(parties: tuple[PartyState, ...], name: str, **changes: Any) -> tuple[PartyState, ...]:
     """The rows with ``name``'s changed (appended when new); the others are the same objects."""
-    if any(p.name == name for p in parties):
-        return tuple(replace(p, **changes) if p.name == name else p for p in parties)
-    return (*parties, replace(PartyState(name), **changes))
+    rows = _rows(parties)
+    at = rows.positions.get(name)
+    if at is None:
+        grown = _Rows((*rows, replace(PartyState(name), **changes)))
+        grown.__dict__["positions"] = {**rows.positions, name: len(rows)}
+        return grown
+    changed = _Rows((*rows[:at], replace(rows[at], **changes), *rows[at + 1:]))
+    changed.__dict__["positions"] = rows.positions  # the same names at the same places
+    return changed
 
 
 @dataclass(frozen=True)
@@ -141,6 +161,9 @@ class RunState:
         return self.state in ("training", "stopping")
 
     def party(self, name: str) -> PartyState | None:
+        if isinstance(self.parties, _Rows):
+            at = self.parties.positions.get(name)
+            return None if at is None else self.parties[at]
         return next((p for p in self.parties if p.name == name), None)
 
     def round_state(self, round_: int) -> RoundState | None:
