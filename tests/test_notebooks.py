@@ -168,15 +168,28 @@ def test_non_iid_trains_three_splits_within_budget(non_iid: Executed) -> None:
     assert not cell_errors(non_iid.nb)
     assert non_iid.seconds < BUDGET_SECONDS, non_iid.slowest()
     shown = dashboards(non_iid.nb)
-    assert len(shown) == 3
-    for (cell, model_id, state), floor in zip(shown, [0.9, 0.85, 0.6]):
+    assert len(shown) == 4
+    for (cell, model_id, state), floor in zip(shown[:3], [0.9, 0.85, 0.6]):
         assert_finished(state, first=1, last=20, min_accuracy=floor)
         assert_live(non_iid, cell, model_id, rounds=20)
 
 
+def test_non_iid_a_thousand_pooled_parties_train_sampled_and_are_summarised(non_iid: Executed) -> None:
+    _, sim = non_iid.cell("%fed_sim 1000 --backend pool")
+    table = "".join(o.get("data", {}).get("text/plain", "") for o in sim.outputs)
+    assert table.count("ipc://") == 2 and "500" in table  # two workers, 500 parties each
+    cell, _, state = dashboards(non_iid.nb)[3]
+    assert state["state"] == "done" and state["rounds_done"] == 8
+    assert state["parties"] == [] and all(entry["parties"] == {} for entry in state["history"])
+    population = state["population"]
+    assert population["parties"] == 1000 and population["sampled"] == 50 and population["done"] == 50
+    assert sum(population["losses"]["counts"]) == 50
+    assert state["history"][-1]["accuracy"] > 0.5
+
+
 def test_non_iid_skew_costs_accuracy_as_the_notebook_says(non_iid: Executed) -> None:
     curves = {}
-    for cell, _, state in dashboards(non_iid.nb):
+    for cell, _, state in dashboards(non_iid.nb)[:3]:
         name = non_iid.nb.cells[cell].source.split('keep("')[1].split('"')[0]
         curves[name] = [entry["accuracy"] for entry in state["history"]]
     assert list(curves) == ["IID", "Dirichlet α = 1.0", "Dirichlet α = 0.1"]

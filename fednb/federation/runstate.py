@@ -126,6 +126,7 @@ class RunState:
     #: ``parties`` holds the current round's, and ``available`` how many its sample was drawn from.
     population: int = 0
     available: int = 0
+    sampled: frozenset[str] = frozenset()  # a population's parties of the current round
 
     # -- building ------------------------------------------------------------------------------
 
@@ -241,7 +242,7 @@ def _round_started(state: RunState, event: RoundStarted) -> RunState:
         rows = tuple(PartyState(name, "training", stage="train") for name in event.parties)
         return replace(state, parties=rows, in_round=frozenset(event.parties), round=event.round,
                        last_round=event.rounds, state="training" if state.state == "idle" else state.state,
-                       available=len(event.sampled_from or event.parties),
+                       available=len(event.sampled_from or event.parties), sampled=frozenset(event.parties),
                        rounds=_with_round(state, event.round, parties=tuple(event.parties), stage="train"))
     parties = state.parties
     for name in event.sampled_from:

@@ -48,8 +48,11 @@ MAX_WARNINGS = 20
 def population_summary(run: RunState, bins: int = 12) -> dict[str, Any]:
     """What a dashboard shows of a population: how many parties, how many the round sampled and how they
     fared, and the histogram of the round's training losses (``bins`` equal bins from min to max)."""
-    statuses = [p.status for p in run.parties]
-    losses = sorted(v for p in run.parties if (v := _number(p.metrics.get("loss"))) is not None)
+    # the round's sampled parties, and what they reported from training (a last evaluation may add rows)
+    current = run.round_state(run.round)
+    trained = current.train if current is not None else {}
+    statuses = [p.status for p in run.parties if p.name in run.sampled]
+    losses = sorted(v for m in trained.values() if (v := _number(m.get("loss"))) is not None)
     histogram: dict[str, Any] = {"edges": [], "counts": [], "median": None}
     if losses:
         low, high = losses[0], losses[-1]
@@ -59,8 +62,8 @@ def population_summary(run: RunState, bins: int = 12) -> dict[str, Any]:
             counts[min(int((value - low) / width), bins - 1)] += 1
         histogram = {"edges": [low + i * width for i in range(bins + 1)], "counts": counts,
                      "median": losses[len(losses) // 2]}
-    return {"parties": run.population, "available": run.available, "round": run.round, "sampled": len(statuses),
-            "done": statuses.count("done"), "dropped": statuses.count("dropped") + statuses.count("late"),
+    return {"parties": run.population, "available": run.available, "round": run.round, "sampled": len(run.sampled),
+            "done": len(trained), "dropped": statuses.count("dropped") + statuses.count("late"),
             "losses": histogram}
 
 
