@@ -63,6 +63,22 @@ def fednb_processes() -> list[int]:
     return found
 
 
+def kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> None:
+    """SIGKILL ``process`` (a coordinator in a real subprocess) once ``ready()`` holds, as a crash would;
+    it must still be running then. Reaps it and closes its pipes, whatever happens."""
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and process.poll() is None and not ready():
+            time.sleep(0.02)
+        assert process.poll() is None, process.communicate()
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

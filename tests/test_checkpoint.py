@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import pytest
 import fednb
 from fednb.federation import checkpoint as ckpt
 from fednb.federation.history import PartyRound, RoundRecord
-from tests.conftest import MLP, build, cli
+from tests.conftest import MLP, build, cli, kill_when
 
 
 def sample(path) -> ckpt.Checkpoint:
@@ -133,20 +132,7 @@ def test_a_coordinator_killed_with_sigkill_resumes_from_its_checkpoint_over_tcp_
                                 stderr=subprocess.PIPE, text=True)
 
     path = str(tmp_path / "run.ckpt")
-    first = coordinator(path, str(tmp_path / "never.npz"))
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and first.poll() is None:
-            if os.path.exists(path) and ckpt.load(path).round >= 2:
-                break
-            time.sleep(0.05)
-        assert first.poll() is None, first.communicate()
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.communicate()  # reaps it and closes its pipes
+    kill_when(coordinator(path, str(tmp_path / "never.npz")), lambda: os.path.exists(path) and ckpt.load(path).round >= 2)
     killed_at = ckpt.load(path).round
     assert 2 <= killed_at < 5
     started = time.monotonic()

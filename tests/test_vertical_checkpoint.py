@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +21,7 @@ from fednb.vertical import logistic, secureboost
 from fednb.vertical.boosting import BoostingConfig
 from fednb.vertical.parts import FeaturePart, LabelPart, LogisticPart, Parts
 from fednb.wire import bundle
+from tests.conftest import kill_when
 from tests.test_gate import audit_lines
 from tests.test_vertical_parties import FATE, parties  # noqa: F401 - the parties fixture
 
@@ -163,20 +162,7 @@ def test_hetero_lr_resumes_after_its_coordinator_is_killed_and_ends_as_an_uninte
             return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
 
-        first = coordinator(str(tmp_path / "never"))
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and first.poll() is None:
-                if os.path.exists(path) and vckpt.load(path).done >= 2:
-                    break
-                time.sleep(0.02)
-            assert first.poll() is None, first.communicate()
-            first.send_signal(signal.SIGKILL)
-            first.wait(10)
-        finally:
-            if first.poll() is None:
-                first.kill()
-            first.communicate()  # reaps it and closes its pipes
+        kill_when(coordinator(str(tmp_path / "never")), lambda: os.path.exists(path) and vckpt.load(path).done >= 2)
         killed = vckpt.load(path)
         assert 2 <= killed.done < LR["epochs"] and stat.S_IMODE(os.stat(path).st_mode) == 0o600
         print(f"killed after epoch {killed.done} of {LR['epochs']}")
