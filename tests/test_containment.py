@@ -162,3 +162,22 @@ def test_a_python_installation_under_tmp_stays_visible_beside_the_private_tmp(mo
         assert text == "VALUE = 7\n" and wrote is False
         assert "mine" in listing and not Path(venv, "written").exists()
 
+
+
+def test_the_empty_mount_points_of_killed_parties_are_swept_and_live_ones_kept(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import tempfile
+
+    from fednb.party.sandbox import MOUNTPOINT, sweep_mountpoints
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a PID that no longer runs (a party killed with SIGKILL)
+    dead = tmp_path / f"{MOUNTPOINT}{gone.pid}-abc"
+    alive = tmp_path / f"{MOUNTPOINT}{os.getpid()}-def"
+    busy = tmp_path / f"{MOUNTPOINT}{gone.pid}-ghi"
+    for path in (dead, alive, busy):
+        path.mkdir()
+    (busy / "left").write_text("x")
+    sweep_mountpoints()
+    assert not dead.exists() and alive.exists() and busy.exists()

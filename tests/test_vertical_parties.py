@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -39,10 +40,12 @@ def approve(directory: Path, *protocol_steps: str) -> None:
 def parties(tmp_path):
     """Start a label party and a feature party (sandboxed workers unless told otherwise); stopped afterwards."""
     started: list[PartyServer] = []
+    made: list[str] = []  # the private socket directories, removed with the parties
 
     def start(name: str = "breast", policy: str = "review", approved: bool = True, contained: bool = True):
         guest, host = tables(name)
         sockets = tempfile.mkdtemp(prefix="fednb-v-")
+        made.append(sockets)
         for party, data in (("bank", guest), ("partner", host)):
             directory = tmp_path / f"{party}-{len(started) // 2}" if policy != "simulation" else None
             server = PartyServer(party, f"ipc://{sockets}/{party}.sock", data, policy=policy, directory=directory,
@@ -56,9 +59,13 @@ def parties(tmp_path):
                              heartbeat_timeout=5.0)
 
     start.started = started  # type: ignore[attr-defined]
-    yield start
-    for server in started:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+        for sockets in made:
+            shutil.rmtree(sockets, ignore_errors=True)
 
 
 def joined(name: str, seed: int = 0, fraction: float = 0.2):

@@ -123,8 +123,10 @@ class Sandbox:
             self.datasets = map_datasets(self._specs)
             self._source = self.datasets  # the caller's arrays need not stay alive for us
         if self.contain and self._mountpoint is None:
-            # each worker's root is a tmpfs mounted here inside its own mount namespace
-            self._mountpoint = tempfile.mkdtemp(prefix="fednb-worker-root-")
+            # each worker's root is a tmpfs mounted here inside its own mount namespace; the name carries
+            # this party's PID, so that the empty mount point of a party that was killed is removed later
+            sweep_mountpoints()
+            self._mountpoint = tempfile.mkdtemp(prefix=f"{MOUNTPOINT}{os.getpid()}-")
         if self._control is None:
             self._launch()
         self._ensure_ready()
@@ -379,6 +381,24 @@ class Sandbox:
             except OSError as exc:
                 log.warning("could not remove the workers' mount point %s: %s", self._mountpoint, exc)
             self._mountpoint = None
+
+
+MOUNTPOINT = "fednb-worker-root-"
+
+
+def sweep_mountpoints() -> None:
+    """Remove the empty mount points left by parties of this user that were killed (SIGKILL leaves no
+    way to clean up): those whose PID no longer runs. One in use, or not empty, is left alone."""
+    root = Path(tempfile.gettempdir())
+    for path in root.glob(f"{MOUNTPOINT}*-*"):
+        pid = path.name[len(MOUNTPOINT):].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            if path.stat().st_uid == os.getuid():
+                path.rmdir()
+        except OSError as exc:  # another user's, not empty, or removed by another party meanwhile
+            log.debug("left %s: %s", path, exc)
 
 
 def _drain(fd: int) -> None:
