@@ -85,7 +85,7 @@ def test_messages_hold_no_id_and_no_unblinded_point():
     assert not hashes & points
     for id_ in ids_a + ids_b:
         assert id_.encode() not in frames
-        assert psi._digest(id_.encode())[:32] not in frames  # the x25519 "point" of an id, too
+        assert psi._curve_point(psi._digest(id_.encode())) not in frames  # the x25519 point of an id, too
     # a second run blinds the same ids to other points: runs cannot be linked
     *_, again = run(ids_a, ids_b, psi.PSIConfig())
     assert not points & {b"".join(m.tobytes() for m in again)[k:k + 32] for k in range(0, len(frames), 32)}
@@ -124,6 +124,38 @@ def test_received_points_are_checked(group):
         psi.double_blind(state, small if group == "ed25519" else np.zeros((1, 32), dtype=np.uint8))
     with pytest.raises(ValueError, match="double-blinded points back"):
         psi.intersect(state, np.zeros((3, 32), dtype=np.uint8), np.zeros((0, 32), dtype=np.uint8))
+
+
+P = 2**255 - 19
+
+
+def on_curve(u: int) -> bool:
+    """Euler's criterion, independently of the module: u³ + 486662·u² + u is a nonzero square mod p."""
+    return pow((u**3 + 486662 * u**2 + u) % P, (P - 1) // 2, P) == 1
+
+
+def test_x25519_hashes_every_id_onto_the_curve_and_blinding_keeps_it_there():
+    ids = [f"customer-{i}".encode() for i in range(200)]
+    points = [psi._curve_point(psi._digest(id_)) for id_ in ids]
+    assert all(on_curve(int.from_bytes(u, "little")) for u in points)
+    # try-and-increment really tries: about half of the first candidates lie on the twist
+    first = [int.from_bytes(psi._digest(id_), "little") % P for id_ in ids]
+    assert 60 < sum(map(on_curve, first)) < 140
+    assert points == [psi._curve_point(psi._digest(id_)) for id_ in ids]  # deterministic
+    # no blinded point lies on the twist: which of the two a point is on says nothing of its id
+    _, blinded = psi.blind([i.decode() for i in ids], psi.PSIConfig(group="x25519"))
+    assert all(on_curve(int.from_bytes(row.tobytes(), "little")) for row in blinded)
+
+
+def test_x25519_refuses_twist_non_canonical_and_small_order_points():
+    state, _ = psi.blind(["a", "b"], psi.PSIConfig(group="x25519"))
+    twist = next(u for u in range(2, 100) if not on_curve(u))
+    order_8 = 325606250916557431795983626356110631294008115727848805560023387167927233504
+    for u, message in [(twist, "of the curve"), (P + 2, "of the curve"), (2**255 + 9, "of the curve"),
+                       (1, "of prime order"), (order_8, "of prime order")]:
+        point = np.frombuffer(u.to_bytes(32, "little"), dtype=np.uint8).reshape(1, 32)
+        with pytest.raises(ValueError, match=f"received point 0 is not a valid x25519 point {message}"):
+            psi.double_blind(state, point)
 
 
 def test_config_is_checked():

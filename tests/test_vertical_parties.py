@@ -109,7 +109,7 @@ def test_breast_hetero_lr_matches_scikit_learn_through_guarded_sandboxed_parties
     entries = audit_lines(tmp_path / "partner-0")
     assert entries and all(e["type"] == "vertical" and e["decision"] == "run" and e["outcome"].startswith("ok")
                            for e in entries)
-    assert len({e["code_hash"] for e in entries}) == 2  # psi/1 and hetero-lr/1
+    assert len({e["code_hash"] for e in entries}) == 2  # psi/2 and hetero-lr/1
 
 
 def test_vehicle_one_vs_rest_is_within_a_point_of_scikit_learn(parties):

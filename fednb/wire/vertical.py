@@ -8,7 +8,7 @@ does is in :mod:`fednb.party.vertical`.
 from __future__ import annotations
 
 PROTOCOLS: dict[str, tuple[str, ...]] = {
-    "psi/1": ("setup", "psi.blind", "psi.double", "psi.match", "psi.keep", "psi.restrict", "split"),
+    "psi/2": ("setup", "psi.blind", "psi.double", "psi.match", "psi.keep", "psi.restrict", "split"),
     "hetero-lr/1": ("lr.start", "lr.forward", "lr.residual", "lr.gradient", "lr.finish", "lr.scores",
                     "lr.evaluate"),
     "secureboost/1": ("sb.start", "sb.gradients", "sb.histograms", "sb.split", "sb.apply", "sb.grow",
@@ -18,7 +18,7 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
 STEPS: dict[str, str] = {step: protocol for protocol, steps in PROTOCOLS.items() for step in steps}
 #: What each protocol lets out, in the owner's words (the approval prompt).
 RETURNS = {
-    "psi/1": "its ids blinded on Curve25519 (never in the clear), counts, and which matched rows to keep",
+    "psi/2": "its ids blinded on Curve25519 (never in the clear), counts, and which matched rows to keep",
     "hetero-lr/1": "Paillier ciphertexts sealed for the other party, masked gradients, the loss in ciphertext, "
                    "scores w·x of test rows only, and test metrics; no feature, label or weight",
     "secureboost/1": "Paillier ciphertexts of gradient sums and which rows go left at its own splits, sealed for "
