@@ -27,6 +27,8 @@ from typing import Any
 from fednb.errors import GateError, WireError
 from fednb.party.datasets import Datasets
 from fednb.party.pipe import PipeClosed, receive_message, send_message
+from fednb.party.processes import (MOUNTPOINT, _close_fds_except, _describe_exit, _drain, _os_threads, _parent_of,
+                                   sweep_mountpoints)
 from fednb.party.reach import Report
 from fednb.party.shared import close_specs, map_datasets, share_datasets, spec_fds
 from fednb.party.worker import MAX_CONTROL, zygote_main
@@ -38,14 +40,6 @@ GiB = 1 << 30
 DEFAULT_TIME_LIMIT = 3600.0
 DEFAULT_MEMORY_LIMIT = 4 * GiB
 ZYGOTE_START = 120.0  # seconds for a fresh zygote to import torch and map the data
-
-
-def _os_threads() -> int:
-    """The threads of this process as the kernel counts them (native ones included); 0 without /proc."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 0
 
 
 #: Threads the imports leave running (OpenBLAS's pool: it stops and restarts itself around a fork).
@@ -381,59 +375,3 @@ class Sandbox:
             except OSError as exc:
                 log.warning("could not remove the workers' mount point %s: %s", self._mountpoint, exc)
             self._mountpoint = None
-
-
-MOUNTPOINT = "fednb-worker-root-"
-
-
-def sweep_mountpoints() -> None:
-    """Remove the empty mount points left by parties of this user that were killed (SIGKILL leaves no
-    way to clean up): those whose PID no longer runs. One in use, or not empty, is left alone."""
-    root = Path(tempfile.gettempdir())
-    for path in root.glob(f"{MOUNTPOINT}*-*"):
-        pid = path.name[len(MOUNTPOINT):].split("-", 1)[0]
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
-            continue
-        try:
-            if path.stat().st_uid == os.getuid():
-                path.rmdir()
-        except OSError as exc:  # another user's, not empty, or removed by another party meanwhile
-            log.debug("left %s: %s", path, exc)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        return
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            return int(handle.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _describe_exit(status: int | None) -> str:
-    if status is None:
-        return "it died"
-    if status == -signal.SIGKILL:
-        return "killed, most likely out of memory"
-    if status == -signal.SIGSEGV:
-        return "a crash (SIGSEGV), e.g. a write to the read-only datasets"
-    if status < 0:
-        return f"signal {signal.Signals(-status).name}"
-    return f"exit code {status}"
-
-
-def _close_fds_except(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                continue
