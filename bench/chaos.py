@@ -25,6 +25,8 @@ from tests.chaos import CHECKS, Chaos, Plan  # noqa: E402 - after the path
 
 
 def table(rows: list[tuple[str, object]]) -> str:
+    if not rows:  # a short run may see no resume, say
+        return "  (none)"
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
