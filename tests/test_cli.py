@@ -77,14 +77,16 @@ def test_party_cli_and_connect_over_tcp_with_curve(tmp_path, cli_parties, data_f
 @pytest.mark.parametrize("args, message", [
     (["--listen", "tcp://127.0.0.1:*"], "needs --key and --authorized-keys"),
     (["--listen", "tcp://127.0.0.1:*", "--key", "KEY", "--authorized-keys", "MISSING"], "do not exist"),
-    (["--listen", "ipc:///tmp/fednb-world/p.sock"], "private directory"),
+    (["--listen", "ipc://WORLD/p.sock"], "private directory"),
 ])
 def test_party_cli_refuses_unsafe_or_broken_setups(tmp_path, data_files, args, message):
     npz, _, _ = data_files
     cli("keys", "new", str(tmp_path / "k"))
-    os.makedirs("/tmp/fednb-world", mode=0o755, exist_ok=True)
-    os.chmod("/tmp/fednb-world", 0o755)
-    args = [a.replace("KEY", str(tmp_path / "k")).replace("MISSING", str(tmp_path / "none")) for a in args]
+    world = tmp_path / "world"  # a socket directory others may read: refused
+    world.mkdir()
+    world.chmod(0o755)
+    args = [a.replace("KEY", str(tmp_path / "k")).replace("MISSING", str(tmp_path / "none")).replace("WORLD", str(world))
+            for a in args]
     done = cli("party", "--name", "p", *args, "--data", f"train={npz}", "--label", "digit", check=False)
     assert done.returncode == 2 and message in done.stderr, done.stderr
 

@@ -24,7 +24,8 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from fednb.federation.events import VerticalProgress
-from fednb.notebook.vertical_view import Importance, TreeScores, VerticalDashboard, VerticalLines, metrics_table
+from fednb.notebook.vertical_tables import Importance, TreeScores, metrics_table
+from fednb.notebook.vertical_view import VerticalDashboard, VerticalLines
 from tests.jupyter_fixtures import (CHROMIUM, NOTEBOOKS, ROOT, WIDGET_VIEW, RecordingClient, cell_errors, chromium_context,
                                     execute_notebook, leftovers, stop_pids, widget_state)
 from tests.test_notebooks import test_notebook_is_stored_with_outputs_cleared as stored_with_outputs_cleared

@@ -73,7 +73,7 @@ class VerticalMagics:
                                       parties=parties(args.parties), timeout=args.timeout)
             split = vfl.split(test_fraction=args.test_fraction, seed=args.seed)
         self.vertical = self.shell.user_ns["vfl"] = vfl
-        from fednb.notebook.vertical_view import alignment_table  # widgets' imports only where they are used
+        from fednb.notebook.vertical_tables import alignment_table  # widgets' imports only where they are used
 
         print(f"vfl: {vfl.size} rows in common, found by private set intersection in "
               f"{time.perf_counter() - started:.1f} s; train {split['train']}, test {split['test']} (seed {args.seed})")
@@ -141,7 +141,7 @@ class VerticalMagics:
         with usage_errors(self.fed_veval):
             metrics = vfl.evaluate(model)
             importance = vfl.importance(model) if isinstance(model, BoostingModel) else None
-        from fednb.notebook.vertical_view import Importance, TreeScores, metrics_table
+        from fednb.notebook.vertical_tables import Importance, TreeScores, metrics_table
 
         table = metrics_table(metrics, model=args.model, test_rows=vfl.splits.get("test"))
         if importance is None:

@@ -27,8 +27,7 @@ import traitlets as t
 
 from fednb.federation.events import VerticalProgress
 from fednb.notebook.display import Table
-from fednb.notebook.vertical_tables import (  # noqa: F401 - the static views stay importable from here
-    METRICS, Importance, TreeScores, _number, alignment_table, importance_rows, metrics_table)
+from fednb.notebook.vertical_tables import METRICS, Importance, _number, importance_rows
 from fednb.vertical.boosted import BoostingModel
 
 STATES = ("idle", "training", "done", "error")
