@@ -278,3 +278,15 @@ def test_random_frames_only_ever_raise_wire_error(frames):
         check_content(decode(frames))
     except WireError:
         pass
+
+
+@pytest.mark.parametrize("positions", [np.array([0, 3], dtype=np.int32), np.array([[0]], dtype=np.int64),
+                                       np.array([-1], dtype=np.int64), np.array([4], dtype=np.int64)])
+def test_a_scoring_steps_positions_must_point_into_the_test_split(positions):
+    from fednb.wire.vertical import scored_positions
+
+    with pytest.raises(ValueError, match="int64 positions into the test split"):
+        scored_positions({"positions": positions}, 4)
+    assert scored_positions({}, 4) is None
+    assert list(scored_positions({"positions": np.array([3, 0], dtype=np.int64)}, 4)) == [3, 0]
+    assert len(scored_positions({"positions": np.zeros(0, dtype=np.int64)}, 0)) == 0

@@ -33,6 +33,7 @@ from fednb.vertical import boosting as bt
 from fednb.vertical.parts import FeaturePart, LabelPart
 from fednb.vertical.secureboost import FeatureParty, LabelParty, Payload, test_metrics
 from fednb.wire import bundle
+from fednb.wire.vertical import scored_positions
 
 Reply = tuple[dict[str, Any], dict[str, np.ndarray]]
 
@@ -234,11 +235,8 @@ class Boosting:
         if not isinstance(role, LabelParty):
             raise ValueError("only the label party predicts")
         margins = role.test_margins
-        positions = arrays.get("positions")
+        positions = scored_positions(arrays, len(margins))
         if positions is not None:
-            if positions.dtype != np.int64 or positions.ndim != 1 or (len(positions) and (
-                    positions.min() < 0 or positions.max() >= len(margins))):
-                raise ValueError("'positions' must be int64 positions into the test split")
             margins = margins[positions]
         out = bt.probabilities(role.config.objective, margins)
         return {"vertical": {"rows": int(len(margins))}}, {"predictions": np.asarray(out, dtype=np.float64)}

@@ -20,6 +20,7 @@ from fednb.vertical import metrics as vmetrics
 from fednb.vertical import vectors
 from fednb.vertical.logistic import Guest, Host, LogisticConfig, batches
 from fednb.vertical.parts import LogisticPart, Parts
+from fednb.wire.vertical import scored_positions
 
 if TYPE_CHECKING:
     from fednb.party.vertical import VerticalState
@@ -218,11 +219,8 @@ class LogisticSteps:
         if model is None or model.pending:
             raise ValueError(f"{self.name} has no trained model of that name")
         rows = self.rows_of(state, "test")
-        positions = arrays.get("positions")
+        positions = scored_positions(arrays, len(rows))
         if positions is not None:
-            if positions.dtype != np.int64 or positions.ndim != 1 or (len(positions) and (
-                    positions.min() < 0 or positions.max() >= len(rows))):
-                raise ValueError("'positions' must be int64 positions into the test split")
             rows = rows[positions]
         x = np.asarray(self.table.x[rows], dtype=np.float64).reshape(len(rows), -1)
         return {"vertical": {"rows": int(len(rows))}}, {"scores": model.role.predict_part(x)}

@@ -7,6 +7,10 @@ does is in :mod:`fednb.party.vertical`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
+
 PROTOCOLS: dict[str, tuple[str, ...]] = {
     "psi/2": ("setup", "psi.blind", "psi.double", "psi.match", "psi.keep", "psi.restrict", "split"),
     "hetero-lr/1": ("lr.start", "lr.forward", "lr.residual", "lr.gradient", "lr.finish", "lr.scores",
@@ -25,3 +29,12 @@ RETURNS = {
                      "the other party; the label party: test metrics and predictions of test rows; split counts and "
                      "gains of its own features; no feature, label, gradient or threshold in the clear",
 }
+
+
+def scored_positions(arrays: Mapping[str, np.ndarray], count: int) -> np.ndarray | None:
+    """The ``positions`` array a scoring step may carry (rows of the test split, of ``count``), checked; None if absent."""
+    positions = arrays.get("positions")
+    if positions is not None and (positions.dtype != np.int64 or positions.ndim != 1 or (len(positions) and (
+            positions.min() < 0 or positions.max() >= count))):
+        raise ValueError("'positions' must be int64 positions into the test split")
+    return positions
