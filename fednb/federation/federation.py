@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,7 +18,6 @@ import numpy as np
 from fednb.errors import FederationError, PartyError, WireError
 from fednb.federation.background import TrainingRun
 from fednb.federation.connection import Connections
-from fednb.federation.checkpoint import fingerprint
 from fednb.federation.events import EventBus, PrivacyUpdated, RoundEvaluated, Subscriber
 from fednb.federation.history import History
 from fednb.federation.privacy import PrivacyBook, PrivacyReport
@@ -29,11 +27,10 @@ from fednb.federation.results import PartyInfo, PartyResults
 from fednb.federation.rounds import Evaluation, evaluate_round
 from fednb.federation.secure import SecureAggregation
 from fednb.federation.source import check_code, model_source
-from fednb.federation.training import RunPlan, run_rounds, sampled_count
-from fednb.strategies import Strategy, get_strategy, summable
+from fednb.federation.training import plan_run, run_rounds
+from fednb.strategies import Strategy
 from fednb.tensors import state_arrays
 from fednb.wire import Message
-from fednb.wire.config import check_config
 from fednb.wire.values import unpack_value
 
 if TYPE_CHECKING:
@@ -215,75 +212,12 @@ class Federation:
         self._stop.clear()
         self._abort.clear()
 
-    def _plan(self, model: torch.nn.Module, source: str | None = None, *, rounds: int = 1,
-              strategy: str | Strategy = "fedavg", lr: float = 0.05, epochs: int = 1, batch_size: int = 16,
-              optimizer: str = "sgd", momentum: float = 0.9, loss: str = "cross_entropy", train_cell: str | None = None,
-              min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
-              parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
-              secure_aggregation: bool | SecureAggregation = False, dp: DPSGD | DPFedAvg | None = None,
-              checkpoint: str | os.PathLike[str] | None = None, parties_per_round: int | None = None,
-              fraction: float | None = None, **strategy_options: Any) -> Callable[[], History]:
+    def _plan(self, model: torch.nn.Module, source: str | None = None, **options: Any) -> Callable[[], History]:
         """Check :meth:`train`'s arguments; return the call that runs the rounds."""
-        chosen = self._choose(parties)
-        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
-            raise ValueError("rounds must be a positive integer")
-        per_round = sampled_count(len(chosen), parties_per_round, fraction)
-        if min_parties is None:
-            min_parties = (per_round or len(chosen)) // 2 + 1
-        if not 1 <= min_parties <= (per_round or len(chosen)):
-            raise ValueError(f"min_parties must be between 1 and {per_round or len(chosen)}"
-                             + (" (the parties sampled per round)" if per_round else ""))
-        if round_timeout is not None and round_timeout <= 0:
-            raise ValueError("round_timeout must be positive (or None to wait for ever)")
-        if train_cell is not None and not isinstance(train_cell, str):
-            raise ValueError("train_cell must be source code (a string)")
-        if not isinstance(evaluate_every, int) or evaluate_every < 0:
-            raise ValueError("evaluate_every must be a non-negative integer (0: never)")
-        chosen_strategy = get_strategy(strategy, **strategy_options)
-        secure = SecureAggregation.of(secure_aggregation)
-        if secure is not None and getattr(chosen_strategy, "individual_updates", False):
-            raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update, "
-                             "which secure aggregation hides; use one of " + ", ".join(summable()))
-        from fednb.privacy.dpfedavg import DPFedAvg
-
-        if isinstance(dp, DPFedAvg) and getattr(chosen_strategy, "individual_updates", False):
-            raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update; "
-                             "DP-FedAvg gives it one noised sum; use one of " + ", ".join(summable()))
-        if chosen_strategy.plain_rounds_only and (secure is not None or dp is not None):
-            raise ValueError(f"strategy {chosen_strategy.name!r} exchanges control variates beside the weights, which "
-                             "secure aggregation and DP do not carry yet: train it without secure_aggregation= and dp=")
-        chosen_strategy.configure_run(len(chosen))  # SCAFFOLD's N: every party of the run
-        needed = getattr(chosen_strategy, "min_updates", 1)
-        if needed > (per_round or len(chosen)):
-            raise ValueError(f"strategy {chosen_strategy.name!r} needs at least {needed} updates a round, and a "
-                             f"round here has at most {per_round or len(chosen)}")
-        code = self._source_of(model, source)
-        if train_cell is not None:
-            check_code(train_cell, "train cell")
-        base = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "momentum": momentum,
-                "loss": loss, "seed": seed, **dict(config or {})}
-        checked = check_config(chosen_strategy.configure_train(self.history.last_round + 1, base))
-        private = None
-        if dp is not None:
-            examples = {row.name: row.examples for row in self.status() if row.name in chosen and row.examples}
-            private = PrivateRun(dp, rounds=rounds, config=checked, examples=examples, strategy=chosen_strategy,
-                                 secure=secure, dimension=sum(int(np.prod(a.shape)) for a in state_arrays(model).values()),
-                                 book=self._privacy, train_cell=train_cell)
-            chosen_strategy, secure = private.strategy, private.secure
-
-        plan = RunPlan(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties, round_timeout,
-                       evaluate_every, secure, private, sample=per_round)
-        if checkpoint is not None:
-            plan.checkpoint = Path(os.fspath(checkpoint))
-            plan.fingerprint = fingerprint(source=code, train_cell=train_cell, config=base,
-                                           strategy={"strategy": strategy if isinstance(strategy, str) else
-                                                     repr(strategy), "options": strategy_options},
-                                           settings={"parties": chosen, "min_parties": min_parties,
-                                                     "sample": per_round,
-                                                     "secure": repr(secure), "dp": repr(dp)})
+        plan = plan_run(self, model, source, **options)
 
         def run() -> History:
-            self.model, self.source = model, code
+            self.model, self.source = model, plan.code
             return run_rounds(self, plan)
 
         return run

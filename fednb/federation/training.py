@@ -1,15 +1,17 @@
 """The round loop of horizontal training: rounds as protocols of stages, checkpointed after each one.
 
-:meth:`fednb.Federation.train` checks its arguments into a :class:`RunPlan`; :func:`run_rounds`
-drives the rounds (plain or under secure aggregation, with differential privacy where asked),
-records each in the federation's history and, with ``checkpoint=``, writes the run's state
-after every completed round and resumes from it (:mod:`fednb.federation.checkpoint`).
+:meth:`fednb.Federation.train` checks its arguments into a :class:`RunPlan` (:func:`plan_run`);
+:func:`run_rounds` drives the rounds (plain or under secure aggregation, with differential privacy
+where asked), records each in the federation's history and, with ``checkpoint=``, writes the run's
+state after every completed round and resumes from it (:mod:`fednb.federation.checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,12 +27,17 @@ from fednb.federation.private_run import PrivateRun
 from fednb.federation.protocol import Steps, drive
 from fednb.federation.rounds import RoundOutcome, train_round
 from fednb.federation.secure import SecureAggregation, secure_round
-from fednb.strategies import Strategy
+from fednb.federation.source import check_code
+from fednb.strategies import Strategy, get_strategy, summable
 from fednb.tensors import load_arrays, state_arrays
 from fednb.wire import new_id
+from fednb.wire.config import check_config
 
 if TYPE_CHECKING:
     import torch
+
+    from fednb.privacy.dpfedavg import DPFedAvg
+    from fednb.privacy.dpsgd import DPSGD
 
 log = logging.getLogger("fednb.federation.federation")
 
@@ -79,6 +86,76 @@ def sample(online: list[str], count: int, *, seed: int, round_: int) -> list[str
         return list(online)
     rng = np.random.default_rng([seed, round_])
     return sorted(rng.choice(online, size=count, replace=False).tolist())
+
+
+def plan_run(fed: Any, /, model: torch.nn.Module, source: str | None = None, *, rounds: int = 1,
+             strategy: str | Strategy = "fedavg", lr: float = 0.05, epochs: int = 1, batch_size: int = 16,
+             optimizer: str = "sgd", momentum: float = 0.9, loss: str = "cross_entropy", train_cell: str | None = None,
+             min_parties: int | None = None, round_timeout: float | None = 300.0, evaluate_every: int = 1,
+             parties: Iterable[str] | None = None, seed: int = 0, config: Mapping[str, Any] | None = None,
+             secure_aggregation: bool | SecureAggregation = False, dp: DPSGD | DPFedAvg | None = None,
+             checkpoint: str | os.PathLike[str] | None = None, parties_per_round: int | None = None,
+             fraction: float | None = None, **strategy_options: Any) -> RunPlan:
+    """Check :meth:`fednb.Federation.train`'s arguments (``fed``: the federation) into the plan that
+    :func:`run_rounds` runs."""
+    chosen = fed._choose(parties)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ValueError("rounds must be a positive integer")
+    per_round = sampled_count(len(chosen), parties_per_round, fraction)
+    if min_parties is None:
+        min_parties = (per_round or len(chosen)) // 2 + 1
+    if not 1 <= min_parties <= (per_round or len(chosen)):
+        raise ValueError(f"min_parties must be between 1 and {per_round or len(chosen)}"
+                         + (" (the parties sampled per round)" if per_round else ""))
+    if round_timeout is not None and round_timeout <= 0:
+        raise ValueError("round_timeout must be positive (or None to wait for ever)")
+    if train_cell is not None and not isinstance(train_cell, str):
+        raise ValueError("train_cell must be source code (a string)")
+    if not isinstance(evaluate_every, int) or evaluate_every < 0:
+        raise ValueError("evaluate_every must be a non-negative integer (0: never)")
+    chosen_strategy = get_strategy(strategy, **strategy_options)
+    secure = SecureAggregation.of(secure_aggregation)
+    if secure is not None and getattr(chosen_strategy, "individual_updates", False):
+        raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update, "
+                         "which secure aggregation hides; use one of " + ", ".join(summable()))
+    from fednb.privacy.dpfedavg import DPFedAvg
+
+    if isinstance(dp, DPFedAvg) and getattr(chosen_strategy, "individual_updates", False):
+        raise ValueError(f"strategy {getattr(chosen_strategy, 'name', strategy)!r} needs every party's update; "
+                         "DP-FedAvg gives it one noised sum; use one of " + ", ".join(summable()))
+    if chosen_strategy.plain_rounds_only and (secure is not None or dp is not None):
+        raise ValueError(f"strategy {chosen_strategy.name!r} exchanges control variates beside the weights, which "
+                         "secure aggregation and DP do not carry yet: train it without secure_aggregation= and dp=")
+    chosen_strategy.configure_run(len(chosen))  # SCAFFOLD's N: every party of the run
+    needed = getattr(chosen_strategy, "min_updates", 1)
+    if needed > (per_round or len(chosen)):
+        raise ValueError(f"strategy {chosen_strategy.name!r} needs at least {needed} updates a round, and a "
+                         f"round here has at most {per_round or len(chosen)}")
+    code = fed._source_of(model, source)
+    if train_cell is not None:
+        check_code(train_cell, "train cell")
+    base = {"lr": lr, "epochs": epochs, "batch_size": batch_size, "optimizer": optimizer, "momentum": momentum,
+            "loss": loss, "seed": seed, **dict(config or {})}
+    checked = check_config(chosen_strategy.configure_train(fed.history.last_round + 1, base))
+    private = None
+    if dp is not None:
+        examples = {row.name: row.examples for row in fed.status() if row.name in chosen and row.examples}
+        private = PrivateRun(dp, rounds=rounds, config=checked, examples=examples, strategy=chosen_strategy,
+                             secure=secure, dimension=sum(int(np.prod(a.shape)) for a in state_arrays(model).values()),
+                             book=fed._privacy, train_cell=train_cell)
+        chosen_strategy, secure = private.strategy, private.secure
+
+    plan = RunPlan(model, code, chosen, rounds, chosen_strategy, base, train_cell, min_parties, round_timeout,
+                   evaluate_every, secure, private, sample=per_round)
+    if checkpoint is not None:
+        plan.checkpoint = Path(os.fspath(checkpoint))
+        plan.fingerprint = ckpt.fingerprint(source=code, train_cell=train_cell, config=base,
+                                            strategy={"strategy": strategy if isinstance(strategy, str) else
+                                                      repr(strategy), "options": strategy_options},
+                                            settings={"parties": chosen, "min_parties": min_parties,
+                                                      "sample": per_round,
+                                                      "secure": repr(secure), "dp": repr(dp)})
+    return plan
 
 
 def _resume(fed: Any, plan: RunPlan, model: torch.nn.Module, strategy: Strategy) -> ckpt.Checkpoint | None:
