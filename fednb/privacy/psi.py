@@ -42,13 +42,14 @@ The groups (:class:`PSIConfig.group`):
   ``crypto_scalarmult_ed25519_noclamp`` with a scalar uniform mod ℓ; libsodium rejects any
   received point that is non-canonical, of small order or outside the prime-order subgroup.
 - ``"x25519"`` (what the parties use): about three times faster, as no subgroup check is
-  needed. Hash to the curve: the tagged id and a one-byte counter are hashed by SHA-512, the
-  64 bytes reduced mod p = 2^255 − 19 give a field element u (RFC 9380's hash_to_field), and
-  the first u that is the u-coordinate of a point of Curve25519 (u ≠ 0 and u³ + 486662·u² + u a
-  square mod p, Legendre's symbol from GMP through gmpy2) is taken: try-and-increment, a random
-  oracle onto the curve's points up to sign, two tries on average. (Taking SHA-512's bytes as u
-  directly would put about half of the ids on the quadratic twist, and whether a blinded point
-  lies on the curve or the twist survives blinding: one bit of every id's hash would leak.)
+  needed. Hash to the curve: the id's 64-byte SHA-512 digest (as above), then SHA-512 of the
+  digest and a one-byte counter, each reduced mod p = 2^255 − 19, give field elements u (RFC
+  9380's hash_to_field), and the first u that is the u-coordinate of a point of Curve25519
+  (u³ + 486662·u² + u a nonzero square mod p, Legendre's symbol from GMP through gmpy2) is
+  taken: try-and-increment, a random oracle onto the curve's points up to sign, two tries on
+  average. (Taking SHA-512's bytes as u directly would put about half of the ids on the
+  quadratic twist, and whether a blinded point lies on the curve or the twist survives
+  blinding: one bit of every id's hash would leak.)
   Blinding is X25519 (RFC 7748) through OpenSSL's assembly (``cryptography``), ≈ 28 µs here
   against libsodium's 36 µs; its clamped scalars clear the cofactor, so blinding commutes. A
   received point must be a canonical u of a point of the curve; a small-order one gives the
@@ -248,8 +249,9 @@ def _on_curve(u: int, *, canonical: bool = False) -> bool:
 def _curve_point(digest: bytes) -> bytes:
     """An id's point of Curve25519 (its u-coordinate) from its 64-byte digest, by try-and-increment.
 
-    Try k reduces SHA-512(digest ‖ k) (the digest itself for k = 0) mod p and keeps the first
-    field element that is a u-coordinate of the curve: half of them are, so two tries on average.
+    The first try reduces the digest itself mod p, try k + 1 SHA-512(digest ‖ k) for the byte k;
+    the first field element that is a u-coordinate of the curve is kept: half of them are, so two
+    tries on average.
     """
     candidate = digest
     for counter in range(256):
