@@ -215,6 +215,24 @@ def test_one_flipped_seed_bit_gives_an_unrelated_stream() -> None:
     np.testing.assert_array_equal(masking.prg(seed, 1000), masking.prg(seed, 1 << 18)[:1000])
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
+def test_the_prg_is_the_aes_ctr_keystream_across_slices(dtype: type[np.unsignedinteger]) -> None:
+    """Masks are applied slice by slice; each seed must still add exactly its one keystream."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seeds = [bytes([i]) * 32 for i in range(3)]
+    length = 3 * masking._SLICE + 7  # several whole slices and a ragged tail
+    width = np.dtype(dtype).itemsize
+    def keystream(seed: bytes) -> np.ndarray:
+        raw = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(length * width))
+        return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+    vector = np.arange(length, dtype=dtype)
+    expected = vector + keystream(seeds[0]) + keystream(seeds[1]) - keystream(seeds[2])
+    masking.apply_masks(vector, seeds[:2], seeds[2:])
+    np.testing.assert_array_equal(vector, expected)
+    np.testing.assert_array_equal(masking.prg(seeds[0], length, dtype), keystream(seeds[0]))
+
+
 def _secrets_of(trace: Trace) -> list[bytes]:
     found: list[bytes] = []
     for party in trace.parties.values():

@@ -17,8 +17,9 @@ does the scaling and rounding, keeps a resolution far below one level), and the 
 s = (L - 2) / (E·clip); the 2 levels of slack absorb rounding up and float error. A configuration where L < 3 or n·E > R is refused with a clear
 error at round start; nothing is ever clipped to make a sum fit.
 
-**Stochastic rounding** maps a to ⌊a + U⌋ with U uniform on [0, 1): unbiased, and within one
-level of a (plus float64 rounding, below 2^-10 of a level). Summed over n parties and divided by
+**Stochastic rounding** maps a to ⌊a + U⌋ with U uniform on [0, 1) (float32 draws, a grid of
+2^-24: unbiased to within 2^-24 of a level), and within one level of a (plus float64 rounding,
+below 2^-10 of a level). Summed over n parties and divided by
 the total example count W, each coordinate of the mean is therefore within 1.001·n / (s·W) of
 the exact weighted mean of the clipped updates (:meth:`Quantizer.error_bound`); the typical
 error is about √n / (2·s·W).
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Levels beyond this buy no precision from float64 updates and would coarsen the rounding noise.
 MAX_LEVELS = 2**40
+#: Values quantized per slice: 256 KiB of float64 work that a core's L2 cache holds.
+_SLICE = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -93,27 +96,36 @@ class Quantizer:
 
         ``clip`` lets a party clip tighter than the round's clip (the range stays the round's).
         """
-        # one float64 working buffer, reused for every step: a 1M-value update costs a few passes
-        scaled = np.array(update, dtype=np.float64, copy=True).ravel()
+        flat = np.asarray(update).reshape(-1)
+        if flat.dtype not in (np.float32, np.float64):
+            flat = flat.astype(np.float64)
         bound = self.clip if clip is None else min(self.clip, clip)
         weight = self.weight(examples)
-        # einsum, not dot: a BLAS call spins up threads that cost more than this one pass
-        norm = math.sqrt(float(np.einsum("i,i->", scaled, scaled)))
+        # einsum, not dot: a BLAS call spins up threads that cost more than this one pass; float64
+        # accumulation whatever the update's dtype, so that the clipped norm is the norm asked for
+        norm = math.sqrt(float(np.einsum("i,i->", flat, flat, dtype=np.float64)))
         if not math.isfinite(norm):
             raise ValueError("the update holds NaN or infinite values (or values too large to square)")
-        scaled *= self.scale * weight * (bound / norm if norm > bound else 1.0)
-        # shifted by L, every value is a non-negative float below 2^53 that converts straight to
-        # the unsigned type; taking L off again in unsigned arithmetic wraps negatives mod 2^32 or 2^64
-        scaled += self.levels
-        noise = np.empty_like(scaled)
-        rng.random(out=noise)
-        scaled += noise
-        np.floor(scaled, out=scaled)
-        if scaled.size and (float(scaled.min()) < 0 or float(scaled.max()) > 2 * self.levels):
+        factor = np.float64(self.scale * weight * (bound / norm if norm > bound else 1.0))
+        out = np.empty(flat.size + 1, dtype=self.dtype)
+        # |⌊a + U⌋| ≤ L fits the signed type of the same width, and two's complement *is* the value
+        # mod 2^32 (or 2^64): writing through a signed view wraps negatives without a shift by L
+        signed = out.view(np.int32 if self.dtype == np.uint32 else np.int64)
+        size = min(flat.size, _SLICE)
+        work, noise = np.empty(size, dtype=np.float64), np.empty(size, dtype=np.float32)
+        low = high = 0.0
+        # slice by slice, so that the float64 work stays in the cache and the update is read once
+        for start in range(0, flat.size, _SLICE):
+            part = flat[start:start + _SLICE]
+            scaled, uniform = work[:part.size], noise[:part.size]
+            np.multiply(part, factor, out=scaled)
+            rng.random(out=uniform, dtype=np.float32)  # U on a 2^-24 grid: a bias below 2^-24 of a level
+            scaled += uniform
+            np.floor(scaled, out=scaled)
+            low, high = min(low, float(scaled.min())), max(high, float(scaled.max()))
+            signed[start:start + part.size] = scaled
+        if low < -self.levels or high > self.levels:
             raise AssertionError("a quantized value left its range: the scale is wrong")
-        out = np.empty(scaled.size + 1, dtype=self.dtype)
-        out[:-1] = scaled
-        out[:-1] -= self.dtype(self.levels)
         out[-1] = weight
         if self.bits not in (32, 64):
             np.bitwise_and(out, self.dtype(self.modulus_mask), out=out)
