@@ -38,7 +38,14 @@ How the comparison is kept fair
   pipe (no CPU during rounds).
 - The first rounds of every cell are discarded as warm-up (connections, CURVE handshakes,
   building the model at the parties, first-touch page faults); that takes 3–4 rounds for
-  both systems on a 2-core machine, hence the default of 3.
+  fednb on a 2-core machine, hence the default of 3. The raw anchor settles more slowly:
+  on this VM its first 10–15 exchanges of a new message size take 2–8× its steady time
+  (fresh guest pages for ZeroMQ's buffers), so before each block it runs
+  ``RAW_WARMUP_ROUNDS`` rounds of its own that count for nothing. Without them the anchor
+  is measured while still warming and fednb looks faster than raw sockets.
+- Both systems' rounds are shown with their interquartile range, and the *paired* ratio is
+  the median over rounds of fednb's round over the raw round that followed it: drift that
+  lasts a round or two hits both halves of a pair.
 - Coordinator peak RSS is taken per system and size by resetting the kernel's high-water
   mark (``/proc/self/clear_refs``) before each block; it includes the process baseline
   (python, torch, both systems' sockets), printed alongside.
@@ -100,6 +107,7 @@ HUGE_BYTES = 1024 * MiB
 CELL_TIMEOUT_S = 1500.0  # one coordinator process: one transport × N, all sizes
 READY_TIMEOUT_S = 120.0
 ROUND_TIMEOUT_S = 300.0
+RAW_WARMUP_ROUNDS = 20  # raw rounds before each block, until the anchor is steady (see above)
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -174,6 +182,14 @@ def model_source(params: int, workload: str = "noop") -> str:
 
 def median_ms(values: Sequence[float]) -> float | None:
     return statistics.median(values) * 1000.0 if values else None
+
+
+def iqr_ms(values: Sequence[float]) -> str:
+    """The middle half of ``values`` in ms, as "25th–75th percentile"."""
+    if len(values) < 2:
+        return "—"
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{low * 1000:.0f}–{high * 1000:.0f}"
 
 
 def progress(message: str) -> None:
@@ -525,6 +541,7 @@ def measure_size(raw: RawAnchor, fed: FednbSide, params: int, plan: Plan, memory
     frames = raw_frames(model)
     between = RawBetweenRounds(raw, frames, memory)
     between.stop = fed.federation.stop
+    raw.rounds(frames, RAW_WARMUP_ROUNDS)
     unsubscribe = fed.federation.subscribe(between)
     memory.reset()
     try:
@@ -614,6 +631,9 @@ def build_rows(cells: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, 
             row[f"{name}_rounds"] = len(fed["rounds_s"])
             row[f"raw_{name}_ms"], row[f"fednb_{name}_ms"] = raw_ms, fed_ms
             row[f"ratio_{name}"] = fed_ms / raw_ms if raw_ms and fed_ms else None
+            row[f"raw_{name}_iqr"], row[f"fednb_{name}_iqr"] = iqr_ms(raw["rounds_s"]), iqr_ms(fed["rounds_s"])
+            pairs = [f / r for f, r in zip(fed["rounds_s"], raw["rounds_s"]) if r > 0]
+            row[f"paired_{name}"] = statistics.median(pairs) if pairs else None
             for key in ("outside_s", "record_of_outside_s", "party_mean_s", "party_max_s"):
                 row[f"fednb_{name}_{key[:-2]}_ms"] = median_ms(fed[key])
             row[f"raw_{name}_peak_rss_mib"], row[f"fednb_{name}_peak_rss_mib"] = raw["peak_rss_mib"], fed["peak_rss_mib"]
@@ -639,16 +659,18 @@ def print_report(rows: list[dict[str, Any]], cells: list[dict[str, Any]], transp
 
     headers = ["parties", "params", "workload", "rounds"]
     for _, label in names:
-        headers += [f"raw {label} ms", f"fednb {label} ms", "ratio"]
+        headers += [f"raw {label} ms", "IQR", f"fednb {label} ms", "IQR", "ratio", "paired"]
     table = []
     for row in rows:
         line = [str(row["parties"]), size_label(row["params"]), row["workload"],
                 str(row.get(f"{names[0][0]}_rounds", "—"))]
         for name, _ in names:
-            line += [_fmt(row.get(f"raw_{name}_ms")), _fmt(row.get(f"fednb_{name}_ms")),
-                     _fmt(row.get(f"ratio_{name}"), 2, "×")]
+            line += [_fmt(row.get(f"raw_{name}_ms")), row.get(f"raw_{name}_iqr", "—"),
+                     _fmt(row.get(f"fednb_{name}_ms")), row.get(f"fednb_{name}_iqr", "—"),
+                     _fmt(row.get(f"ratio_{name}"), 2, "×"), _fmt(row.get(f"paired_{name}"), 2, "×")]
         table.append(line)
-    _print_table("Median round time (ms); ratio = fednb / raw", headers, table)
+    _print_table("Median round time (ms) and interquartile range; ratio = fednb / raw medians; paired = median "
+                 "of each fednb round over the raw round after it", headers, table)
 
     headers = ["parties", "params", "workload"]
     for _, label in names:

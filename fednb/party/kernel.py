@@ -180,12 +180,15 @@ class Kernel:
         load_arrays(model, arrays)
         return model
 
-    def _loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
+    def _split(self, split: str) -> TensorDataset:
         if split not in self._tensors:
             raise ValueError(f"{self.name}'s {split} table has no label column: it takes part in vertical "
                              "federations only (fed.vertical(...))")
+        return self._tensors[split]
+
+    def _loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int) -> DataLoader:
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(self._tensors[split], batch_size=batch_size, shuffle=shuffle, generator=generator)
+        return DataLoader(self._split(split), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
     def _train(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         config = training.check_config(request.content["config"])
@@ -200,7 +203,7 @@ class Kernel:
         if request.content.get("evaluate"):  # the incoming weights are the last round's global model
             evaluation = self._test_metrics(model, config)
         seed = config["seed"] + (request.round or 0)
-        torch.manual_seed(seed)
+        training.seed(seed)
         loader = self._loader("train", config["batch_size"], shuffle=True, seed=seed)
         cell = request.content.get("train_cell")
         dp = read_dp(request.content["dp"]) if request.content.get("dp") is not None else None
@@ -355,8 +358,9 @@ class Kernel:
         return noised
 
     def _test_metrics(self, model: torch.nn.Module, config: dict[str, Any]) -> dict[str, Any]:
-        loader = self._loader("test", max(config["batch_size"], 256), shuffle=False, seed=0)
-        metrics, examples = training.evaluate(model, loader, config["loss"])
+        # in order, slices of the tensors: a DataLoader would fetch each example alone and collate them
+        batches = training.batches(self._split("test"), max(config["batch_size"], 256))
+        metrics, examples = training.evaluate(model, batches, config["loss"])
         return {"examples": examples, "metrics": metrics}
 
     def _evaluate(self, session: _Session, request: Message) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
