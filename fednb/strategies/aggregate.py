@@ -134,6 +134,11 @@ def _conform(update: Mapping[str, np.ndarray], spec: _Spec) -> dict[str, np.ndar
     return {key: np.asarray(update[key]) for key in spec}
 
 
+def _by_blas(x: np.ndarray, acc: np.ndarray) -> bool:
+    """Whether ``acc += w·x`` goes to BLAS's axpy: a large contiguous tensor of the accumulator's dtype."""
+    return x.dtype == acc.dtype and x.flags.c_contiguous and _BLAS_MIN_SIZE <= x.size <= _BLAS_MAX_SIZE
+
+
 class RunningMean:
     """Streaming weighted mean of updates with the same keys, shapes and dtypes.
 
@@ -164,7 +169,9 @@ class RunningMean:
         # absolute weights (example counts): w·x is exact in float64, so a lone update comes out bit for bit
         # as it went in (w·x / w), and the sum is the same in any order but for float64 rounding
         relative = w
-        with _one_blas_thread():
+        # BLAS's thread limit costs a threadpoolctl round trip: only where a tensor goes to BLAS
+        blas = any(_by_blas(x, self._acc[key]) for key, x in arrays.items())
+        with _one_blas_thread() if blas else contextlib.nullcontext():
             for key, x in arrays.items():
                 self._accumulate(key, x, relative)
         self.count += 1
@@ -173,7 +180,7 @@ class RunningMean:
 
     def _accumulate(self, key: str, x: np.ndarray, w: float) -> None:
         acc = self._acc[key]
-        if x.dtype == acc.dtype and x.flags.c_contiguous and _BLAS_MIN_SIZE <= x.size <= _BLAS_MAX_SIZE:
+        if _by_blas(x, acc):
             axpy = _axpy_for(acc.dtype)
             if axpy is not None:
                 # acc and x are contiguous with matching dtype, so f2py hands BLAS the
