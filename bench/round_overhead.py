@@ -75,22 +75,21 @@ import json
 import os
 import platform
 import resource
-import select
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
+
+from raw_anchor import RawAnchor, raw_frames
+from round_overhead_report import WORKLOADS, build_rows, print_report, size_label, transport_label
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    import zmq
 
     from fednb import Federation
 
@@ -105,7 +104,6 @@ HEAVY_BYTES = 256 * MiB
 HUGE_BYTES = 1024 * MiB
 
 CELL_TIMEOUT_S = 1500.0  # one coordinator process: one transport × N, all sizes
-READY_TIMEOUT_S = 120.0
 ROUND_TIMEOUT_S = 300.0
 RAW_WARMUP_ROUNDS = 20  # raw rounds before each block, until the anchor is steady (see above)
 
@@ -134,14 +132,6 @@ def parse_size(text: str) -> int:
     return params
 
 
-def size_label(params: int) -> str:
-    return f"{params // 1_000_000}M"
-
-
-def transport_label(tcp: bool) -> str:
-    return "tcp+CURVE" if tcp else "ipc"
-
-
 def plan_for(parties: int, params: int, rounds: int, quick: bool) -> Plan:
     """Fewer rounds where one round moves gigabytes; a median of 3+ is still a median."""
     if quick:
@@ -159,7 +149,6 @@ def plan_for(parties: int, params: int, rounds: int, quick: bool) -> Plan:
 #: ``evaluated``: ``train_cell="pass"`` with ``train()``'s default ``evaluate_every=1``: the
 #: round also evaluates the incoming global model on each party's test split (a forward pass
 #: over its 20 % of the data), which rides on the train request.
-WORKLOADS = ("noop", "evaluated")
 TARGETS = {"noop": 1.2, "evaluated": 1.4}
 SYNTHETIC_FEATURES, SYNTHETIC_CLASSES = 20, 4
 
@@ -178,18 +167,6 @@ def model_source(params: int, workload: str = "noop") -> str:
             f"hidden = [m for _ in range({layers}) for m in (nn.Linear({LAYER_WIDTH}, {LAYER_WIDTH}, bias=False), nn.ReLU())]\n"
             f"model = nn.Sequential(nn.Linear({SYNTHETIC_FEATURES}, {LAYER_WIDTH}, bias=False), nn.ReLU(), *hidden,\n"
             f"                      nn.Linear({LAYER_WIDTH}, {SYNTHETIC_CLASSES}, bias=False))\n")
-
-
-def median_ms(values: Sequence[float]) -> float | None:
-    return statistics.median(values) * 1000.0 if values else None
-
-
-def iqr_ms(values: Sequence[float]) -> str:
-    """The middle half of ``values`` in ms, as "25th–75th percentile"."""
-    if len(values) < 2:
-        return "—"
-    low, _, high = statistics.quantiles(values, n=4)
-    return f"{low * 1000:.0f}–{high * 1000:.0f}"
 
 
 def progress(message: str) -> None:
@@ -234,194 +211,6 @@ class PeakMemory:
                 return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
         except (OSError, ValueError):
             return None
-
-
-# -- raw pyzmq: the echo worker (its own process) -----------------------------------------
-
-
-class _AllowOne:
-    """ZAP credentials provider admitting exactly one client key, as fednb's allow-list does."""
-
-    def __init__(self, key: bytes) -> None:
-        self.key = key
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key == self.key
-
-
-def worker_main(endpoint: str, client_key: str | None) -> int:
-    """Bind a ROUTER, say where on stdout, echo every message until stdin (the lifeline) closes."""
-    import zmq
-
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    router.linger = 0
-    authenticator = None
-    public = b""
-    try:
-        if client_key:
-            from zmq.auth.thread import ThreadAuthenticator
-
-            # the same shape as a fednb party: ZAP handler first, CURVE server, enforced domain
-            authenticator = ThreadAuthenticator(context)
-            authenticator.start()
-            authenticator.configure_curve_callback("bench", credentials_provider=_AllowOne(client_key.encode()))
-            public, secret = zmq.curve_keypair()
-            router.curve_secretkey = secret
-            router.curve_publickey = public
-            router.curve_server = True
-            router.zap_domain = b"bench"
-            router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
-        router.bind(endpoint)
-        ready = {"endpoint": router.getsockopt_string(zmq.LAST_ENDPOINT), "public_key": public.decode()}
-        sys.stdout.write(json.dumps(ready) + "\n")
-        sys.stdout.flush()
-        _echo(router, sys.stdin.fileno())
-    finally:
-        router.close(linger=0)
-        if authenticator is not None:
-            authenticator.stop()
-        context.term()
-    return 0
-
-
-def _echo(router: zmq.Socket, lifeline: int) -> None:
-    import zmq
-
-    poller = zmq.Poller()
-    poller.register(router, zmq.POLLIN)
-    poller.register(lifeline, zmq.POLLIN)
-    while True:
-        events = dict(poller.poll())
-        if lifeline in events and not os.read(lifeline, 4096):
-            return  # the coordinator closed our stdin, or died: stop
-        if router in events:
-            while True:
-                try:
-                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                # routing id first, then the payload frames, all resent without copying
-                router.send_multipart(frames, copy=False)
-
-
-# -- raw pyzmq: the coordinator side --------------------------------------------------------
-
-
-def _read_line(stream: IO[bytes], deadline: float) -> bytes:
-    line = b""
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"a raw worker did not listen within {READY_TIMEOUT_S:.0f} s")
-        readable, _, _ = select.select([stream], [], [], remaining)
-        if readable:
-            chunk = os.read(stream.fileno(), 4096)
-            if not chunk:
-                raise RuntimeError("a raw worker exited before it listened")
-            line += chunk
-    return line
-
-
-@dataclass
-class RawAnchor:
-    """N echo worker processes and one DEALER per worker in this process."""
-
-    parties: int
-    tcp: bool
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    dealers: list[zmq.Socket] = field(default_factory=list)
-    ready_s: float = 0.0
-    _directory: str = ""
-    _context: zmq.Context | None = None
-    _poller: zmq.Poller | None = None
-
-    def start(self) -> None:
-        import zmq
-
-        self._directory = tempfile.mkdtemp(prefix="fednb-bench-")  # mode 0700, like fednb's simulation dir
-        public, secret = zmq.curve_keypair() if self.tcp else (b"", b"")
-        started = time.perf_counter()
-        for index in range(self.parties):
-            endpoint = "tcp://127.0.0.1:*" if self.tcp else f"ipc://{self._directory}/w{index}.sock"
-            command = [sys.executable, str(SCRIPT), "--_worker", endpoint]
-            if self.tcp:
-                command += ["--_client-key", public.decode()]
-            self.workers.append(subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        listening = []
-        for worker in self.workers:
-            assert worker.stdout is not None
-            listening.append(json.loads(_read_line(worker.stdout, deadline)))
-        self.ready_s = time.perf_counter() - started
-        self._context = zmq.Context()
-        self._poller = zmq.Poller()
-        for ready in listening:
-            dealer = self._context.socket(zmq.DEALER)
-            dealer.linger = 0
-            if self.tcp:
-                dealer.curve_secretkey = secret
-                dealer.curve_publickey = public
-                dealer.curve_serverkey = ready["public_key"].encode()
-            dealer.connect(ready["endpoint"])
-            self._poller.register(dealer, zmq.POLLIN)
-            self.dealers.append(dealer)
-
-    def rounds(self, frames: list[np.ndarray], count: int) -> list[float]:
-        return [self._round(frames) for _ in range(count)]
-
-    def _round(self, frames: list[np.ndarray]) -> float:
-        import zmq
-
-        assert self._poller is not None
-        expected = sum(frame.nbytes for frame in frames)
-        started = time.perf_counter()
-        for dealer in self.dealers:
-            dealer.send_multipart(frames, copy=False)
-        pending = len(self.dealers)
-        while pending:
-            for sock, _ in self._poller.poll():
-                while True:
-                    try:
-                        echo = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    # a cheap check that the whole model came back; no byte is touched
-                    if sum(len(frame) for frame in echo) != expected:
-                        raise RuntimeError("a raw worker echoed the wrong number of bytes")
-                    pending -= 1
-        return time.perf_counter() - started
-
-    def close(self) -> None:
-        """Close the sockets, then each worker's lifeline, then make sure by PID."""
-        for dealer in self.dealers:
-            dealer.close(linger=0)
-        if self._context is not None:
-            self._context.term()
-        for worker in self.workers:
-            if worker.stdin is not None:
-                try:
-                    worker.stdin.close()
-                except OSError:
-                    pass
-        for worker in self.workers:
-            try:
-                worker.wait(timeout=3)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            if worker.stdout is not None:
-                worker.stdout.close()
-        if self._directory:
-            shutil.rmtree(self._directory, ignore_errors=True)
-
-
-def raw_frames(model: torch.nn.Module) -> list[np.ndarray]:
-    """The bytes fednb moves for ``model``: one float32 array per tensor of its state, as fednb sends them."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    return [rng.standard_normal(tensor.numel(), dtype=np.float32) for tensor in model.state_dict().values()]
 
 
 # -- fednb ----------------------------------------------------------------------------------
@@ -615,92 +404,6 @@ def run_cell(parties: int, tcp: bool, sizes: list[int], plans: dict[int, Plan], 
     return json.loads(out.decode().strip().splitlines()[-1])
 
 
-def build_rows(cells: list[dict[str, Any]], sizes: list[int]) -> list[dict[str, Any]]:
-    """One row per (N, size, workload) with every transport's medians, ratios and cross-checks."""
-    rows: dict[tuple[int, int, int], dict[str, Any]] = {}
-    for cell in cells:
-        name = "tcp_curve" if cell["transport"] != "ipc" else "ipc"
-        measured = [(params, order, workload) for params in sizes for order, workload in enumerate(WORKLOADS)
-                    if f"{params}:{workload}" in cell["sizes"]]
-        for params, order, workload in measured:
-            size = cell["sizes"][f"{params}:{workload}"]
-            row = rows.setdefault((cell["parties"], params, order),
-                                  {"parties": cell["parties"], "params": params, "workload": workload})
-            raw, fed = size["raw"], size["fednb"]
-            raw_ms, fed_ms = median_ms(raw["rounds_s"]), median_ms(fed["rounds_s"])
-            row[f"{name}_rounds"] = len(fed["rounds_s"])
-            row[f"raw_{name}_ms"], row[f"fednb_{name}_ms"] = raw_ms, fed_ms
-            row[f"ratio_{name}"] = fed_ms / raw_ms if raw_ms and fed_ms else None
-            row[f"raw_{name}_iqr"], row[f"fednb_{name}_iqr"] = iqr_ms(raw["rounds_s"]), iqr_ms(fed["rounds_s"])
-            pairs = [f / r for f, r in zip(fed["rounds_s"], raw["rounds_s"]) if r > 0]
-            row[f"paired_{name}"] = statistics.median(pairs) if pairs else None
-            for key in ("outside_s", "record_of_outside_s", "party_mean_s", "party_max_s"):
-                row[f"fednb_{name}_{key[:-2]}_ms"] = median_ms(fed[key])
-            row[f"raw_{name}_peak_rss_mib"], row[f"fednb_{name}_peak_rss_mib"] = raw["peak_rss_mib"], fed["peak_rss_mib"]
-            row[f"{name}_baseline_rss_mib"] = cell["baseline_rss_mib"]
-    return [rows[key] for key in sorted(rows)]
-
-
-def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:.{digits}f}{suffix}"
-
-
-def _print_table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-    print(f"\n{title}")
-    print(" | ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    print("-+-".join("-" * w for w in widths))
-    for row in rows:
-        print(" | ".join(c.rjust(w) for c, w in zip(row, widths)))
-
-
-def print_report(rows: list[dict[str, Any]], cells: list[dict[str, Any]], transports: list[bool]) -> None:
-    names = [("tcp_curve" if tcp else "ipc", transport_label(tcp)) for tcp in transports]
-
-    headers = ["parties", "params", "workload", "rounds"]
-    for _, label in names:
-        headers += [f"raw {label} ms", "IQR", f"fednb {label} ms", "IQR", "ratio", "paired"]
-    table = []
-    for row in rows:
-        line = [str(row["parties"]), size_label(row["params"]), row["workload"],
-                str(row.get(f"{names[0][0]}_rounds", "—"))]
-        for name, _ in names:
-            line += [_fmt(row.get(f"raw_{name}_ms")), row.get(f"raw_{name}_iqr", "—"),
-                     _fmt(row.get(f"fednb_{name}_ms")), row.get(f"fednb_{name}_iqr", "—"),
-                     _fmt(row.get(f"ratio_{name}"), 2, "×"), _fmt(row.get(f"paired_{name}"), 2, "×")]
-        table.append(line)
-    _print_table("Median round time (ms) and interquartile range; ratio = fednb / raw medians; paired = median "
-                 "of each fednb round over the raw round after it", headers, table)
-
-    headers = ["parties", "params", "workload"]
-    for _, label in names:
-        headers += [f"{label}: party mean ms", "party max ms", "outside ms", "its record ms"]
-    table = [[str(row["parties"]), size_label(row["params"]), row["workload"]]
-             + [_fmt(row.get(f"fednb_{name}_{key}_ms"))
-                for name, _ in names for key in ("party_mean", "party_max", "outside", "record_of_outside")]
-             for row in rows]
-    _print_table("fednb detail: party kernel time per request (PartyRound.seconds, median over rounds); "
-                 "train(rounds=1) timed outside vs its RoundRecord.seconds", headers, table)
-
-    headers = ["parties", "params", "workload"]
-    for _, label in names:
-        headers += [f"{label}: baseline MiB", "raw peak MiB", "fednb peak MiB"]
-    table = [[str(row["parties"]), size_label(row["params"]), row["workload"]]
-             + [_fmt(row.get(f"{key}"), 0) for name, _ in names
-                for key in (f"{name}_baseline_rss_mib", f"raw_{name}_peak_rss_mib", f"fednb_{name}_peak_rss_mib")]
-             for row in rows]
-    resettable = all(cell.get("peak_rss_resettable") for cell in cells)
-    _print_table("Coordinator RSS: baseline after start-up, and peak while each system's rounds ran"
-                 + ("" if resettable else " (ru_maxrss: lifetime peak, not per system)"), headers, table)
-
-    headers = ["parties", "transport", "raw workers listening s", "fednb ready_seconds", "fednb simulate() s"]
-    table = [[str(c["parties"]), c["transport"], _fmt(c["raw_ready_s"], 2), _fmt(c["fednb_ready_s"], 2),
-              _fmt(c["fednb_simulate_s"], 2)] for c in cells]
-    _print_table("Time to ready: simulate()'s ready_seconds is host start → all parties listening; "
-                 "simulate() s is the whole call, connect included", headers, table)
-    sys.stdout.flush()
-
-
 def run(parties: list[int], sizes: list[int], rounds: int, transports: list[bool], quick: bool,
         json_path: str | None, contained: bool = False, workloads: Sequence[str] = WORKLOADS) -> int:
     started = time.perf_counter()
@@ -748,12 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated workloads (default {','.join(WORKLOADS)}; see WORKLOADS)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--_client-key", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_cell", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args._worker is not None:
-        return worker_main(args._worker, args._client_key)
     if args._cell is not None:
         return cell_main(json.loads(args._cell))
 
