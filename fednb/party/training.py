@@ -107,7 +107,6 @@ def fit(model: torch.nn.Module, loader: DataLoader, config: Mapping[str, Any],
     return metrics
 
 
-@torch.no_grad()
 def batches(data: TensorDataset, size: int) -> Iterator[tuple[torch.Tensor, ...]]:
     """``data`` in order, ``size`` rows at a time, as slices (views) of its tensors."""
     rows = len(data)
@@ -115,6 +114,7 @@ def batches(data: TensorDataset, size: int) -> Iterator[tuple[torch.Tensor, ...]
         yield tuple(tensor[start:start + size] for tensor in data.tensors)
 
 
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: Iterable[Any], loss: str) -> tuple[dict[str, float], int]:
     """Mean loss (and accuracy) of ``model`` on ``loader``, with the number of examples."""
     model.eval()
