@@ -6,7 +6,9 @@ alternate: one plain round, one secure round (``secure_aggregation=True``: keys,
 unmask), so drift of the machine hits both columns alike. Each party's "training" is a cell that
 moves every weight a little (so the secure round masks a real, non-zero update); the first pair
 of rounds is discarded as warm-up. Times are ``RoundRecord.seconds`` (medians); the secure
-round's stages are medians of ``RoundRecord.stages``.
+round's stages are medians of ``RoundRecord.stages``. ``paired`` is the median over pairs of each
+secure round over the plain round just before it: on a machine whose speed drifts from minute to
+minute, it is steadier than the ratio of the two medians.
 
 Upload per party: plain, the float32 weights (4·P bytes); secure, the masked vector of P + 1
 uint32 values plus the public keys, the sealed shares (one per neighbour) and the unmasking
@@ -91,7 +93,8 @@ def run_cell(parties: int, params: int, rounds: int, neighbours: int | None = No
     up_plain, up_secure = upload_bytes(parties, params, neighbours)
     return {"parties": parties, "params": params, "plain": statistics.median(plain),
             "secure": statistics.median(secure), "stages": {k: statistics.median(v) for k, v in stages.items()},
-            "upload": up_secure / up_plain, "error_bound": s.secure["error_bound"]}
+            "upload": up_secure / up_plain, "error_bound": s.secure["error_bound"],
+            "paired": statistics.median(b / a for a, b in zip(plain, secure))}
 
 
 def main() -> None:
@@ -104,7 +107,7 @@ def main() -> None:
     print(f"# {os.cpu_count()} cores; times in seconds, medians of {args.rounds} rounds each; "
           "the machine may be shared with other work")
     header = (f"{'parties':>7} {'params':>9} {'plain':>7} {'secure':>7} {'ratio':>6} {'keys':>6} {'shares':>6} "
-              f"{'masked':>6} {'unmask':>6} {'upload':>7}")
+              f"{'masked':>6} {'unmask':>6} {'upload':>7} {'paired':>6}")
     print(header)
     for cell in args.cells.split(","):
         n_text, p_text = cell.lower().split("x")
@@ -115,7 +118,8 @@ def main() -> None:
         print(f"{row['parties']:>7} {row['params']:>9,} {row['plain']:>7.2f} {row['secure']:>7.2f} "
               f"{float(row['secure']) / float(row['plain']):>5.2f}x {st.get('keys', 0):>6.2f} "
               f"{st.get('shares', 0):>6.2f} {st.get('masked', 0):>6.2f} {st.get('unmask', 0):>6.2f} "
-              f"{row['upload']:>6.3f}x   ({time.perf_counter() - started:.0f} s for the cell)", flush=True)
+              f"{row['upload']:>6.3f}x {row['paired']:>5.2f}x   ({time.perf_counter() - started:.0f} s for the cell)",
+              flush=True)
 
 
 if __name__ == "__main__":
