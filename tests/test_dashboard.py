@@ -419,3 +419,41 @@ def test_a_population_of_thousands_is_summarised_with_a_loss_histogram_not_liste
     assert "5000" in dashboard.summary_text() and "sampled" in dashboard.summary_text()
     dashboard.handle(PartyStatus("party-4000", "offline", "connection lost"))  # not this round's: counted only
     assert dashboard.parties == []
+
+
+def test_a_run_that_ends_while_its_dashboard_is_being_shown_still_shows_the_final_summary(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parties that all fail at once end the run on the round loop's thread while the kernel's
+    thread is still inside display(): the final summary must replace the one display() drew."""
+    import IPython.display
+
+    from fednb.notebook.session import Session
+
+    federation = FakeFederation()
+    federation.parties = [row.name for row in federation.rows]
+    federation.stop = lambda **_: None
+    updates: list[str] = []
+
+    class Handle:
+        def update(self, widget: Dashboard) -> None:
+            updates.append(widget.state)
+
+    def display(widget: Dashboard, *, display_id: bool) -> Handle:
+        drawn = widget.state  # what the output shows: drawn before the run ends
+        ended = threading.Thread(target=federation.bus.publish,
+                                 args=(TrainingFinished(0, stopped=True, error="RuntimeError: no GPU here"),))
+        ended.start()
+        ended.join()
+        assert drawn != widget.state == "error"
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    shell = type("Shell", (), {"kernel": object()})()
+    session = Session(shell)
+    follow = session._follow(federation, background=False)
+    federation.bus.publish(TrainingStarted(1, "fedavg", ("alpha", "gamma")))
+    follow(True)
+    try:
+        assert updates == ["error"] and "see the error below" in session.dashboard._repr_mimebundle_()[0]["text/plain"]
+    finally:
+        session.dashboard.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -157,11 +158,19 @@ class Session:
                                error_below=not background)
             detach = widget.attach(federation)
 
+        # The run may end (its parties fail at once) while ``display`` is still showing the widget,
+        # before ``handle`` is set: whichever of the two comes second shows the final summary.
+        shown = threading.Lock()
+        finished = False
+
         def on_finished(event: Any) -> None:
+            nonlocal finished
             if isinstance(event, TrainingFinished):
                 stop_following()
-                if handle is not None:
-                    handle.update(widget)  # static outputs (nbconvert, papermill) keep the final summary
+                with shown:
+                    finished, display_handle = True, handle
+                if display_handle is not None:
+                    display_handle.update(widget)  # static outputs (nbconvert, papermill) keep the final summary
 
         unsubscribe = federation.subscribe(on_finished)
 
@@ -175,7 +184,11 @@ class Session:
                 stop_following()
             elif widget is not None:
                 self.dashboard = widget
-                handle = display(widget, display_id=True)
+                drawn = display(widget, display_id=True)
+                with shown:
+                    handle, ended = drawn, finished
+                if ended:
+                    handle.update(widget)
 
         return started
 
