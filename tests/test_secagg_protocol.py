@@ -30,6 +30,7 @@ from fednb.privacy import (
     split,
 )
 from fednb.privacy import graph, masking
+from fednb.privacy.noise import SecureUniform
 
 FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODEL = hashlib.sha256(b"global model").digest()
@@ -231,6 +232,29 @@ def test_the_prg_is_the_aes_ctr_keystream_across_slices(dtype: type[np.unsignedi
     masking.apply_masks(vector, seeds[:2], seeds[2:])
     np.testing.assert_array_equal(vector, expected)
     np.testing.assert_array_equal(masking.prg(seeds[0], length, dtype), keystream(seeds[0]))
+
+
+
+def test_stochastic_rounding_draws_its_uniforms_from_an_aes_ctr_stream() -> None:
+    """A party's rounding noise is the AES-256-CTR keystream's top 24 bits per word, uniform on [0, 1)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(32))
+    source = SecureUniform(key)
+    first, second = np.empty(1000, np.float32), np.empty(1 << 16, np.float32)
+    source.random(out=first, dtype=np.float32)
+    source.random(out=second, dtype=np.float32)  # the stream carries on: no value is drawn twice
+    words = np.frombuffer(Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+                          .update(bytes(4 * (first.size + second.size))), dtype="<u4")
+    np.testing.assert_array_equal(np.concatenate([first, second]), (words >> 8) / np.float32(2**24))
+    assert 0.0 <= second.min() and second.max() < 1.0
+    assert stats.chisquare(np.histogram(second, bins=64, range=(0, 1))[0]).pvalue > 1e-6
+    assert not np.array_equal(SecureUniform().random(out=np.empty(8, np.float32), dtype=np.float32),
+                              SecureUniform().random(out=np.empty(8, np.float32), dtype=np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        source.random(out=np.empty(4), dtype=np.float64)
+    party = SecAggParty("a", RoundSetup("run", 1, SecAggConfig(clip=1.0), 3))
+    assert isinstance(party._rng, SecureUniform)  # not numpy's generator, unless a test seeds one
 
 
 def _secrets_of(trace: Trace) -> list[bytes]:

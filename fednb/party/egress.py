@@ -352,7 +352,7 @@ class Guard:
                 raise EgressBlocked("shares may be addressed only to parties that advertised keys")
             for name in ("model_hash", "transcript"):
                 if not isinstance(fields[name], str) or not _HEX64.fullmatch(fields[name]):
-                    raise EgressBlocked(f"the {name.replace('_', ' ')} must be a SHA-256 in hex")
+                    raise EgressBlocked(f"the {name.replace('_', ' ')} must be a 256-bit hash in hex")
             out["secagg"] = {"shares": {peer: _b64(text, SEALED, "sealed share") for peer, text in sealed.items()},
                              "commitment": _b64(fields["commitment"], 32, "commitment"),
                              "model_hash": fields["model_hash"], "transcript": fields["transcript"],

@@ -17,7 +17,8 @@ does the scaling and rounding, keeps a resolution far below one level), and the 
 s = (L - 2) / (E·clip); the 2 levels of slack absorb rounding up and float error. A configuration where L < 3 or n·E > R is refused with a clear
 error at round start; nothing is ever clipped to make a sum fit.
 
-**Stochastic rounding** maps a to ⌊a + U⌋ with U uniform on [0, 1) (float32 draws, a grid of
+**Stochastic rounding** maps a to ⌊a + U⌋ with U uniform on [0, 1) (float32 draws from a
+:class:`~fednb.privacy.noise.SecureUniform` stream at a party, a grid of
 2^-24: unbiased to within 2^-24 of a level), and within one level of a (plus float64 rounding,
 below 2^-10 of a level). Summed over n parties and divided by
 the total example count W, each coordinate of the mean is therefore within 1.001·n / (s·W) of
@@ -32,6 +33,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from fednb.privacy.noise import SecureUniform
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +93,7 @@ class Quantizer:
             log.warning("%d examples exceed max_examples: this update is weighted as %d", examples, self.max_examples)
         return min(int(examples), self.max_examples)
 
-    def quantize(self, update: np.ndarray, examples: int, rng: np.random.Generator,
+    def quantize(self, update: np.ndarray, examples: int, rng: np.random.Generator | SecureUniform,
                  clip: float | None = None) -> np.ndarray:
         """[q(e·clipped x)…, e] as unsigned integers mod 2^bits (length len(update) + 1).
 
@@ -107,13 +110,16 @@ class Quantizer:
         if not math.isfinite(norm):
             raise ValueError("the update holds NaN or infinite values (or values too large to square)")
         factor = np.float64(self.scale * weight * (bound / norm if norm > bound else 1.0))
+        # every |x_i| ≤ ‖x‖, so |factor·x_i| ≤ factor·‖x‖ = s·e·min(‖x‖, bound) ≤ s·E·clip = L - 2:
+        # checked once, as a number, rather than by scanning the vector for its extremes
+        if factor * norm > self.levels - 1.5:
+            raise AssertionError("a quantized value would leave its range: the scale is wrong")
         out = np.empty(flat.size + 1, dtype=self.dtype)
         # |⌊a + U⌋| ≤ L fits the signed type of the same width, and two's complement *is* the value
         # mod 2^32 (or 2^64): writing through a signed view wraps negatives without a shift by L
         signed = out.view(np.int32 if self.dtype == np.uint32 else np.int64)
         size = min(flat.size, _SLICE)
         work, noise = np.empty(size, dtype=np.float64), np.empty(size, dtype=np.float32)
-        low = high = 0.0
         # slice by slice, so that the float64 work stays in the cache and the update is read once
         for start in range(0, flat.size, _SLICE):
             part = flat[start:start + _SLICE]
@@ -121,11 +127,7 @@ class Quantizer:
             np.multiply(part, factor, out=scaled)
             rng.random(out=uniform, dtype=np.float32)  # U on a 2^-24 grid: a bias below 2^-24 of a level
             scaled += uniform
-            np.floor(scaled, out=scaled)
-            low, high = min(low, float(scaled.min())), max(high, float(scaled.max()))
-            signed[start:start + part.size] = scaled
-        if low < -self.levels or high > self.levels:
-            raise AssertionError("a quantized value left its range: the scale is wrong")
+            np.floor(scaled, out=signed[start:start + part.size], casting="unsafe")
         out[-1] = weight
         if self.bits not in (32, 64):
             np.bitwise_and(out, self.dtype(self.modulus_mask), out=out)

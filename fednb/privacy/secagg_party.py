@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fednb.privacy import masking, shamir
+from fednb.privacy.noise import SecureUniform
 from fednb.privacy.secagg import (
     PublicKeys,
     RoundSetup,
@@ -36,11 +37,12 @@ class SecAggParty:
 
     ``min_parties`` is the smallest aggregate this party takes part in (``--min-aggregate``);
     ``clip`` clips its own update tighter than the round's clip; ``rng`` drives stochastic
-    rounding only (masks and secrets come from the operating system's CSPRNG).
+    rounding only, from an AES-CTR stream under a fresh key unless a test passes a seeded numpy
+    generator (masks and secrets always come from the operating system's CSPRNG).
     """
 
     def __init__(self, name: str, setup: RoundSetup, *, min_parties: int = 3, clip: float | None = None,
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | SecureUniform | None = None) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError("a party's name is a non-empty string")
         if isinstance(min_parties, bool) or not isinstance(min_parties, int) or min_parties < 2:
@@ -48,7 +50,7 @@ class SecAggParty:
         if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be a finite L2 norm above 0, not {clip!r}")
         self.name, self.setup, self.min_parties, self.clip = name, setup, min_parties, clip
-        self._rng = rng if rng is not None else np.random.default_rng()
+        self._rng = rng if rng is not None else SecureUniform()
         self._stages = _Stages(name, STAGES, setup.round)
         self._encryption = X25519PrivateKey.generate()
         self._masking: X25519PrivateKey | None = X25519PrivateKey.generate()
