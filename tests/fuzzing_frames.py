@@ -63,7 +63,8 @@ def _content(type_: str, rng: random.Random, aim: Aim) -> dict[str, Any]:
                             "containment": "none"},
         "heartbeat": lambda: {},
         "train": lambda: {"source": rng.choice(SOURCES), "config": config, "run": run, "evaluate": rng.random() < 0.5,
-                          **({"secagg": {"run": run, "round": aim.round, "config": {"bits": 32}, "dimension": 15}}
+                          **({"secagg": {"run": run, "round": aim.round, "config": {"bits": 32}, "dimension": 15,
+                                        "prg": "aes-128-ctr/hkdf-sha256"}}
                              if rng.random() < 0.3 else {})},
         "secagg": lambda: {"run": run, "stage": rng.choice(("shares", "masked", "unmask")),
                            "request": {"keys": {"a": "k"}, "parties": ["a", "b", "c"], "survivors": ["a"]}},

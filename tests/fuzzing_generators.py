@@ -279,7 +279,8 @@ def hostile_values(rng: random.Random, aim: Aim) -> Frames:
         content["config"].update(optimizer=rng.choice(("adam", "x", "")), loss=rng.choice(("mse", "x")))
         if rng.random() < 0.5:
             content["secagg"] = {"run": content["run"], "round": header["round"],
-                                 "config": {"bits": number()}, "dimension": number()}
+                                 "config": {"bits": number()}, "dimension": number(),
+                                 "prg": "aes-128-ctr/hkdf-sha256"}
         if rng.random() < 0.5:
             content["dp"] = {"kind": rng.choice(("dpsgd", "dpfedavg", "x")), "noise_multiplier": number(),
                              "max_grad_norm": number(), "delta": number(), "target_epsilon": number(),

@@ -301,7 +301,8 @@ def test_what_a_request_returns_is_said_for_a_secure_round_and_for_scaffold(tmp_
         weights = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(3, np.float32)}
         run = "0" * 32
         secure = Message("train", {"source": "m", "config": {}, "run": run,
-                                   "secagg": {"run": run, "round": 1, "config": {}, "dimension": 15}},
+                                   "secagg": {"run": run, "round": 1, "config": {}, "dimension": 15,
+                                              "prg": "aes-128-ctr/hkdf-sha256"}},
                          round=1, arrays=weights)
         assert gate.returns(secure).startswith("under secure aggregation") and "16 integers" in gate.returns(secure)
         plain = Message("train", {"source": "m", "config": {}, "run": run}, round=1, arrays=weights)

@@ -219,13 +219,18 @@ def test_one_flipped_seed_bit_gives_an_unrelated_stream() -> None:
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
 def test_the_prg_is_the_aes_ctr_keystream_across_slices(dtype: type[np.unsignedinteger]) -> None:
     """Masks are applied slice by slice; each seed must still add exactly its one keystream."""
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     seeds = [bytes([i]) * 32 for i in range(3)]
     length = 3 * masking._SLICE + 7  # several whole slices and a ragged tail
     width = np.dtype(dtype).itemsize
     def keystream(seed: bytes) -> np.ndarray:
-        raw = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(length * width))
+        # AES-128-CTR from counter zero under HKDF-SHA256(seed), as the module's docstring says
+        key = HKDF(algorithm=hashes.SHA256(), length=16, salt=None,
+                   info=b"fednb secure aggregation prg: aes-128-ctr").derive(seed)
+        raw = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(length * width))
         return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
     vector = np.arange(length, dtype=dtype)
     expected = vector + keystream(seeds[0]) + keystream(seeds[1]) - keystream(seeds[2])
@@ -236,10 +241,10 @@ def test_the_prg_is_the_aes_ctr_keystream_across_slices(dtype: type[np.unsignedi
 
 
 def test_stochastic_rounding_draws_its_uniforms_from_an_aes_ctr_stream() -> None:
-    """A party's rounding noise is the AES-256-CTR keystream's top 24 bits per word, uniform on [0, 1)."""
+    """A party's rounding noise is the AES-128-CTR keystream's top 24 bits per word, uniform on [0, 1)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    key = bytes(range(32))
+    key = bytes(range(16))
     source = SecureUniform(key)
     first, second = np.empty(1000, np.float32), np.empty(1 << 16, np.float32)
     source.random(out=first, dtype=np.float32)
@@ -255,6 +260,16 @@ def test_stochastic_rounding_draws_its_uniforms_from_an_aes_ctr_stream() -> None
         source.random(out=np.empty(4), dtype=np.float64)
     party = SecAggParty("a", RoundSetup("run", 1, SecAggConfig(clip=1.0), 3))
     assert isinstance(party._rng, SecureUniform)  # not numpy's generator, unless a test seeds one
+
+
+def test_a_party_refuses_a_round_that_masks_with_another_prg() -> None:
+    """Masks from two PRGs would not cancel: a setup naming another PRG is refused before any key is drawn."""
+    setup = RoundSetup("run", 1, SecAggConfig(clip=1.0), 3).to_dict()
+    assert setup["prg"] == masking.PRG
+    assert RoundSetup.from_dict(setup) == RoundSetup("run", 1, SecAggConfig(clip=1.0), 3)
+    for other in ({**setup, "prg": "aes-256-ctr"}, {k: v for k, v in setup.items() if k != "prg"}):
+        with pytest.raises(ValueError, match="masks do not cancel"):
+            RoundSetup.from_dict(other)
 
 
 def _secrets_of(trace: Trace) -> list[bytes]:

@@ -13,7 +13,7 @@ from fednb.errors import RoundError
 from fednb.federation.events import PartyDone, StageStarted
 from fednb.federation.protocol import Gathered, Stage, drive
 from fednb.federation.secure import STAGES, SecureAggregation, keys_request, stage_request
-from fednb.privacy import SecAggAbort, SecAggConfig, SecAggCoordinator
+from fednb.privacy import SecAggAbort, SecAggConfig, SecAggCoordinator, masking
 from fednb.privacy.secagg import dimension
 from fednb.strategies import FedAvg
 from fednb.tensors import state_arrays
@@ -173,7 +173,8 @@ def fed_gather(fed, request: Message) -> Gathered:
 # -- the wire and the egress guard, without sockets ----------------------------------------------------
 
 def _setup(run: str, round: int = 1, dimension_: int = 8) -> dict:
-    return {"run": run, "round": round, "config": SecAggConfig(clip=1.0).to_dict(), "dimension": dimension_}
+    return {"run": run, "round": round, "config": SecAggConfig(clip=1.0).to_dict(), "dimension": dimension_,
+            "prg": masking.PRG}
 
 
 def test_the_wire_checks_every_field_of_a_secure_stage():

@@ -172,12 +172,19 @@ class RoundSetup:
             raise ValueError("dimension is a positive integer")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"run": self.run, "round": self.round, "config": self.config.to_dict(), "dimension": self.dimension}
+        return {"run": self.run, "round": self.round, "config": self.config.to_dict(), "dimension": self.dimension,
+                "prg": masking.PRG}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundSetup:
-        if not isinstance(data, Mapping) or set(data) != {"run", "round", "config", "dimension"}:
-            raise ValueError("a secure aggregation setup has run, round, config and dimension")
+        if not isinstance(data, Mapping):
+            raise ValueError("a secure aggregation setup is a table")
+        if data.get("prg") != masking.PRG:
+            # masks from two PRGs would not cancel: the sum would be noise, so the round stops here
+            raise ValueError(f"the round masks with PRG {data.get('prg')!r} and this party with {masking.PRG!r}: "
+                             "the coordinator and this party run fednb versions whose masks do not cancel")
+        if set(data) != {"run", "round", "config", "dimension", "prg"}:
+            raise ValueError("a secure aggregation setup has run, round, config, dimension and prg")
         return cls(data["run"], data["round"], SecAggConfig.from_dict(data["config"]), data["dimension"])
 
 

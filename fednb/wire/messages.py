@@ -44,7 +44,7 @@ _CONTENT: dict[str, _Spec] = {
     # forward within it); ``attempt``: how many times the run was resumed from its checkpoint (a resumed
     # run may train again a round its crashed coordinator had sent); ``evaluate``: first evaluate the
     # incoming weights, then train.
-    # ``secagg``: train under secure aggregation; the round's setup (run, round, config, dimension),
+    # ``secagg``: train under secure aggregation; the round's setup (run, round, config, dimension, prg),
     # and the reply carries the party's advertised keys instead of its update.
     # ``scaffold``: SCAFFOLD's round; the request carries the server control variate beside the weights
     # (scaffold.c/<tensor>), the reply the party's change of its own (scaffold.dc/<tensor>)
@@ -80,7 +80,7 @@ _CONTENT: dict[str, _Spec] = {
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 #: The stages of a secure round after the first (which is a ``train`` request).
 SECAGG_STAGES = ("shares", "masked", "unmask")
-_SETUP = frozenset({"run", "round", "config", "dimension"})
+_SETUP = frozenset({"run", "round", "config", "dimension", "prg"})
 
 _LIMITS = {"source": MAX_SOURCE, "train_cell": MAX_SOURCE, "message": MAX_TEXT, "traceback": MAX_TEXT, "detail": MAX_TEXT}
 
@@ -115,7 +115,7 @@ def check_content(message: Message) -> Message:
         setup = content["secagg"]
         if set(setup) != _SETUP or setup["run"] != content["run"] or setup["round"] != message.round \
                 or not isinstance(setup["config"], dict):
-            raise WireError("train: field 'secagg' must be the round's setup (run, round, config, dimension) "
+            raise WireError("train: field 'secagg' must be the round's setup (run, round, config, dimension, prg) "
                             "of this run and round")
     if message.type == "vertical" and content["step"] not in STEPS:
         raise WireError(f"vertical: unknown step {content['step']!r}")
