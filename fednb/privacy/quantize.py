@@ -44,6 +44,20 @@ MAX_LEVELS = 2**40
 _SLICE = 1 << 15
 
 
+def _squares(flat: np.ndarray, work: np.ndarray) -> float:
+    """Σ x_i² accumulated in float64 whatever the dtype, slice by slice through ``work`` (so that the
+    clipped norm is the norm asked for, and no float64 copy of the whole update is made); einsum,
+    not dot: a BLAS call spins up threads that cost more than this one pass."""
+    if flat.dtype == np.float64:
+        return float(np.einsum("i,i->", flat, flat))
+    total = 0.0
+    for start in range(0, flat.size, _SLICE):
+        part = work[:min(_SLICE, flat.size - start)]
+        np.copyto(part, flat[start:start + _SLICE])
+        total += float(np.einsum("i,i->", part, part))
+    return total
+
+
 @dataclass(frozen=True)
 class Quantizer:
     """The integer encoding of one round: ``parties`` parties, L2 clip, example cap, modulus 2^bits."""
@@ -104,9 +118,9 @@ class Quantizer:
             flat = flat.astype(np.float64)
         bound = self.clip if clip is None else min(self.clip, clip)
         weight = self.weight(examples)
-        # einsum, not dot: a BLAS call spins up threads that cost more than this one pass; float64
-        # accumulation whatever the update's dtype, so that the clipped norm is the norm asked for
-        norm = math.sqrt(float(np.einsum("i,i->", flat, flat, dtype=np.float64)))
+        size = min(flat.size, _SLICE)
+        work, noise = np.empty(size, dtype=np.float64), np.empty(size, dtype=np.float32)
+        norm = math.sqrt(_squares(flat, work))
         if not math.isfinite(norm):
             raise ValueError("the update holds NaN or infinite values (or values too large to square)")
         factor = np.float64(self.scale * weight * (bound / norm if norm > bound else 1.0))
@@ -118,8 +132,6 @@ class Quantizer:
         # |⌊a + U⌋| ≤ L fits the signed type of the same width, and two's complement *is* the value
         # mod 2^32 (or 2^64): writing through a signed view wraps negatives without a shift by L
         signed = out.view(np.int32 if self.dtype == np.uint32 else np.int64)
-        size = min(flat.size, _SLICE)
-        work, noise = np.empty(size, dtype=np.float64), np.empty(size, dtype=np.float32)
         # slice by slice, so that the float64 work stays in the cache and the update is read once
         for start in range(0, flat.size, _SLICE):
             part = flat[start:start + _SLICE]

@@ -61,6 +61,7 @@ class SecAggParty:
         self._roster: _Roster | None = None
         self._model_hash = ""
         self._held: dict[str, tuple[bytes, bytes]] = {}
+        self._share_keys: dict[str, bytes] = {}
         self._shared: set[str] = set()
 
     @property
@@ -80,10 +81,16 @@ class SecAggParty:
         return SecAggAbort(f"{self.name} {message}", party=party or self.name, round=self.setup.round)
 
     def _share_key(self, roster: _Roster, peer: str) -> bytes:
-        try:
-            return masking.agree(self._encryption, roster.keys[peer].encryption, roster.pair("share key", self.name, peer))
-        except ValueError:
-            raise SecAggMessageError(f"{peer} advertised an unusable encryption key", party=peer) from None
+        """The AEAD key for shares between this party and ``peer`` (one agreement per peer and round)."""
+        key = self._share_keys.get(peer)
+        if key is None:
+            try:
+                key = masking.agree(self._encryption, roster.keys[peer].encryption,
+                                    roster.pair("share key", self.name, peer))
+            except ValueError:
+                raise SecAggMessageError(f"{peer} advertised an unusable encryption key", party=peer) from None
+            self._share_keys[peer] = key
+        return key
 
     def advertise_keys(self) -> dict[str, str]:
         """AdvertiseKeys: the public keys this party uses in this round."""
