@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 import fednb
+from fednb.privacy import masking
 from fednb.wire import DEFAULT_LIMITS, MESSAGE_TYPES, Limits
 from fednb.wire.vertical import STEPS
 
@@ -64,7 +65,7 @@ def _content(type_: str, rng: random.Random, aim: Aim) -> dict[str, Any]:
         "heartbeat": lambda: {},
         "train": lambda: {"source": rng.choice(SOURCES), "config": config, "run": run, "evaluate": rng.random() < 0.5,
                           **({"secagg": {"run": run, "round": aim.round, "config": {"bits": 32}, "dimension": 15,
-                                        "prg": "aes-128-ctr/hkdf-sha256"}}
+                                        "prg": masking.PRG}}
                              if rng.random() < 0.3 else {})},
         "secagg": lambda: {"run": run, "stage": rng.choice(("shares", "masked", "unmask")),
                            "request": {"keys": {"a": "k"}, "parties": ["a", "b", "c"], "survivors": ["a"]}},

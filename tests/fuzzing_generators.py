@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fednb.privacy import masking
 from fednb.wire import MESSAGE_TYPES
 from tests.fuzzing_frames import Aim, Frames, _frames, dump, rid, valid
 
@@ -280,7 +281,7 @@ def hostile_values(rng: random.Random, aim: Aim) -> Frames:
         if rng.random() < 0.5:
             content["secagg"] = {"run": content["run"], "round": header["round"],
                                  "config": {"bits": number()}, "dimension": number(),
-                                 "prg": "aes-128-ctr/hkdf-sha256"}
+                                 "prg": masking.PRG}
         if rng.random() < 0.5:
             content["dp"] = {"kind": rng.choice(("dpsgd", "dpfedavg", "x")), "noise_multiplier": number(),
                              "max_grad_norm": number(), "delta": number(), "target_epsilon": number(),

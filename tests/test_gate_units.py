@@ -16,6 +16,7 @@ from fednb.party.audit import AuditLog, verify
 from fednb.party.directory import open_directory
 from fednb.party.egress import EgressBlocked, EgressRules, Guard
 from fednb.party.policy import Verdict, decide, request_code
+from fednb.privacy import masking
 from fednb.wire import Message
 from fednb.wire.values import pack_value, unpack_value
 from tests.conftest import MLP
@@ -302,7 +303,7 @@ def test_what_a_request_returns_is_said_for_a_secure_round_and_for_scaffold(tmp_
         run = "0" * 32
         secure = Message("train", {"source": "m", "config": {}, "run": run,
                                    "secagg": {"run": run, "round": 1, "config": {}, "dimension": 15,
-                                              "prg": "aes-128-ctr/hkdf-sha256"}},
+                                              "prg": masking.PRG}},
                          round=1, arrays=weights)
         assert gate.returns(secure).startswith("under secure aggregation") and "16 integers" in gate.returns(secure)
         plain = Message("train", {"source": "m", "config": {}, "run": run}, round=1, arrays=weights)

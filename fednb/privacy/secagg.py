@@ -70,6 +70,7 @@ import numpy as np
 from fednb.errors import FednbError
 from fednb.privacy import graph, masking, shamir
 from fednb.privacy.quantize import Quantizer
+from fednb.wire.messages import SECAGG_SETUP
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class RoundSetup:
             # masks from two PRGs would not cancel: the sum would be noise, so the round stops here
             raise ValueError(f"the round masks with PRG {data.get('prg')!r} and this party with {masking.PRG!r}: "
                              "the coordinator and this party run fednb versions whose masks do not cancel")
-        if set(data) != {"run", "round", "config", "dimension", "prg"}:
+        if set(data) != SECAGG_SETUP:
             raise ValueError("a secure aggregation setup has run, round, config, dimension and prg")
         return cls(data["run"], data["round"], SecAggConfig.from_dict(data["config"]), data["dimension"])
 

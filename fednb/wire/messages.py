@@ -80,7 +80,8 @@ _CONTENT: dict[str, _Spec] = {
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 #: The stages of a secure round after the first (which is a ``train`` request).
 SECAGG_STAGES = ("shares", "masked", "unmask")
-_SETUP = frozenset({"run", "round", "config", "dimension", "prg"})
+#: The fields of a secure round's setup (``fednb.privacy.secagg.RoundSetup`` reads it with the same set).
+SECAGG_SETUP = frozenset({"run", "round", "config", "dimension", "prg"})
 
 _LIMITS = {"source": MAX_SOURCE, "train_cell": MAX_SOURCE, "message": MAX_TEXT, "traceback": MAX_TEXT, "detail": MAX_TEXT}
 
@@ -113,7 +114,7 @@ def check_content(message: Message) -> Message:
         raise WireError(f"{message.type}: field 'run' must be a run id of 32 lowercase hex digits")
     if message.type == "train" and content.get("secagg") is not None:
         setup = content["secagg"]
-        if set(setup) != _SETUP or setup["run"] != content["run"] or setup["round"] != message.round \
+        if set(setup) != SECAGG_SETUP or setup["run"] != content["run"] or setup["round"] != message.round \
                 or not isinstance(setup["config"], dict):
             raise WireError("train: field 'secagg' must be the round's setup (run, round, config, dimension, prg) "
                             "of this run and round")
