@@ -240,6 +240,72 @@ def test_the_prg_is_the_aes_ctr_keystream_across_slices(dtype: type[np.unsignedi
 
 
 
+@pytest.mark.parametrize("bits", [24, 32, 48])
+def test_quantizing_and_masking_in_one_pass_is_masking_the_quantized_vector(bits: int) -> None:
+    """A party masks each slice as quantization makes it: the same vector as masking it whole afterwards."""
+    quantizer = Quantizer(2.0, 100, 5, bits)
+    x = np.random.default_rng(1).normal(size=2 * masking._SLICE + 11).astype(np.float32) * 1e-3
+    seeds = [bytes([i]) * 32 for i in range(4)]
+    expected = quantizer.quantize(x, 7, np.random.default_rng(5))
+    masking.apply_masks(expected, seeds[:3], seeds[3:])
+    np.bitwise_and(expected, expected.dtype.type(quantizer.modulus_mask), out=expected)
+    fused = quantizer.quantize(x, 7, np.random.default_rng(5), masks=masking.Masks(seeds[:3], seeds[3:]).apply)
+    np.testing.assert_array_equal(fused, expected)
+
+
+@FEW
+@given(st.lists(st.floats(-2.0**60, 2.0**60, width=32), max_size=2500),
+       st.sampled_from([0.0, 1e-25, 1.0, 1e15]))
+def test_the_quick_norm_bound_is_above_the_exact_norm_and_within_its_margin(values: list[float], scale: float) -> None:
+    """The float32 pass that spares most updates the float64 norm never undercuts it, nor exceeds it by 2^-11."""
+    from fractions import Fraction
+
+    from fednb.privacy.quantize import _squares_bound
+
+    x = np.array(values, dtype=np.float32) * np.float32(scale) if scale else np.array(values, dtype=np.float32)
+    exact = sum((Fraction(float(v)) ** 2 for v in x), Fraction(0))
+    bound = _squares_bound(x)
+    if not np.isfinite(bound):
+        assert exact >= Fraction(float(np.finfo(np.float32).max)) / 1025  # only a square or block beyond float32
+        return
+    assert exact <= Fraction(bound) <= exact * (1 + Fraction(1, 2048)) + Fraction(x.size, 2**124)
+
+
+@pytest.mark.parametrize("norm", [0.5, 1.9999, 2.0, 2.0001, 40.0, 1e30])
+def test_the_quick_norm_changes_no_quantized_value(norm: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the clip, near it (where the exact norm decides) and beyond float32's squares: the same integers."""
+    from fednb.privacy import quantize
+
+    quantizer = Quantizer(2.0, 100, 5, 32)
+    x = np.random.default_rng(2).normal(size=5000)
+    x = (x * (norm / np.linalg.norm(x))).astype(np.float32)
+    quick = quantizer.quantize(x, 3, np.random.default_rng(9))
+    monkeypatch.setattr(quantize, "_squares_bound", lambda flat: float("inf"))  # always the exact float64 norm
+    np.testing.assert_array_equal(quick, quantizer.quantize(x, 3, np.random.default_rng(9)))
+
+
+def test_the_update_moves_the_weights_by_the_unmasked_sum_over_its_divisor() -> None:
+    """The coordinator divides the integer sum as it moves each tensor: as moving it by the float64 mean."""
+    from fednb.privacy.secagg import apply_update
+
+    rng = np.random.default_rng(3)
+    weights = {"b": rng.normal(size=(3, 7)).astype(np.float32), "a": rng.normal(size=2 * 2**15 + 5),
+               "n": np.array([4], dtype=np.int64)}
+    total = rng.integers(-2**31, 2**31, size=3 * 7 + 2 * 2**15 + 5 + 1, dtype=np.int64).astype(np.int32)
+    divisor = 12345.678
+    moved = apply_update(weights, total, divisor)
+    reference = apply_update(weights, total / divisor)
+    assert list(moved) == list(weights)
+    for name in weights:
+        assert moved[name].dtype == weights[name].dtype and moved[name].shape == weights[name].shape
+        np.testing.assert_array_equal(moved[name], reference[name])
+    offset = {"a": 0, "b": 2 * 2**15 + 5, "n": 2 * 2**15 + 5 + 21}
+    np.testing.assert_array_equal(moved["a"], weights["a"] + total[:offset["b"]] / divisor)
+    assert moved["n"][0] == np.rint(4 + total[-1] / divisor)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_update(weights, total[:-1], divisor)
+
+
 def test_stochastic_rounding_draws_its_uniforms_from_an_aes_ctr_stream() -> None:
     """A party's rounding noise is the AES-128-CTR keystream's top 24 bits per word, uniform on [0, 1)."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes

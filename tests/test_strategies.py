@@ -113,6 +113,24 @@ def test_result_is_repeatable_and_running() -> None:
     assert mean.count == 2 and mean.total_weight == 3
 
 
+def test_a_lone_update_is_its_own_mean_exactly_and_the_result_is_a_copy() -> None:
+    """A mean of one update (a secure round's pre-summed mean) is that update bit for bit, in every dtype,
+    and a second update makes it a running mean again."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 5)) * 1e-7 + 1  # float64: w·x / w need not round-trip, the mean of one is x
+    update = _readonly(w=x, h=x[:, 1].astype(np.float16), n=np.array([7], np.int64))
+    mean = RunningMean()
+    mean.add(update, 3)
+    out = mean.result()
+    for name, value in update.items():
+        assert out[name].dtype == value.dtype and out[name].flags.writeable and not np.shares_memory(out[name], value)
+        np.testing.assert_array_equal(out[name], value)
+    second = {"w": np.zeros((4, 5)), "h": np.zeros(4, np.float16), "n": np.array([1], np.int64)}
+    mean.add(second, 1)
+    np.testing.assert_allclose(mean.result()["w"], x * 0.75, rtol=1e-15)
+    assert mean.result()["n"].tolist() == [6]  # (3·7 + 1·1) / 4 = 5.5, rounded half to even
+
+
 @pytest.mark.parametrize(
     ("update", "match"),
     [

@@ -212,7 +212,7 @@ def secure_round(
         raise fail(str(exc)) from None
     # the strategy gets the mean as one pre-summed update of all the examples behind it
     aggregation = strategy.start_round(round, weights)
-    aggregation.add(apply_update(weights, result.update), result.examples)
+    aggregation.add(apply_update(weights, result.total, result.divisor), result.examples)
     contributions = {party: PartyRound(0, {}, seconds.get(party, 0.0)) for party in result.parties}
     evaluation: Evaluation | None = evaluations.result(dropped) if evaluate_incoming else None
     seen = {"parties": len(result.parties), "sum of": f"sum of {len(result.parties)} parties",

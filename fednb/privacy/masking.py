@@ -49,7 +49,7 @@ _PRG_INFO = b"fednb secure aggregation prg: aes-128-ctr"
 _SLICE = 1 << 15
 
 __all__ = [
-    "InvalidSignature", "InvalidTag", "agree", "apply_masks", "commit", "context", "decode", "encode",
+    "InvalidSignature", "InvalidTag", "Masks", "agree", "apply_masks", "commit", "context", "decode", "encode",
     "fresh_seed", "open_sealed", "prg", "prg_stream", "seal", "sign", "verify", "x25519_public", "x25519_private",
 ]
 
@@ -141,33 +141,57 @@ def prg_stream(seed: bytes) -> CipherContext:
     return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
 
+class Masks:
+    """PRG(seed) added for each seed in ``plus`` and subtracted for each in ``minus``, part by part.
+
+    :meth:`apply` masks the next values of one vector, in order: each seed's AES-CTR context
+    carries its counter from one part to the next, so every seed still adds its one keystream
+    to the whole vector, however it is cut. The vector is walked in parts that stay in the CPU's
+    cache, so that each part, and the small keystream buffer, are read from memory once instead
+    of once per seed; a caller that makes the vector part by part (quantization) masks each part
+    while it is still in the cache. The arithmetic wraps modulo 2^32 or 2^64, which is also
+    correct modulo any smaller power of two.
+    """
+
+    def __init__(self, plus: Iterable[bytes], minus: Iterable[bytes]) -> None:
+        self._streams: list[tuple[CipherContext, np.ufunc]] = []
+        for seeds, operation in ((plus, np.add), (minus, np.subtract)):
+            for seed in seeds:
+                if len(seed) != SEED:
+                    raise ValueError("a mask seed is 32 bytes")
+                self._streams.append((prg_stream(seed), operation))
+        self._zeros = memoryview(b"")
+        self._buffer = bytearray()
+
+    def apply(self, part: np.ndarray) -> None:
+        """Mask ``part``, the next values of the vector (a contiguous uint32 or uint64 slice), in place."""
+        if part.dtype not in (np.uint32, np.uint64) or not part.flags.c_contiguous:
+            raise ValueError("masks apply to a contiguous uint32 or uint64 vector")
+        flat, item = part.reshape(-1), part.dtype.itemsize
+        if not flat.size:
+            return
+        if len(self._zeros) < min(part.nbytes, 8 * _SLICE):  # sized by the first part, up to one slice
+            self._zeros = memoryview(bytes(min(part.nbytes, 8 * _SLICE)))
+            # update_into wants room for one block more than it writes
+            self._buffer = bytearray(len(self._zeros) + 16)
+        size = len(self._zeros) // item
+        keystream = np.frombuffer(self._buffer, dtype=flat.dtype.newbyteorder("<"), count=size)
+        for start in range(0, flat.size, size):
+            piece = flat[start:start + size]
+            n = piece.size
+            for encryptor, operation in self._streams:
+                encryptor.update_into(self._zeros[:n * item], self._buffer)
+                operation(piece, keystream[:n], out=piece)
+
+
 def apply_masks(vector: np.ndarray, plus: Iterable[bytes], minus: Iterable[bytes]) -> None:
     """Add PRG(seed) for each seed in ``plus`` to ``vector`` and subtract it for each in ``minus``, in place.
 
-    ``vector`` is a contiguous uint32 or uint64 array; the arithmetic wraps modulo 2^32 or 2^64,
-    which is also correct modulo any smaller power of two. The vector is walked in slices that
-    stay in the CPU's cache: each seed's AES-CTR context carries its counter from one slice to
-    the next, so every seed still adds its one keystream, while each slice of the vector, and the
-    small keystream buffer, are read from memory once instead of once per seed.
+    ``vector`` is a contiguous uint32 or uint64 array, walked in cache-sized slices (see :class:`Masks`).
     """
     if vector.dtype not in (np.uint32, np.uint64) or not vector.flags.c_contiguous:
         raise ValueError("masks apply to a contiguous uint32 or uint64 vector")
-    streams = []
-    for seeds, operation in ((plus, np.add), (minus, np.subtract)):
-        for seed in seeds:
-            if len(seed) != SEED:
-                raise ValueError("a mask seed is 32 bytes")
-            streams.append((prg_stream(seed), operation))
+    masks = Masks(plus, minus)
     flat = vector.reshape(-1)
-    size = min(flat.size, _SLICE)
-    item = flat.dtype.itemsize
-    zeros = memoryview(bytes(size * item))
-    # update_into wants room for one block more than it writes
-    buffer = bytearray(size * item + 16)
-    keystream = np.frombuffer(buffer, dtype=flat.dtype.newbyteorder("<"), count=size)
     for start in range(0, flat.size, _SLICE):
-        part = flat[start:start + _SLICE]
-        n = part.size
-        for encryptor, operation in streams:
-            encryptor.update_into(zeros[:n * item], buffer)
-            operation(part, keystream[:n], out=part)
+        masks.apply(flat[start:start + _SLICE])

@@ -72,6 +72,9 @@ from fednb.privacy import graph, masking, shamir
 from fednb.privacy.quantize import Quantizer
 from fednb.wire.messages import SECAGG_SETUP
 
+#: Values per slice of :func:`apply_update`: 256 KiB of float64 scratch, which a core's L2 cache holds.
+_SLICE = 1 << 15
+
 log = logging.getLogger(__name__)
 
 STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
@@ -212,16 +215,25 @@ class PublicKeys:
 class SecAggResult:
     """A secure round's outcome: the weighted mean update, the examples behind it, who is in it.
 
-    ``parties`` are those whose inputs are in the sum; ``dropouts`` maps each party that dropped
-    to the stage it did not answer ("advertise_keys", "share_keys", "masked_input", "unmask":
-    the last are still in the sum); ``error_bound`` bounds each coordinate's quantization error.
+    ``total`` is the signed sum of the parties' weighted, quantized updates and ``divisor`` turns it
+    into their weighted mean (:attr:`update`; :func:`apply_update` divides as it goes, with no
+    float64 copy of the mean). ``parties`` are those whose inputs are in the sum; ``dropouts``
+    maps each party that dropped to the stage it did not answer ("advertise_keys", "share_keys",
+    "masked_input", "unmask": the last are still in the sum); ``error_bound`` bounds each
+    coordinate's quantization error.
     """
 
-    update: np.ndarray
+    total: np.ndarray
+    divisor: float
     examples: int
     parties: tuple[str, ...]
     dropouts: dict[str, str]
     error_bound: float
+
+    @property
+    def update(self) -> np.ndarray:
+        """The weighted mean update, in float64."""
+        return self.total / self.divisor
 
 
 def model_hash(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -268,19 +280,33 @@ def flat_update(trained: Mapping[str, np.ndarray], received: Mapping[str, np.nda
     return out
 
 
-def apply_update(weights: Mapping[str, np.ndarray], update: np.ndarray) -> dict[str, np.ndarray]:
-    """``weights`` moved by a flat update (as :func:`flat_update` lays it out), each tensor in its own dtype."""
+def apply_update(weights: Mapping[str, np.ndarray], update: np.ndarray, divisor: float = 1.0) -> dict[str, np.ndarray]:
+    """``weights`` moved by a flat update (as :func:`flat_update` lays it out) divided by ``divisor``,
+    each tensor in its own dtype (a :class:`SecAggResult`'s ``total`` and ``divisor`` give its mean).
+
+    The sum is taken in float64, slice by slice through one cache-sized scratch: each tensor and
+    the update are read once and the new tensor written once, with no tensor-sized temporaries.
+    """
+    values = dimension(weights)
+    if update.ndim != 1 or update.size != values:
+        raise ValueError(f"an update of {update.size} values does not fit a model of {values}")
     out: dict[str, np.ndarray] = {}
     offset = 0
+    scratch = np.empty(min(_SLICE, max(values, 1)), dtype=np.float64)
     for name in sorted(weights):
         array = np.asarray(weights[name])
-        moved = array.astype(np.float64).ravel() + update[offset:offset + array.size]
+        moved = np.empty(array.shape, dtype=array.dtype)
+        source, target = array.reshape(-1), moved.reshape(-1)
+        for start in range(0, array.size, _SLICE):
+            end = min(start + _SLICE, array.size)
+            part = scratch[:end - start]
+            np.divide(update[offset + start:offset + end], divisor, out=part)
+            np.add(part, source[start:end], out=part)
+            if array.dtype.kind in "iub":
+                np.rint(part, out=part)
+            np.copyto(target[start:end], part, casting="unsafe")
         offset += array.size
-        if array.dtype.kind in "iub":
-            moved = np.rint(moved)
-        out[name] = moved.astype(array.dtype).reshape(array.shape)
-    if offset != update.size:
-        raise ValueError(f"an update of {update.size} values does not fit a model of {offset}")
+        out[name] = moved
     return {name: out[name] for name in weights}
 
 

@@ -256,7 +256,7 @@ class SecAggCoordinator:
             assert roster is not None and self._sum is not None
             self._close("unmask", self.masked, self._unmasked, roster.threshold)
             self._check_holders(self._unmasked, "unmask")
-            total = self._sum.copy()
+            total, self._sum = self._sum, None  # unmasked in place: the masked sum is never needed again
             minus = [self._rebuild_seed(party) for party in sorted(self._masked)]
             plus: list[bytes] = []
             for dropped in sorted(set(self._sealed) - self._masked):
@@ -321,8 +321,8 @@ class SecAggCoordinator:
         roster = self._roster
         total = self.unmask_sum()
         assert roster is not None
-        update, examples = roster.quantizer.decode(total)
-        return SecAggResult(update, examples, self.masked, dict(self.dropouts),
+        signed, examples = roster.quantizer.lift(total)
+        return SecAggResult(signed, roster.quantizer.divisor(examples), examples, self.masked, dict(self.dropouts),
                             roster.quantizer.error_bound(len(self._masked), examples))
 
 

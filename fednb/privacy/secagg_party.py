@@ -163,14 +163,13 @@ class SecAggParty:
                 self._check_statement(roster, peer, signatures[peer])
             for peer in sorted(peers):
                 self._open_share(roster, peer, shares[peer])
-            y = roster.quantizer.quantize(vector, examples, self._rng, self.clip)
             plus, minus = [self._seed], list[bytes]()
             for peer in peers:
                 seed = masking.agree(self._masking, roster.keys[peer].masking, roster.pair("mask", self.name, peer))
                 (plus if self.name < peer else minus).append(seed)
-            masking.apply_masks(y, plus, minus)
-            if roster.quantizer.bits not in (32, 64):
-                np.bitwise_and(y, y.dtype.type(roster.quantizer.modulus_mask), out=y)
+            # quantized and masked slice by slice: q(x) is never whole in memory unmasked
+            masks = masking.Masks(plus, minus)
+            y = roster.quantizer.quantize(vector, examples, self._rng, self.clip, masks=masks.apply)
             # the party never needs b_u or s_u again: only its holders' shares of them can be revealed
             self._seed = self._masking = None
             self._shared = shared

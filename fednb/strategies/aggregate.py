@@ -149,13 +149,17 @@ class RunningMean:
     def __init__(self, template: Mapping[str, np.ndarray] | None = None) -> None:
         self._spec: _Spec | None = None if template is None else _spec_of(template)
         self._acc: dict[str, np.ndarray] = {}
+        # the first update, held (only read) until a second one comes: a mean of one update (a secure
+        # round's pre-summed mean) is then one copy, with no accumulator to first-touch and divide
+        self._first: tuple[dict[str, np.ndarray], float] | None = None
         self._scratch: np.ndarray | None = None  # one slice of float64, shared by every tensor
         self.count = 0
         self.total_weight = 0.0
         self._weight_total = 0.0
 
     def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
-        """Fold ``update`` in with ``weight`` (> 0); the update itself is only read."""
+        """Fold ``update`` in with ``weight`` (> 0); the update itself is only read (the first one is held
+        until a second one comes or the mean is taken, so it must not change before then)."""
         w = _check_weight(weight, "weight")
         if self._spec is None:
             # validate the whole update before touching any accumulator
@@ -164,19 +168,28 @@ class RunningMean:
             self._spec = spec
         else:
             arrays = _conform(update, self._spec)
+        if self.count == 0:
+            self._first = (arrays, w)
+        else:
+            if self._first is not None:
+                self._fold(*self._first)
+                self._first = None
+            self._fold(arrays, w)
+        self.count += 1
+        self.total_weight += w
+        self._weight_total += w
+
+    def _fold(self, arrays: dict[str, np.ndarray], w: float) -> None:
+        assert self._spec is not None
         if not self._acc:
             self._acc = {k: np.zeros(shape, _accumulator_dtype(dtype)) for k, (shape, dtype) in self._spec.items()}
-        # absolute weights (example counts): w·x is exact in float64, so a lone update comes out bit for bit
-        # as it went in (w·x / w), and the sum is the same in any order but for float64 rounding
-        relative = w
+        # absolute weights (example counts): w·x is exact in float64 for float32 updates, and the sum is
+        # the same in any order but for float64 rounding
         # BLAS's thread limit costs a threadpoolctl round trip: only where a tensor goes to BLAS
         blas = any(_by_blas(x, self._acc[key]) for key, x in arrays.items())
         with _one_blas_thread() if blas else contextlib.nullcontext():
             for key, x in arrays.items():
-                self._accumulate(key, x, relative)
-        self.count += 1
-        self.total_weight += w
-        self._weight_total += relative
+                self._accumulate(key, x, w)
 
     def _accumulate(self, key: str, x: np.ndarray, w: float) -> None:
         acc = self._acc[key]
@@ -205,6 +218,8 @@ class RunningMean:
         """The weighted mean so far, as new arrays in the updates' dtypes and key order."""
         if self.count == 0 or self._spec is None:
             raise ValueError("no updates to average: add() was never called")
+        if self._first is not None:  # the mean of one update is that update, exactly
+            return {k: np.array(self._first[0][k], dtype=dtype, order="C") for k, (_, dtype) in self._spec.items()}
         return {k: _finish(self._acc[k], self._weight_total, dtype) for k, (_, dtype) in self._spec.items()}
 
 
