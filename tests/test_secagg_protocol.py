@@ -307,23 +307,22 @@ def test_the_update_moves_the_weights_by_the_unmasked_sum_over_its_divisor() -> 
 
 
 def test_stochastic_rounding_draws_its_uniforms_from_an_aes_ctr_stream() -> None:
-    """A party's rounding noise is the AES-128-CTR keystream's top 24 bits per word, uniform on [0, 1)."""
+    """A party's rounding noise is the AES-128-CTR keystream, one 32-bit word per value times 2^-32."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     key = bytes(range(16))
     source = SecureUniform(key)
-    first, second = np.empty(1000, np.float32), np.empty(1 << 16, np.float32)
-    source.random(out=first, dtype=np.float32)
-    source.random(out=second, dtype=np.float32)  # the stream carries on: no value is drawn twice
+    first, second = np.empty(1000), np.empty(1 << 16)
+    source.random(out=first)
+    source.random(out=second)  # the stream carries on: no value is drawn twice
     words = np.frombuffer(Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
                           .update(bytes(4 * (first.size + second.size))), dtype="<u4")
-    np.testing.assert_array_equal(np.concatenate([first, second]), (words >> 8) / np.float32(2**24))
+    np.testing.assert_array_equal(np.concatenate([first, second]), words / 2.0**32)
     assert 0.0 <= second.min() and second.max() < 1.0
     assert stats.chisquare(np.histogram(second, bins=64, range=(0, 1))[0]).pvalue > 1e-6
-    assert not np.array_equal(SecureUniform().random(out=np.empty(8, np.float32), dtype=np.float32),
-                              SecureUniform().random(out=np.empty(8, np.float32), dtype=np.float32))
-    with pytest.raises(TypeError, match="float32"):
-        source.random(out=np.empty(4), dtype=np.float64)
+    assert not np.array_equal(SecureUniform().random(out=np.empty(8)), SecureUniform().random(out=np.empty(8)))
+    with pytest.raises(TypeError, match="float64"):
+        source.random(out=np.empty(4, np.float32), dtype=np.float32)
     party = SecAggParty("a", RoundSetup("run", 1, SecAggConfig(clip=1.0), 3))
     assert isinstance(party._rng, SecureUniform)  # not numpy's generator, unless a test seeds one
 

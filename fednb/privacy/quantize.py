@@ -17,9 +17,9 @@ does the scaling and rounding, keeps a resolution far below one level), and the 
 s = (L - 2) / (E·clip); the 2 levels of slack absorb rounding up and float error. A configuration where L < 3 or n·E > R is refused with a clear
 error at round start; nothing is ever clipped to make a sum fit.
 
-**Stochastic rounding** maps a to ⌊a + U⌋ with U uniform on [0, 1) (float32 draws from a
+**Stochastic rounding** maps a to ⌊a + U⌋ with U uniform on [0, 1) (draws from a
 :class:`~fednb.privacy.noise.SecureUniform` stream at a party, a grid of
-2^-24: unbiased to within 2^-24 of a level), and within one level of a (plus float64 rounding,
+2^-32: unbiased to within 2^-32 of a level), and within one level of a (plus float64 rounding,
 below 2^-10 of a level). Summed over n parties and divided by
 the total example count W, each coordinate of the mean is therefore within 1.001·n / (s·W) of
 the exact weighted mean of the clipped updates (:meth:`Quantizer.error_bound`); the typical
@@ -141,7 +141,7 @@ class Quantizer:
         bound = self.clip if clip is None else min(self.clip, clip)
         weight = self.weight(examples)
         size = min(flat.size, _SLICE)
-        work, noise = np.empty(size, dtype=np.float64), np.empty(size, dtype=np.float32)
+        work, noise = np.empty(size, dtype=np.float64), np.empty(size, dtype=np.float64)
         # a float32 update clearly inside the clip needs no exact norm: it is not scaled, and an upper
         # bound of its norm serves the range check below as well (far the most common case)
         upper = _squares_bound(flat) if flat.dtype == np.float32 else math.inf
@@ -162,7 +162,7 @@ class Quantizer:
             part = flat[start:start + _SLICE]
             scaled, uniform = work[:part.size], noise[:part.size]
             np.multiply(part, factor, out=scaled)
-            rng.random(out=uniform, dtype=np.float32)  # U on a 2^-24 grid: a bias below 2^-24 of a level
+            rng.random(out=uniform)  # U on a grid of 2^-32 or finer: a bias below 2^-32 of a level
             scaled += uniform
             np.floor(scaled, out=signed[start:start + part.size], casting="unsafe")
             if masks is not None:
