@@ -100,7 +100,7 @@ def run_cell(parties: int, params: int, rounds: int, neighbours: int | None = No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells", default="10x1M,50x1M,100x100k", help="comma-separated NxP cells")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds of each kind per cell")
+    parser.add_argument("--rounds", type=int, default=9, help="measured rounds of each kind per cell")
     parser.add_argument("--neighbours", type=int, default=None,
                         help="SecAgg+ degree (default: fednb's, all pairs up to 64 parties)")
     args = parser.parse_args()
