@@ -115,9 +115,9 @@ def main() -> None:
         row = run_cell(int(n_text), size(p_text), args.rounds, args.neighbours)
         st = row["stages"]
         assert isinstance(st, dict)
-        print(f"{row['parties']:>7} {row['params']:>9,} {row['plain']:>7.2f} {row['secure']:>7.2f} "
-              f"{float(row['secure']) / float(row['plain']):>5.2f}x {st.get('keys', 0):>6.2f} "
-              f"{st.get('shares', 0):>6.2f} {st.get('masked', 0):>6.2f} {st.get('unmask', 0):>6.2f} "
+        print(f"{row['parties']:>7} {row['params']:>9,} {row['plain']:>7.3f} {row['secure']:>7.3f} "
+              f"{float(row['secure']) / float(row['plain']):>5.2f}x {st.get('keys', 0):>6.3f} "
+              f"{st.get('shares', 0):>6.3f} {st.get('masked', 0):>6.3f} {st.get('unmask', 0):>6.3f} "
               f"{row['upload']:>6.3f}x {row['paired']:>5.2f}x   ({time.perf_counter() - started:.0f} s for the cell)",
               flush=True)
 
