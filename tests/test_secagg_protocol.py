@@ -653,3 +653,5 @@ def test_one_wrong_share_is_outvoted_when_a_spare_share_exists(holders: int, com
     else:
         with pytest.raises(SecAggAbort, match="a holder sent a wrong share"):
             coordinator.unmask_sum()
+        with pytest.raises(SecAggAbort, match="at stage 'aborted'"):  # an aborted round stays aborted
+            coordinator.result()

@@ -256,7 +256,6 @@ class SecAggCoordinator:
             assert roster is not None and self._sum is not None
             self._close("unmask", self.masked, self._unmasked, roster.threshold)
             self._check_holders(self._unmasked, "unmask")
-            total, self._sum = self._sum, None  # unmasked in place: the masked sum is never needed again
             minus = [self._rebuild_seed(party) for party in sorted(self._masked)]
             plus: list[bytes] = []
             for dropped in sorted(set(self._sealed) - self._masked):
@@ -268,6 +267,8 @@ class SecAggCoordinator:
                     seed = masking.agree(key, roster.keys[survivor].masking, roster.pair("mask", survivor, dropped))
                     # the survivor added PRG(s) if it sorts first, subtracted it otherwise: undo that
                     (minus if survivor < dropped else plus).append(seed)
+            # every secret is rebuilt (a failure above leaves the masked sum as it was): unmasked in place
+            total, self._sum = self._sum, None
             masking.apply_masks(total, plus, minus)
             if roster.quantizer.bits not in (32, 64):
                 np.bitwise_and(total, total.dtype.type(roster.quantizer.modulus_mask), out=total)
