@@ -155,7 +155,6 @@ class RunningMean:
         self._scratch: np.ndarray | None = None  # one slice of float64, shared by every tensor
         self.count = 0
         self.total_weight = 0.0
-        self._weight_total = 0.0
 
     def add(self, update: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold ``update`` in with ``weight`` (> 0); the update itself is only read (the first one is held
@@ -177,7 +176,6 @@ class RunningMean:
             self._fold(arrays, w)
         self.count += 1
         self.total_weight += w
-        self._weight_total += w
 
     def _fold(self, arrays: dict[str, np.ndarray], w: float) -> None:
         assert self._spec is not None
@@ -220,7 +218,7 @@ class RunningMean:
             raise ValueError("no updates to average: add() was never called")
         if self._first is not None:  # the mean of one update is that update, exactly
             return {k: np.array(self._first[0][k], dtype=dtype, order="C") for k, (_, dtype) in self._spec.items()}
-        return {k: _finish(self._acc[k], self._weight_total, dtype) for k, (_, dtype) in self._spec.items()}
+        return {k: _finish(self._acc[k], self.total_weight, dtype) for k, (_, dtype) in self._spec.items()}
 
 
 def weighted_mean(
