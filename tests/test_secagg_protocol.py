@@ -29,7 +29,7 @@ from fednb.privacy import (
     combine,
     split,
 )
-from fednb.privacy import graph, masking
+from fednb.privacy import graph, masking, stream
 from fednb.privacy.noise import SecureUniform
 
 FEW = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -216,6 +216,31 @@ def test_one_flipped_seed_bit_gives_an_unrelated_stream() -> None:
     np.testing.assert_array_equal(masking.prg(seed, 1000), masking.prg(seed, 1 << 18)[:1000])
 
 
+#: SP 800-38D: with a 96-bit nonce N, GCM encrypts the first block under the counter block N || 2.
+GCM_FIRST_COUNTER = bytes(12) + b"\x00\x00\x00\x02"
+
+
+@pytest.mark.parametrize("key_size", [16, 32])
+def test_the_fast_keystream_is_aes_ctr_from_gcms_first_counter_however_it_is_cut(key_size: int) -> None:
+    """stream.keystream draws through the GCM encryptor; its bytes must be plain AES-CTR's, in any pieces."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(key_size))
+    expected = Cipher(algorithms.AES(key), modes.CTR(GCM_FIRST_COUNTER)).encryptor().update(bytes(300_007))
+    fast, out, done = stream.keystream(key), bytearray(), 0
+    for size in (1, 15, 16, 17, 4096, 100_000, 195_862):  # ragged pieces, across block boundaries
+        buffer = bytearray(size + 16)
+        assert fast.update_into(bytes(size), buffer) == size
+        out += buffer[:size]
+        done += size
+    assert done == len(expected) and bytes(out) == expected
+    assert stream.keystream(key).update(bytes(64)) == expected[:64]
+    assert stream.keystream(bytes(key_size - 1) + b"\x01").update(bytes(64)) != expected[:64]
+    for bad in (bytes(24), bytes(15), "k" * 16):
+        with pytest.raises(ValueError, match="16 or 32 bytes"):
+            stream.keystream(bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("dtype", [np.uint32, np.uint64])
 def test_the_prg_is_the_aes_ctr_keystream_across_slices(dtype: type[np.unsignedinteger]) -> None:
     """Masks are applied slice by slice; each seed must still add exactly its one keystream."""
@@ -227,10 +252,10 @@ def test_the_prg_is_the_aes_ctr_keystream_across_slices(dtype: type[np.unsignedi
     length = 3 * masking._SLICE + 7  # several whole slices and a ragged tail
     width = np.dtype(dtype).itemsize
     def keystream(seed: bytes) -> np.ndarray:
-        # AES-128-CTR from counter zero under HKDF-SHA256(seed), as the module's docstring says
+        # AES-128-CTR from the counter block 0^96 || 2 under HKDF-SHA256(seed), as the module's docstring says
         key = HKDF(algorithm=hashes.SHA256(), length=16, salt=None,
                    info=b"fednb secure aggregation prg: aes-128-ctr").derive(seed)
-        raw = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(length * width))
+        raw = Cipher(algorithms.AES(key), modes.CTR(GCM_FIRST_COUNTER)).encryptor().update(bytes(length * width))
         return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
     vector = np.arange(length, dtype=dtype)
     expected = vector + keystream(seeds[0]) + keystream(seeds[1]) - keystream(seeds[2])
@@ -315,7 +340,7 @@ def test_stochastic_rounding_draws_its_uniforms_from_an_aes_ctr_stream() -> None
     first, second = np.empty(1000), np.empty(1 << 16)
     source.random(out=first)
     source.random(out=second)  # the stream carries on: no value is drawn twice
-    words = np.frombuffer(Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    words = np.frombuffer(Cipher(algorithms.AES(key), modes.CTR(GCM_FIRST_COUNTER)).encryptor()
                           .update(bytes(4 * (first.size + second.size))), dtype="<u4")
     np.testing.assert_array_equal(np.concatenate([first, second]), words / 2.0**32)
     assert 0.0 <= second.min() and second.max() < 1.0
