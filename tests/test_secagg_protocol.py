@@ -227,13 +227,12 @@ def test_the_fast_keystream_is_aes_ctr_from_gcms_first_counter_however_it_is_cut
 
     key = bytes(range(key_size))
     expected = Cipher(algorithms.AES(key), modes.CTR(GCM_FIRST_COUNTER)).encryptor().update(bytes(300_007))
-    fast, out, done = stream.keystream(key), bytearray(), 0
+    fast, out = stream.keystream(key), bytearray()
     for size in (1, 15, 16, 17, 4096, 100_000, 195_862):  # ragged pieces, across block boundaries
         buffer = bytearray(size + 16)
         assert fast.update_into(bytes(size), buffer) == size
         out += buffer[:size]
-        done += size
-    assert done == len(expected) and bytes(out) == expected
+    assert bytes(out) == expected
     assert stream.keystream(key).update(bytes(64)) == expected[:64]
     assert stream.keystream(bytes(key_size - 1) + b"\x01").update(bytes(64)) != expected[:64]
     for bad in (bytes(24), bytes(15), "k" * 16):
